@@ -1,0 +1,5 @@
+import sys
+
+from lshmoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""Command line: `lshmoe train` (and the other verbs as they land).
+
+    lshmoe train [--config FILE.yaml] [--set section.key=value ...] [--<field> value ...]
+
+Every config field has a flag: `--section.key` always, and the bare `--key` (hyphenated) when the
+name is unique across sections, e.g. `--steps 100 --top-k 1 --nproc 2 --data corpus.txt`.
+Precedence: defaults < YAML < --set < flags. Under torchrun the process is one rank; otherwise
+`--nproc N` (N > 1) spawns N local ranks. Mistakes in the input print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lshmoe import config as C
+from lshmoe.errors import DistError, UserError
+
+EXIT_USER, EXIT_DIST = 2, 3
+
+
+def _flag_names() -> dict[str, list[str]]:
+    """dotted field -> its flags."""
+    leaves = C.leaf_fields()
+    counts: dict[str, int] = {}
+    for dotted, _, _ in leaves:
+        counts[dotted.split(".")[1]] = counts.get(dotted.split(".")[1], 0) + 1
+    out = {}
+    for dotted, f, _ in leaves:
+        key = dotted.split(".")[1]
+        flags = [f"--{dotted}"]
+        if f.metadata.get("flag"):
+            flags.append(f"--{f.metadata['flag']}")
+        elif counts[key] == 1:
+            flags.append(f"--{key.replace('_', '-')}")
+        out[dotted] = flags
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (sections: " + ", ".join(C.SECTIONS) + ")")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config field (repeatable)")
+    flags = _flag_names()
+    for section in C.SECTIONS:
+        grp = p.add_argument_group(f"{section} config")
+        for dotted, f, tp in C.leaf_fields():
+            if not dotted.startswith(section + "."):
+                continue
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_text += f" ({'|'.join(f.metadata['choices'])})"
+            help_text += f" [default: {f.default}]"
+            is_bool = tp is bool
+            grp.add_argument(*flags[dotted], dest=dotted, default=argparse.SUPPRESS, metavar="V",
+                             nargs="?" if is_bool else None, const="true" if is_bool else None, help=help_text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lshmoe", description="Communication-efficient distributed MoE training.")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a GPT-MoE language model",
+                           description="Train a GPT-MoE on the embedded corpus or --data PATH.")
+    _add_config_flags(train)
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> C.Config:
+    cfg = C.load_yaml(ns.config) if ns.config else C.Config()
+    for item in ns.set:
+        if "=" not in item:
+            raise C.ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        key, value = item.split("=", 1)
+        C.set_value(cfg, key.strip(), value)
+    for dotted, _, _ in C.leaf_fields():
+        if dotted in vars(ns):
+            C.set_value(cfg, dotted, getattr(ns, dotted))
+    return cfg
+
+
+def _under_launcher() -> bool:
+    """True inside a rank started by torchrun or by `lshmoe.dist.launch`."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
+    cfg = config_from_args(ns)
+    if _under_launcher():
+        from lshmoe.train.trainer import train
+
+        train(cfg)
+        return 0
+    C.validate(cfg, world_size=cfg.dist.nproc)
+    if cfg.dist.nproc == 1:
+        from lshmoe.train.trainer import train
+
+        train(cfg)
+        return 0
+    from lshmoe.dist.launch import launch
+    from lshmoe.train.data import load_data
+
+    load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))  # build once, here
+    return launch(argv, cfg.dist.nproc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        ns = build_parser().parse_args(argv)
+        if ns.verb == "train":
+            return cmd_train(ns, argv)
+        return EXIT_USER
+    except UserError as e:
+        if rank == 0:
+            print(f"lshmoe: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except DistError as e:
+        print(f"lshmoe: {e}", file=sys.stderr)
+        return EXIT_DIST
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Local launcher: start N ranks of a command as subprocesses with torchrun's environment.
+
+Each rank is `python -m lshmoe.cli <args>` with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set, exactly what torchrun would provide, so one code path serves both.
+The launcher watches its children: when one exits with an error, the others get `grace_s` seconds
+to notice on their own (their collectives fail once the peer is gone), then they are terminated.
+The launcher returns the first non-zero exit status, or 0. Ctrl-C terminates every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], nproc: int, grace_s: float = 10.0, env_extra: dict[str, str] | None = None) -> int:
+    """Run `python -m lshmoe.cli *argv` on `nproc` local ranks; return the job's exit status."""
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    for rank in range(nproc):
+        env = dict(os.environ)
+        env.update(env_extra or {})
+        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LSHMOE_LAUNCHED="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "lshmoe.cli", *argv], env=env))
+    first_fail: tuple[int, int] | None = None
+    fail_time = 0.0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            for rank, code in enumerate(codes):
+                if code not in (None, 0) and first_fail is None:
+                    first_fail, fail_time = (rank, code), time.monotonic()
+            if all(c is not None for c in codes):
+                break
+            if first_fail is not None and time.monotonic() - fail_time > grace_s:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    try:
+                        p.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return 130
+    if first_fail is not None:
+        rank, code = first_fail
+        print(f"lshmoe: rank {rank} exited with status {code}; the job was stopped", file=sys.stderr)
+        return code
+    return 0

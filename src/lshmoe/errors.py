@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad config value, a missing file, a world size that cannot host the
+experts) raises `UserError` with a one-line message naming the field and the valid range. The CLI
+prints that line and exits with status 2; it never shows a torch traceback for such mistakes.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input, reported as one actionable line."""
+
+
+class ConfigError(UserError):
+    """A config value, key or type is invalid."""
+
+
+class DataError(UserError):
+    """A data path is missing, empty or not text."""
+
+
+class DistError(RuntimeError):
+    """A distributed failure: a peer rank died, stalled or disagreed on the collective path."""

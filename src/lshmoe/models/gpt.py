@@ -1,0 +1,100 @@
+"""GPT-MoE: a decoder-only language model whose every n-th block is an expert-parallel MoE layer.
+
+Token and learned position embeddings, pre-norm blocks, a final norm, and an output head tied to the
+token embedding. Block i holds an MoE layer when (i + 1) % moe_every == 0, so `moe_every=2` makes
+blocks 1, 3, 5, ... MoE (the GShard/Switch alternation).
+
+Initialisation is reproducible and independent of the expert-parallel size: dense weights come from
+one generator seeded by `seed`, expert weights from per-expert generators (see `moe/experts.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lshmoe.config import ModelConfig, MoEConfig
+from lshmoe.dist.comm import Comm
+from lshmoe.models.blocks import MLP, Block, make_norm
+from lshmoe.moe.layer import MoELayer, MoEOutput
+from lshmoe.seeding import generator
+
+INIT_STD = 0.02
+
+
+@dataclass(kw_only=True, slots=True)
+class LMOutput:
+    logits_BSV: torch.Tensor
+    loss: torch.Tensor | None  # cross-entropy + weighted router losses (what to backpropagate)
+    ce_loss: torch.Tensor | None  # the language-model loss alone
+    aux_loss: torch.Tensor  # weighted sum of every MoE layer's router losses
+    moe: dict[int, MoEOutput]  # per MoE block index
+
+
+def is_expert_param(name: str) -> bool:
+    """Expert weights are sharded over the EP group and never all-reduced across it."""
+    return ".experts." in name
+
+
+class GPTMoE(nn.Module):
+    def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, vocab_size: int, comm: Comm):
+        super().__init__()
+        self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
+        D = mcfg.d_model
+        self.tok_emb = nn.Embedding(vocab_size, D)
+        self.pos_emb = nn.Embedding(mcfg.seq_len, D)
+        self.drop = nn.Dropout(mcfg.dropout)
+        blocks = []
+        for i in range(mcfg.n_layers):
+            if (i + 1) % mcfg.moe_every == 0:
+                ffn: nn.Module = MoELayer(ecfg, D, comm, layer_id=i)
+            else:
+                ffn = MLP(D, int(round(mcfg.mlp_ratio * D)))
+            blocks.append(Block(D, mcfg.n_heads, ffn, mcfg.norm, mcfg.dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = make_norm(mcfg.norm, D)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def reset_parameters(self, seed: int) -> None:
+        """GPT-2 style: N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2 * layers)."""
+        g = generator(seed, "dense")
+        out_std = INIT_STD / math.sqrt(2 * self.mcfg.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if is_expert_param(name):
+                    continue
+                if name.endswith("bias"):
+                    p.zero_()
+                elif "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    std = out_std if name.endswith("proj.weight") else INIT_STD
+                    p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+            for layer in self.moe_layers:
+                layer.experts.reset_parameters(seed, layer.layer_id, INIT_STD, out_std)
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> LMOutput:
+        B, S = idx_BS.shape
+        pos = torch.arange(S, device=idx_BS.device)
+        x = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
+        moe: dict[int, MoEOutput] = {}
+        for i, block in enumerate(self.blocks):
+            x, out = block(x)
+            if out is not None:
+                moe[i] = out
+        logits = F.linear(self.norm_f(x), self.tok_emb.weight)
+        wide = logits if logits.dtype == torch.float64 else logits.float()
+        aux = sum((self.ecfg.aux_loss_weight * o.aux["load_balance"] + self.ecfg.z_loss_weight * o.aux["z_loss"]
+                   for o in moe.values()), start=wide.new_zeros(()))
+        ce = loss = None
+        if targets_BS is not None:
+            ce = F.cross_entropy(wide.view(-1, self.vocab_size), targets_BS.reshape(-1))
+            loss = ce + aux
+        return LMOutput(logits_BSV=logits, loss=loss, ce_loss=ce, aux_loss=aux, moe=moe)

@@ -1,0 +1,34 @@
+"""Grouped matrix multiply: one matmul per expert over its contiguous block of rows.
+
+    out_NF[rows of group g] = x_ND[rows of group g] @ w_GDF[g]
+
+On CUDA with float32/bfloat16/float16 inputs this uses `torch._grouped_mm` (one kernel for all
+groups); everywhere else (CPU, float64, misaligned shapes) it loops over the groups, which on a CPU
+is as fast as it gets and keeps float64 exactness for the reference tests. Groups may be empty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FAST_DTYPES = (torch.bfloat16,)
+
+
+def _fast_path_ok(x_ND: torch.Tensor, w_GDF: torch.Tensor) -> bool:
+    if not (x_ND.is_cuda and hasattr(torch, "_grouped_mm") and x_ND.dtype in _FAST_DTYPES):
+        return False
+    # The kernel needs 16-byte aligned row strides on both operands.
+    align = 16 // x_ND.element_size()
+    return x_ND.shape[-1] % align == 0 and w_GDF.shape[-1] % align == 0
+
+
+def grouped_mm(x_ND: torch.Tensor, w_GDF: torch.Tensor, counts_G: list[int]) -> torch.Tensor:
+    """Multiply each group's rows by its own matrix; `counts_G` gives rows per group in order."""
+    assert len(counts_G) == w_GDF.shape[0], (len(counts_G), tuple(w_GDF.shape))
+    if _fast_path_ok(x_ND, w_GDF):
+        offs = torch.tensor(counts_G, device=x_ND.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(x_ND, w_GDF, offs=offs)
+    if len(counts_G) == 1:
+        return x_ND @ w_GDF[0]
+    parts = [xg @ w_GDF[g] for g, xg in enumerate(torch.split(x_ND, counts_G))]
+    return torch.cat(parts) if parts else x_ND.new_empty((0, w_GDF.shape[-1]))

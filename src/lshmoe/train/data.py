@@ -1,0 +1,126 @@
+"""Token data for training: build once (corpus -> split -> tokenizer -> ids), cache, and batch.
+
+The build runs on the first use of a corpus and is cached under `<cache_dir>/<key>/` (the key hashes
+the source's file list, sizes and mtimes, the vocabulary size and the split). Concurrent ranks take
+a file lock, so exactly one builds and the rest load.
+
+Validation documents are chosen by a hash of their text, so the split does not depend on document
+order. Training batches are random windows drawn from a generator seeded by (seed, step, rank): the
+data position of a run is its step, and a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lshmoe.config import DataConfig
+from lshmoe.errors import DataError
+from lshmoe.seeding import generator
+from lshmoe.train.corpus import embedded_corpus, fingerprint, user_corpus
+from lshmoe.train.tokenizer import encode_docs, train_tokenizer
+
+FORMAT = 1
+
+
+@dataclass(kw_only=True)
+class TokenData:
+    train_ids: torch.Tensor  # int32 [n_train]
+    val_ids: torch.Tensor  # int32 [n_val]
+    vocab_size: int
+    tokenizer_path: Path
+    source: str
+
+    def check_seq_len(self, seq_len: int) -> None:
+        for name, ids in (("training", self.train_ids), ("validation", self.val_ids)):
+            if ids.numel() < seq_len + 2:
+                raise DataError(f"the {name} split has {ids.numel()} tokens, fewer than model.seq_len+2="
+                                f"{seq_len + 2}; give more text or a smaller seq_len")
+
+    def train_batch(self, step: int, rank: int, batch: int, seq_len: int, seed: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows for (step, rank): inputs and next-token targets, [batch, seq_len] int64."""
+        g = generator(seed, "batch", step, rank)
+        starts = torch.randint(0, self.train_ids.numel() - seq_len - 1, (batch,), generator=g)
+        return self._windows(self.train_ids, starts, seq_len, device)
+
+    def val_batch(self, index: int, rank: int, world: int, batch: int, seq_len: int,
+                  device: torch.device, num_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed, evenly spaced validation windows; together the ranks cover distinct windows."""
+        total = num_batches * world * batch
+        span = self.val_ids.numel() - seq_len - 1
+        first = (index * world + rank) * batch
+        starts = torch.tensor([(i * span) // max(1, total) for i in range(first, first + batch)])
+        return self._windows(self.val_ids, starts, seq_len, device)
+
+    @staticmethod
+    def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        offs = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+        w = ids[offs].long()
+        return w[:, :-1].to(device), w[:, 1:].to(device)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lshmoe"
+
+
+def _is_val(doc: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+def _cache_key(cfg: DataConfig) -> str:
+    src = fingerprint(cfg.corpus, cfg.path)
+    raw = json.dumps([FORMAT, src, cfg.path and str(Path(cfg.path).resolve()), cfg.corpus, cfg.vocab_size,
+                      cfg.val_fraction])
+    return hashlib.blake2b(raw.encode(), digest_size=10).hexdigest()
+
+
+def _build(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> None:
+    t0 = time.perf_counter()
+    source = cfg.path or f"embedded:{cfg.corpus}"
+    log(f"building token data from {source} (first use only; cached in {out})")
+    docs = user_corpus(cfg.path) if cfg.path else embedded_corpus(cfg.corpus)
+    train_docs = [d for d in docs if not _is_val(d, cfg.val_fraction)]
+    val_docs = [d for d in docs if _is_val(d, cfg.val_fraction)]
+    if not val_docs or not train_docs:
+        # Too few documents for a hashed split: hold out the tail instead.
+        cut = max(1, int(len(docs) * (1 - cfg.val_fraction)))
+        train_docs, val_docs = docs[:cut], docs[cut:] or docs[-1:]
+    tok = train_tokenizer(train_docs, cfg.vocab_size)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tmp / "tokenizer.json"))
+    torch.save({"train": encode_docs(tok, train_docs), "val": encode_docs(tok, val_docs)}, tmp / "ids.pt")
+    meta = {"source": source, "docs_train": len(train_docs), "docs_val": len(val_docs),
+            "chars": sum(map(len, docs)), "vocab_size": tok.get_vocab_size()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out)
+    log(f"built {meta['docs_train']}+{meta['docs_val']} documents, {meta['chars'] / 1e6:.1f} M chars, "
+        f"vocab {meta['vocab_size']} in {time.perf_counter() - t0:.1f} s")
+
+
+def load_data(cfg: DataConfig, log: Callable[[str], None] = lambda s: None) -> TokenData:
+    """Build (once, under a file lock) or load the cached token data for `cfg`."""
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(cfg)
+    out = root / key
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "ids.pt").exists():
+            _build(cfg, out, log)
+    ids = torch.load(out / "ids.pt")
+    meta = json.loads((out / "meta.json").read_text())
+    return TokenData(train_ids=ids["train"], val_ids=ids["val"], vocab_size=meta["vocab_size"],
+                     tokenizer_path=out / "tokenizer.json", source=meta["source"])
