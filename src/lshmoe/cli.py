@@ -19,6 +19,12 @@ from lshmoe.errors import DistError, UserError
 
 EXIT_USER, EXIT_DIST = 2, 3
 
+# benchmark name -> (module with main(argv) -> int, what it measures)
+BENCHES = {
+    "layer": ("lshmoe.bench.moe_layer", "MoE layer fwd+bwd tokens/s vs DeepSpeed"),
+    "train": ("lshmoe.bench.train_e2e", "end-to-end training tokens/s"),
+}
+
 
 def _flag_names() -> dict[str, list[str]]:
     """dotted field -> its flags."""
@@ -68,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a GPT-MoE language model",
                            description="Train a GPT-MoE on the embedded corpus or --data PATH.")
     _add_config_flags(train)
+    bench = sub.add_parser("bench", help="run a benchmark (writes docs/bench/ and docs/benchmarks.md)",
+                           description="Benchmarks: " + ", ".join(f"{k} ({v[1]})" for k, v in BENCHES.items()))
+    bench.add_argument("name", choices=sorted(BENCHES))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     return parser
 
 
@@ -116,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
         if ns.verb == "train":
             return cmd_train(ns, argv)
+        if ns.verb == "bench":
+            import importlib
+
+            return importlib.import_module(BENCHES[ns.name][0]).main(ns.args)
         return EXIT_USER
     except UserError as e:
         if rank == 0:

@@ -321,6 +321,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(
             f"model.moe_every={m.moe_every} is out of range; must be in [1, model.n_layers={m.n_layers}] "
             "so that the model has at least one MoE block")
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:
         ep = e.ep_size or world_size
         if world_size % ep:

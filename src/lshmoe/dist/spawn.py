@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from lshmoe.dist.comm import Comm
 from lshmoe.dist.setup import build_comm
@@ -70,7 +71,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, ep_size: int 
                     for p in ctx.processes:
                         p.kill()
                     raise TimeoutError(f"ranks still running after {deadline_s:.0f} s; killed")
-        except mp.ProcessException:
+        except ProcessException:
             errors = []
             for r in range(world_size):
                 path = os.path.join(tmp, f"rank{r}.pt")

@@ -47,17 +47,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x)) with an MLP or an MoE."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, norm: str, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, norm: str, dropout: float = 0.0,
+                 is_moe: bool | None = None):
         super().__init__()
+        self.is_moe = isinstance(ffn, MoELayer) if is_moe is None else is_moe
         self.norm1 = make_norm(norm, d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.norm2 = make_norm(norm, d_model)
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoELayer)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
         x_BSD = x_BSD + self.drop(self.attn(self.norm1(x_BSD)))

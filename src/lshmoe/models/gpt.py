@@ -11,6 +11,7 @@ one generator seeded by `seed`, expert weights from per-expert generators (see `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,15 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
+MoEFactory = Callable[[MoEConfig, int, Comm, int], nn.Module]
+
+
 class GPTMoE(nn.Module):
-    def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, vocab_size: int, comm: Comm):
+    """`moe_factory(cfg, d_model, comm, layer_id)` builds each MoE layer (default `MoELayer`); it is the
+    seam through which benchmarks put a peer system's layer into the same model."""
+
+    def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, vocab_size: int, comm: Comm,
+                 moe_factory: MoEFactory = MoELayer):
         super().__init__()
         self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
         D = mcfg.d_model
@@ -50,16 +58,14 @@ class GPTMoE(nn.Module):
         self.drop = nn.Dropout(mcfg.dropout)
         blocks = []
         for i in range(mcfg.n_layers):
-            if (i + 1) % mcfg.moe_every == 0:
-                ffn: nn.Module = MoELayer(ecfg, D, comm, layer_id=i)
-            else:
-                ffn = MLP(D, int(round(mcfg.mlp_ratio * D)))
-            blocks.append(Block(D, mcfg.n_heads, ffn, mcfg.norm, mcfg.dropout))
+            is_moe = (i + 1) % mcfg.moe_every == 0
+            ffn = moe_factory(ecfg, D, comm, i) if is_moe else MLP(D, int(round(mcfg.mlp_ratio * D)))
+            blocks.append(Block(D, mcfg.n_heads, ffn, mcfg.norm, mcfg.dropout, is_moe=is_moe))
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = make_norm(mcfg.norm, D)
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_layers(self) -> list[nn.Module]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def reset_parameters(self, seed: int) -> None:
@@ -78,7 +84,8 @@ class GPTMoE(nn.Module):
                     std = out_std if name.endswith("proj.weight") else INIT_STD
                     p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
             for layer in self.moe_layers:
-                layer.experts.reset_parameters(seed, layer.layer_id, INIT_STD, out_std)
+                if isinstance(layer, MoELayer):
+                    layer.experts.reset_parameters(seed, layer.layer_id, INIT_STD, out_std)
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> LMOutput:
         B, S = idx_BS.shape

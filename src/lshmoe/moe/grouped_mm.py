@@ -30,5 +30,7 @@ def grouped_mm(x_ND: torch.Tensor, w_GDF: torch.Tensor, counts_G: list[int]) -> 
         return torch._grouped_mm(x_ND, w_GDF, offs=offs)
     if len(counts_G) == 1:
         return x_ND @ w_GDF[0]
-    parts = [xg @ w_GDF[g] for g, xg in enumerate(torch.split(x_ND, counts_G))]
+    # NOTE: unbind, not w_GDF[g]: one backward node stacks the group gradients, where G selects would
+    # each materialise a zero-filled [G, D, F] gradient and add them up.
+    parts = [xg @ wg for xg, wg in zip(torch.split(x_ND, counts_G), w_GDF.unbind(0), strict=True)]
     return torch.cat(parts) if parts else x_ND.new_empty((0, w_GDF.shape[-1]))

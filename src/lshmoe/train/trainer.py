@@ -22,7 +22,8 @@ import torch
 from lshmoe.config import Config, validate
 from lshmoe.dist.comm import Comm
 from lshmoe.dist.setup import init_comm
-from lshmoe.models.gpt import GPTMoE
+from lshmoe.models.gpt import GPTMoE, MoEFactory
+from lshmoe.moe.layer import MoELayer
 from lshmoe.train.data import TokenData, load_data
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
@@ -47,11 +48,11 @@ def _log(rank: int, msg: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, comm: Comm, data: TokenData):
+    def __init__(self, cfg: Config, comm: Comm, data: TokenData, moe_factory: MoEFactory = MoELayer):
         self.cfg, self.comm, self.data = cfg, comm, data
         tc = cfg.train
         torch.manual_seed(tc.seed * 1000 + comm.rank)  # dropout and router jitter differ per rank
-        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm)
+        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory)
         self.model.to(device=comm.device, dtype=DTYPES[tc.dtype])
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
@@ -114,8 +115,9 @@ class Trainer:
     def run(self) -> TrainResult:
         tc, comm = self.cfg.train, self.comm
         n_params = sum(p.numel() for p in self.model.parameters())
+        moe = self.cfg.moe
         _log(comm.rank, f"{comm.world_size} rank(s) on {comm.device}, model {n_params / 1e6:.2f} M params/rank, "
-                        f"{len(self.moe_ids)} MoE layers x {self.cfg.moe.num_experts} experts (top-{self.cfg.moe.top_k}), "
+                        f"{len(self.moe_ids)} MoE layers x {moe.num_experts} experts (top-{moe.top_k}), "
                         f"{comm.world_size * self.tokens_per_rank_step} tokens/step")
         self.writer.write({"kind": "config", "world_size": comm.world_size, "config": self.cfg.to_dict(),
                            "params_per_rank": n_params, "data": self.data.source})

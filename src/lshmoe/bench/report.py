@@ -1,0 +1,115 @@
+"""Benchmark results: JSON + markdown section + PNG plots under docs/, and the assembled report.
+
+Each benchmark writes `docs/bench/<name>.json` (raw numbers and metadata) and `docs/bench/<name>.md`
+(one section: what was measured, the exact command, the machine, the table, its plots).
+`docs/benchmarks.md` is rebuilt from the sections present, in `ORDER`, after every benchmark run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ORDER = ["moe_layer", "train_e2e", "lsh_compression", "lsh_overhead", "lsh_choices", "cluster", "cluster_sweep",
+         "quality", "profile", "soak", "scmoe", "locmoe", "lina_train", "lina_infer", "gpu_lsh"]
+
+
+def docs_dir() -> Path:
+    return Path(os.environ.get("LSHMOE_DOCS", "docs"))
+
+
+def machine() -> dict[str, Any]:
+    """Where a number was measured."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "os": platform.platform(terse=True),
+            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return f"{m['cpu']}, {m['cores']} cores{gpu}; torch {m['torch']}, Python {m['python']}; {m['date']}"
+
+
+def command_line() -> str:
+    args = [Path(sys.argv[0]).name if sys.argv[0].endswith("lshmoe") else sys.argv[0], *sys.argv[1:]]
+    if args[0].endswith("__main__.py") or args[0] == "-m":
+        args[0] = "lshmoe"
+    return " ".join(args)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    print(md_table(headers, rows), flush=True)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def write_section(name: str, title: str, body: str, data: dict[str, Any], command: str | None = None,
+                  meta: dict[str, Any] | None = None) -> Path:
+    """Write docs/bench/<name>.{json,md} and rebuild docs/benchmarks.md."""
+    meta = meta or machine()
+    command = command or command_line()
+    out = docs_dir() / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"name": name, "command": command, "machine": meta, **data},
+                                                 indent=1, default=str))
+    md = f"## {title}\n\nCommand: `{command}`  \nMachine: {machine_line(meta)}\n\n{body.strip()}\n"
+    (out / f"{name}.md").write_text(md)
+    rebuild_report()
+    return out / f"{name}.md"
+
+
+def rebuild_report() -> Path:
+    out = docs_dir()
+    sections = []
+    for name in ORDER + sorted(p.stem for p in (out / "bench").glob("*.md") if p.stem not in ORDER):
+        p = out / "bench" / f"{name}.md"
+        if p.exists():
+            sections.append(p.read_text().replace("](", "](bench/").replace("](bench/http", "](http"))
+    head = ("# lshmoe benchmarks\n\nGenerated from `docs/bench/*.md`; every section names the command that "
+            "produced it and the machine it ran on. Raw numbers are in `docs/bench/*.json`. Times are medians "
+            "of interleaved repetitions unless a section says otherwise.\n\n")
+    path = out / "benchmarks.md"
+    path.write_text(head + "\n".join(sections))
+    return path
+
+
+def save_plot(fig: Any, name: str) -> str:
+    """Save a matplotlib figure as docs/bench/<name>.png; return the markdown-relative file name."""
+    out = docs_dir() / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f"{name}.png"
