@@ -34,10 +34,12 @@ def _flag_names() -> dict[str, list[str]]:
         counts[dotted.split(".")[1]] = counts.get(dotted.split(".")[1], 0) + 1
     out = {}
     for dotted, f, _ in leaves:
-        key = dotted.split(".")[1]
+        section, key = dotted.split(".")
         flags = [f"--{dotted}"]
         if f.metadata.get("flag"):
             flags.append(f"--{f.metadata['flag']}")
+        elif section in C.FLAG_PREFIX:
+            flags.append(f"--{C.FLAG_PREFIX[section]}{key.replace('_', '-')}")
         elif counts[key] == 1:
             flags.append(f"--{key.replace('_', '-')}")
         out[dotted] = flags

@@ -58,8 +58,38 @@ class MoEConfig:
     normalize_weights: bool = _f(True, "renormalise the top-k router probabilities to sum to 1")
     aux_loss_weight: float = _f(0.01, "weight of the Switch/GShard load-balance loss", ge=0)
     z_loss_weight: float = _f(0.001, "weight of the router z-loss", ge=0)
-    compress: str = _f("identity", "all-to-all payload compressor", choices=("identity",))
+    compress: str = _f("identity", "all-to-all payload compressor (lsh = LSH-MoE centroids)",
+                       choices=("identity", "lsh"))
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
+
+
+@dataclass(kw_only=True)
+class LSHConfig:
+    """LSH-MoE compression (used when moe.compress=lsh); see docs/lsh.md for how defaults were chosen."""
+
+    family: str = _f("cross_polytope", "hash family: cross-polytope (argmax of [xR; -xR]) or hyperplane (signs)",
+                     choices=("cross_polytope", "hyperplane"), flag="hash-family")
+    num_hashes: int = _f(6, "hash functions L, AND-combined into one bucket id (the maximum in target modes)",
+                         ge=1, le=62, flag="num-hashes")
+    buckets_per_hash: int = _f(2, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)", ge=2,
+                               flag="buckets-per-hash")
+    center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
+    compensate: bool = _f(True, "residual compensation y = E(c) + (x - c); false = E(c) only (ablation)")
+    redraw_every: int = _f(1, "draw new random projections every n steps; 0 = once per run", ge=0)
+    target: str = _f("none", "choose L per layer to hold a target: rate = rows sent / rows routed, "
+                     "error = relative restore error", choices=("none", "rate", "error"), flag="lsh-target")
+    target_value: float = _f(0.2, "the target compression rate or restore-error budget", gt=0, le=1)
+    probe_every: int = _f(0, "measure the restore error every n training steps (0 = only when target=error)", ge=0)
+    probe_rows: int = _f(128, "rows sampled per layer and rank by the restore-error probe", ge=1)
+    ema: float = _f(0.9, "smoothing of the running statistics the target modes choose L from", ge=0, lt=1)
+    layers: str = _f("all", "MoE blocks that compress: all, or comma-separated block indices")
+    eval_compress: bool = _f(True, "compress in evaluation too (false: exact experts at eval)")
+
+    def layer_ids(self) -> set[int] | None:
+        """None = every MoE layer."""
+        if self.layers.strip() == "all":
+            return None
+        return {int(t) for t in self.layers.split(",") if t.strip()}
 
 
 @dataclass(kw_only=True)
@@ -117,6 +147,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lsh: LSHConfig = field(default_factory=LSHConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -126,6 +157,8 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+# Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
+FLAG_PREFIX = {"lsh": "lsh-"}
 
 
 # --------------------------------------------------------------------------------------------- types
@@ -302,6 +335,25 @@ def _check_leaf(path: str, value: Any, meta: dict[str, Any], tp: Any) -> None:
         raise ConfigError(f"{path}={value} is out of range; must be {_range_text(meta, tp)}")
 
 
+def _validate_lsh(cfg: Config) -> None:
+    h = cfg.lsh
+    b = h.buckets_per_hash
+    if h.family == "cross_polytope" and b % 2:
+        raise ConfigError(f"lsh.buckets_per_hash={b} must be even for the cross-polytope family (2, 4, 6, ...)")
+    if h.family == "cross_polytope" and b // 2 > cfg.model.d_model:
+        raise ConfigError(f"lsh.buckets_per_hash={b} is out of range; must be <= 2 * model.d_model")
+    if h.family == "hyperplane" and b & (b - 1):
+        raise ConfigError(f"lsh.buckets_per_hash={b} must be a power of two for the hyperplane family")
+    bits = h.num_hashes * math.log2(b) + math.log2(max(2, cfg.moe.num_experts))
+    if bits > 62:
+        raise ConfigError(f"lsh.num_hashes={h.num_hashes} is out of range for buckets_per_hash={b} and "
+                          f"{cfg.moe.num_experts} experts; bucket ids need L*log2(b)+log2(E) <= 62 bits")
+    try:
+        h.layer_ids()
+    except ValueError:
+        raise ConfigError(f"lsh.layers={h.layers!r} must be 'all' or comma-separated block indices") from None
+
+
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Check every field and cross-field rule; raise a one-line ConfigError on the first violation.
 
@@ -321,6 +373,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(
             f"model.moe_every={m.moe_every} is out of range; must be in [1, model.n_layers={m.n_layers}] "
             "so that the model has at least one MoE block")
+    _validate_lsh(cfg)
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:

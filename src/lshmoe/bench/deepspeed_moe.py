@@ -40,7 +40,7 @@ def init_deepspeed() -> None:
 
 
 class DeepSpeedMoE(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int):
+    def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, **_: object):
         super().__init__()
         init_deepspeed()
         from deepspeed.moe.layer import MoE

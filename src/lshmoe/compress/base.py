@@ -16,6 +16,8 @@ import torch
 
 
 class Compressor(Protocol):
+    stats: dict[str, float]  # numbers of the last compress/restore, merged into the layer's metrics
+
     def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Return (payload_MD, payload counts per expert, meta for restore)."""
         ...
@@ -28,6 +30,10 @@ class Compressor(Protocol):
 class IdentityCompressor:
     """Send every routed row unchanged."""
 
+    @property
+    def stats(self) -> dict[str, float]:
+        return {}
+
     def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         return rows_ND, counts_E, None
 
@@ -35,7 +41,4 @@ class IdentityCompressor:
         return out_MD
 
 
-def build_compressor(kind: str, **kwargs: Any) -> Compressor:
-    if kind == "identity":
-        return IdentityCompressor()
-    raise ValueError(f"unknown compressor {kind!r}")
+IDENTITY = IdentityCompressor()

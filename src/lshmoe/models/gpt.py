@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lshmoe.config import ModelConfig, MoEConfig
+from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
 from lshmoe.dist.comm import Comm
 from lshmoe.models.blocks import MLP, Block, make_norm
 from lshmoe.moe.layer import MoELayer, MoEOutput
@@ -41,7 +41,7 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
-MoEFactory = Callable[[MoEConfig, int, Comm, int], nn.Module]
+MoEFactory = Callable[..., nn.Module]  # (moe cfg, d_model, comm, layer_id, *, lsh, seed) -> layer
 
 
 class GPTMoE(nn.Module):
@@ -49,7 +49,7 @@ class GPTMoE(nn.Module):
     seam through which benchmarks put a peer system's layer into the same model."""
 
     def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, vocab_size: int, comm: Comm,
-                 moe_factory: MoEFactory = MoELayer):
+                 moe_factory: MoEFactory = MoELayer, *, lsh: LSHConfig | None = None, seed: int = 0):
         super().__init__()
         self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
         D = mcfg.d_model
@@ -59,7 +59,8 @@ class GPTMoE(nn.Module):
         blocks = []
         for i in range(mcfg.n_layers):
             is_moe = (i + 1) % mcfg.moe_every == 0
-            ffn = moe_factory(ecfg, D, comm, i) if is_moe else MLP(D, int(round(mcfg.mlp_ratio * D)))
+            ffn = (moe_factory(ecfg, D, comm, i, lsh=lsh, seed=seed) if is_moe
+                   else MLP(D, int(round(mcfg.mlp_ratio * D))))
             blocks.append(Block(D, mcfg.n_heads, ffn, mcfg.norm, mcfg.dropout, is_moe=is_moe))
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = make_norm(mcfg.norm, D)
@@ -67,6 +68,12 @@ class GPTMoE(nn.Module):
     @property
     def moe_layers(self) -> list[nn.Module]:
         return [b.ffn for b in self.blocks if b.is_moe]
+
+    def set_step(self, step: int) -> None:
+        """Tell every MoE layer the training step (LSH projections and probes are keyed by it)."""
+        for layer in self.moe_layers:
+            if hasattr(layer, "set_step"):
+                layer.set_step(step)
 
     def reset_parameters(self, seed: int) -> None:
         """GPT-2 style: N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2 * layers)."""

@@ -12,6 +12,9 @@ excluded from the communication share) and rank 0 writes one `train` record with
   compression rate)
 - dropped_tokens: assignments dropped by capacity per step, summed over ranks and layers
 - expert_load: per MoE layer, rows per expert per step, summed over ranks
+- layers: per MoE layer, its own numbers (`MoEOutput.stats`): rows and bytes summed over ranks,
+  seconds averaged over ranks, `compression_rate` = rows sent / rows routed, and the sampled
+  restore errors averaged over the probes of the interval
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ class IntervalStats:
         self.steps = 0
         self.sums = dict.fromkeys(SCALARS, 0.0)
         self.load = torch.zeros(len(self.moe_layers), self.num_experts, dtype=torch.float64)
+        self.layer_sums: dict[int, dict[str, float]] = {}
 
-    def add(self, values: dict[str, float], comm_step: StepComm, load_LE: torch.Tensor) -> None:
+    def add(self, values: dict[str, float], comm_step: StepComm, load_LE: torch.Tensor,
+            layer_stats: dict[int, dict[str, float]] | None = None) -> None:
         self.steps += 1
+        for layer, stats in (layer_stats or {}).items():
+            acc = self.layer_sums.setdefault(layer, {})
+            for k, v in stats.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
         merged = dict(values)
         merged.update(a2a_bytes=comm_step.a2a_bytes, a2a_bytes_fwd=comm_step.a2a_bytes_fwd,
                       a2a_bytes_bwd=comm_step.a2a_bytes_bwd, a2a_meta_bytes=comm_step.a2a_meta_bytes,
@@ -59,7 +68,10 @@ class IntervalStats:
 
     def reduce(self, comm: Comm, tokens_per_rank_step: int) -> dict[str, Any]:
         """All-reduce the interval over the world and return the cross-rank record (every rank)."""
-        vec = torch.tensor([self.sums[k] for k in SCALARS] + self.load.reshape(-1).tolist(),
+        # Every rank has the same layers and stat keys (they follow from the config), so the vectors align.
+        layer_keys = [(layer, k) for layer in sorted(self.layer_sums) for k in sorted(self.layer_sums[layer])]
+        vec = torch.tensor([self.sums[k] for k in SCALARS] + self.load.reshape(-1).tolist()
+                           + [self.layer_sums[layer][k] for layer, k in layer_keys],
                            dtype=torch.float64, device=comm.device)
         comm.all_reduce(vec, comm.group("world"), "metrics", phase="metrics")
         vec = vec.cpu()
@@ -67,9 +79,12 @@ class IntervalStats:
         rec: dict[str, Any] = {}
         for i, k in enumerate(SCALARS):
             rec[k] = float(vec[i]) / n / (W if k in MEAN_OVER_RANKS else 1)
-        load = vec[len(SCALARS):].view(len(self.moe_layers), self.num_experts) / n
+        n_load = len(self.moe_layers) * self.num_experts
+        load = vec[len(SCALARS):len(SCALARS) + n_load].view(len(self.moe_layers), self.num_experts) / n
         rec["expert_load"] = {f"moe{layer}": [round(v, 2) for v in load[i].tolist()]
                               for i, layer in enumerate(self.moe_layers)}
+        summed = dict(zip(layer_keys, vec[len(SCALARS) + n_load:].tolist(), strict=True))
+        rec["layers"] = _layer_record(summed, steps=n, world=W)
         st = rec["step_time_s"]
         rec["tokens_per_s"] = W * tokens_per_rank_step / st if st > 0 else 0.0
         rec["comm_share"] = rec["comm_time_s"] / st if st > 0 else 0.0
@@ -77,6 +92,28 @@ class IntervalStats:
         rec["compression_rate"] = rec["rows_sent"] / rec["rows_routed"] if rec["rows_routed"] else 1.0
         self.reset()
         return rec
+
+
+def _layer_record(summed: dict[tuple[int, str], float], steps: int, world: int) -> dict[str, dict[str, float]]:
+    """Per-layer interval values from cross-rank sums (see the module docstring for the rules)."""
+    out: dict[str, dict[str, float]] = {}
+    for layer in sorted({layer for layer, _ in summed}):
+        s = {k: v for (lay, k), v in summed.items() if lay == layer}
+        rec: dict[str, float] = {}
+        probes = s.get("lsh_probe_n", 0.0)
+        for k, v in s.items():
+            if k == "lsh_probe_n":
+                continue
+            if k.startswith("lsh_restore_err"):
+                rec[k] = v / probes if probes else float("nan")
+            elif k.endswith("_s") or k == "lsh_hashes":
+                rec[k] = v / steps / world
+            else:
+                rec[k] = v / steps
+        if rec.get("rows_routed"):
+            rec["compression_rate"] = rec["rows_sent"] / rec["rows_routed"]
+        out[f"moe{layer}"] = rec
+    return out
 
 
 class MetricsWriter:

@@ -52,7 +52,7 @@ class Trainer:
         self.cfg, self.comm, self.data = cfg, comm, data
         tc = cfg.train
         torch.manual_seed(tc.seed * 1000 + comm.rank)  # dropout and router jitter differ per rank
-        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory)
+        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory, lsh=cfg.lsh, seed=tc.seed)
         self.model.to(device=comm.device, dtype=DTYPES[tc.dtype])
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
@@ -71,6 +71,7 @@ class Trainer:
         x, y = self.data.train_batch(step, self.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed,
                                      self.comm.device)
         set_lr(self.opt, lr_at(step, tc))
+        self.model.set_step(step)
         with ledger.in_phase("forward"):
             out = self.model(x, y)
         with ledger.in_phase("backward"):
@@ -92,7 +93,7 @@ class Trainer:
             "rows_sent": sum(o.rows_sent for o in out.moe.values()),
             "dropped_tokens": sum(int(o.dropped) for o in out.moe.values()),
         }
-        self.stats.add(values, ledger.end_step(), load)
+        self.stats.add(values, ledger.end_step(), load, {i: out.moe[i].stats for i in self.moe_ids})
         return values
 
     @torch.no_grad()

@@ -1,0 +1,56 @@
+"""Locality-sensitive hash families (pure functions).
+
+Shapes: N rows, D width, L hash functions, b buckets per hash, P projections per hash.
+
+- cross-polytope (Andoni et al. 2015; the LSH-MoE paper's choice): hash l projects x on P = b/2
+  orthonormal random directions R_l (a random rotation restricted to P axes) and returns the index
+  of the largest entry of [x R_l ; -x R_l], i.e. the nearest of the 2P signed axes. b = 2 is the
+  sign of one random projection.
+- hyperplane (SimHash; our reading of the paper's "spherical-plane" family): hash l is the P =
+  log2(b) sign bits of x R_l, read as a binary number.
+
+Both are invariant to the scale of x. The L codes are AND-combined into one mixed-radix integer
+`sum_l code_l * b^l`: two rows share a bucket only when all L hashes agree, so more hashes mean
+more, smaller buckets. Because hash l sits at digit l, the bucket id of the first L' hashes is the
+combined id modulo b^L', which the target modes use to evaluate every L' <= L in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FAMILIES = ("cross_polytope", "hyperplane")
+
+
+def projections_per_hash(family: str, buckets: int) -> int:
+    if family == "cross_polytope":
+        return buckets // 2
+    return int(math.log2(buckets))
+
+
+def draw_projections(family: str, d_model: int, num_hashes: int, buckets: int, gen: torch.Generator) -> torch.Tensor:
+    """Random directions R_DLP (float32, CPU) from `gen`; cross-polytope columns are orthonormal per hash."""
+    P = projections_per_hash(family, buckets)
+    g = torch.randn(num_hashes, d_model, P, generator=gen, dtype=torch.float32)
+    if family == "cross_polytope" and P > 1:
+        g = torch.linalg.qr(g).Q  # [L, D, P], orthonormal columns: a rotation restricted to P axes
+    return g.permute(1, 0, 2).contiguous()  # [D, L, P]
+
+
+def hash_codes(x_ND: torch.Tensor, R_DLP: torch.Tensor, family: str) -> torch.Tensor:
+    """Per-hash bucket codes [N, L] in [0, b)."""
+    D, L, P = R_DLP.shape
+    z_NLP = (x_ND.to(R_DLP.dtype) @ R_DLP.reshape(D, L * P)).view(-1, L, P)
+    if family == "cross_polytope":
+        return torch.cat([z_NLP, -z_NLP], dim=-1).argmax(dim=-1)
+    weights_P = 2 ** torch.arange(P, device=x_ND.device)
+    return ((z_NLP > 0).long() * weights_P).sum(-1)
+
+
+def combine_codes(codes_NL: torch.Tensor, buckets: int) -> torch.Tensor:
+    """AND-combination: one int64 id per row, sum_l code_l * b^l."""
+    L = codes_NL.shape[1]
+    radix_L = buckets ** torch.arange(L, device=codes_NL.device, dtype=torch.int64)
+    return (codes_NL.long() * radix_L).sum(-1)

@@ -1,0 +1,170 @@
+"""LSH-MoE (Nie et al., NeurIPS 2024): send one centroid per LSH bucket instead of every routed row.
+
+For each group of rows bound for the same expert on this (source) rank:
+1. hash every row with L hash functions and AND-combine the codes into one bucket id;
+2. compact the ids of the whole buffer (unique + inverse), keyed by (expert, bucket) so buckets
+   never mix experts and stay grouped by expert, the layout the dispatch all-to-all needs;
+3. centroid of each bucket = mean of its rows (index_add inside autograd);
+4. only centroids travel; after the combine all-to-all every row is restored as
+       y_n = E(c_b(n)) + (x_n - c_b(n))         (residual compensation; E(c_b(n)) alone when off)
+   and the layer applies the usual gate-weighted combine.
+
+Shapes: N routed rows, M buckets (payload rows), D width, E experts, L hashes.
+
+Random projections come from a generator seeded by (seed, layer, step // redraw_every), so a
+recomputed forward or a resumed run hashes identically. The hash itself runs without autograd
+(bucket ids are integers); the centroid mean and the residual are differentiable, so the backward
+all-to-alls move M rows too and the token gradient gets the identity path of the residual.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lshmoe.compress.hashing import combine_codes, draw_projections, hash_codes
+from lshmoe.compress.target import HashCountController
+from lshmoe.config import LSHConfig
+from lshmoe.seeding import generator
+
+
+@dataclass(frozen=True, slots=True)
+class LSHMeta:
+    rows_ND: torch.Tensor  # routed rows (residual source)
+    inverse_N: torch.Tensor  # bucket of each row
+    centroids_MD: torch.Tensor
+    expert_N: torch.Tensor  # destination expert of each row
+    full_codes_N: torch.Tensor | None  # L_max-hash ids, kept for the probe's per-L' centroids
+
+
+class LSHCompressor:
+    def __init__(self, cfg: LSHConfig, num_experts: int, d_model: int, layer_id: int, seed: int = 0):
+        self.cfg, self.num_experts, self.d_model = cfg, num_experts, d_model
+        self.layer_id, self.seed = layer_id, seed
+        self.step = 0
+        self.controller = (HashCountController(cfg.target, cfg.target_value, cfg.num_hashes, cfg.ema)
+                           if cfg.target != "none" else None)
+        self.num_hashes = cfg.num_hashes if cfg.target != "error" else cfg.num_hashes
+        self._proj: tuple[tuple, torch.Tensor] | None = None
+        self.stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ projections
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def projection_key(self) -> tuple:
+        epoch = self.step // self.cfg.redraw_every if self.cfg.redraw_every else 0
+        return (self.seed, "lsh", self.layer_id, epoch)
+
+    def projections(self, device: torch.device) -> torch.Tensor:
+        """R_DLP for all L_max hashes of the current step (cached until the key changes)."""
+        key = self.projection_key()
+        if self._proj is None or self._proj[0] != key or self._proj[1].device != device:
+            R = draw_projections(self.cfg.family, self.d_model, self.cfg.num_hashes, self.cfg.buckets_per_hash,
+                                 generator(*key))
+            self._proj = (key, R.to(device))
+        return self._proj[1]
+
+    # ------------------------------------------------------------------------------ bucketing
+
+    def bucket_ids(self, rows_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        """Combined ids of all L_max hashes, [N] int64 (centred per expert group if configured)."""
+        x = rows_ND.detach()
+        if self.cfg.center and x.shape[0]:
+            sums = x.new_zeros(self.num_experts, x.shape[1]).index_add_(0, expert_N, x)
+            cnt = torch.bincount(expert_N, minlength=self.num_experts).clamp(min=1).to(x.dtype)
+            x = x - (sums / cnt[:, None]).index_select(0, expert_N)
+        codes_NL = hash_codes(x, self.projections(x.device), self.cfg.family)
+        return combine_codes(codes_NL, self.cfg.buckets_per_hash)
+
+    def keys(self, full_N: torch.Tensor, expert_N: torch.Tensor, num_hashes: int) -> torch.Tensor:
+        """(expert, first-`num_hashes` bucket) as one sortable int64 key."""
+        span = self.cfg.buckets_per_hash ** num_hashes
+        return expert_N * span + torch.remainder(full_N, span)
+
+    def _prefix_rates(self, full_N: torch.Tensor, expert_N: torch.Tensor) -> list[float]:
+        n = full_N.numel()
+        if n == 0:
+            return [float("nan")] * self.cfg.num_hashes
+        return [torch.unique(self.keys(full_N, expert_N, L)).numel() / n for L in range(1, self.cfg.num_hashes + 1)]
+
+    # ------------------------------------------------------------------------------ seam
+
+    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
+        t0 = time.perf_counter()
+        E = self.num_experts
+        expert_N = torch.repeat_interleave(torch.arange(E, device=rows_ND.device), counts_E.to(rows_ND.device))
+        with torch.no_grad():
+            full_N = self.bucket_ids(rows_ND, expert_N)
+            if self.controller is not None and self.cfg.target == "rate":
+                self.controller.observe_rates(self._prefix_rates(full_N, expert_N))
+            if self.controller is not None:
+                self.num_hashes = self.controller.choose()
+            keys_N = self.keys(full_N, expert_N, self.num_hashes)
+        t1 = time.perf_counter()
+        uniq_M, inverse_N, size_M = torch.unique(keys_N, sorted=True, return_inverse=True, return_counts=True)
+        span = self.cfg.buckets_per_hash ** self.num_hashes
+        sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
+        sums_MD = rows_ND.new_zeros((uniq_M.numel(), rows_ND.shape[1])).index_add(0, inverse_N, rows_ND)
+        centroids_MD = sums_MD / size_M.to(rows_ND.dtype)[:, None]
+        t2 = time.perf_counter()
+        self.stats = {"lsh_hashes": float(self.num_hashes), "lsh_hash_s": t1 - t0, "lsh_cluster_s": t2 - t1}
+        keep = self.controller is not None or self.cfg.probe_every
+        meta = LSHMeta(rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N,
+                       full_codes_N=full_N if keep else None)
+        return centroids_MD, sent_counts_E, meta
+
+    def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out_ND = out_MD.index_select(0, meta.inverse_N)
+        if self.cfg.compensate:
+            out_ND = out_ND + (meta.rows_ND - meta.centroids_MD.index_select(0, meta.inverse_N))
+        self.stats["lsh_restore_s"] = time.perf_counter() - t0
+        return out_ND
+
+    # ------------------------------------------------------------------------------ restore-error probe
+
+    def probe_candidates(self) -> list[int]:
+        if self.cfg.target == "error":
+            return list(range(1, self.cfg.num_hashes + 1))
+        return [self.num_hashes]
+
+    def probe_rows(self, meta: LSHMeta) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Rows to evaluate on the experts: sampled tokens x_S, then their centroids under every
+        candidate L', all grouped by expert. Returns (rows_PD, counts_E, context for `probe_error`)."""
+        x, n = meta.rows_ND.detach(), meta.rows_ND.shape[0]
+        g = generator(self.seed, "probe", self.layer_id, self.step)
+        idx_S = torch.randperm(n, generator=g)[: self.cfg.probe_rows].sort().values.to(x.device)
+        expert_S = meta.expert_N.index_select(0, idx_S)
+        blocks, cands = [x.index_select(0, idx_S)], self.probe_candidates()
+        for L in cands:
+            _, inv, size = torch.unique(self.keys(meta.full_codes_N, meta.expert_N, L), return_inverse=True,
+                                        return_counts=True)
+            cent = x.new_zeros((size.numel(), x.shape[1])).index_add_(0, inv, x) / size.to(x.dtype)[:, None]
+            blocks.append(cent.index_select(0, inv.index_select(0, idx_S)))
+        rows = torch.cat(blocks)
+        expert_P = expert_S.repeat(len(blocks))
+        order = torch.sort(expert_P, stable=True).indices
+        counts_E = torch.bincount(expert_P, minlength=self.num_experts)
+        return rows.index_select(0, order), counts_E, {"order": order, "blocks": len(blocks), "cands": cands}
+
+    def probe_error(self, out_PD: torch.Tensor, rows_PD: torch.Tensor, ctx: dict) -> None:
+        """Relative restore error per candidate L', with and without compensation, into stats."""
+        unsort = torch.empty_like(ctx["order"])
+        unsort[ctx["order"]] = torch.arange(ctx["order"].numel(), device=unsort.device)
+        out, rows = out_PD.index_select(0, unsort).double(), rows_PD.index_select(0, unsort).double()
+        ex_SD, x_SD = out.chunk(ctx["blocks"])[0], rows.chunk(ctx["blocks"])[0]
+        norm = ex_SD.square().sum()
+        errs, nocomp = [], []
+        for j, _L in enumerate(ctx["cands"]):
+            ec, c = out.chunk(ctx["blocks"])[j + 1], rows.chunk(ctx["blocks"])[j + 1]
+            errs.append(float(((ex_SD - ec - (x_SD - c)).square().sum() / norm).sqrt()) if norm > 0 else float("nan"))
+            nocomp.append(float(((ex_SD - ec).square().sum() / norm).sqrt()) if norm > 0 else float("nan"))
+        if self.controller is not None and self.cfg.target == "error":
+            self.controller.observe_errors(errs)
+        j = ctx["cands"].index(self.num_hashes) if self.num_hashes in ctx["cands"] else len(errs) - 1
+        if errs and norm > 0:
+            self.stats.update(lsh_restore_err=errs[j], lsh_restore_err_nocomp=nocomp[j], lsh_probe_n=1.0)
