@@ -23,6 +23,7 @@ EXIT_USER, EXIT_DIST = 2, 3
 BENCHES = {
     "layer": ("lshmoe.bench.moe_layer", "MoE layer fwd+bwd tokens/s vs DeepSpeed"),
     "train": ("lshmoe.bench.train_e2e", "end-to-end training tokens/s"),
+    "lsh": ("lshmoe.bench.lsh_analysis", "LSH compression rate, restore error and overhead vs hash settings"),
 }
 
 
