@@ -42,10 +42,18 @@ def draw_projections(family: str, d_model: int, num_hashes: int, buckets: int, g
 def hash_codes(x_ND: torch.Tensor, R_DLP: torch.Tensor, family: str) -> torch.Tensor:
     """Per-hash bucket codes [N, L] in [0, b)."""
     D, L, P = R_DLP.shape
-    z_NLP = (x_ND.to(R_DLP.dtype) @ R_DLP.reshape(D, L * P)).view(-1, L, P)
+    return codes_from_projections((x_ND.to(R_DLP.dtype) @ R_DLP.reshape(D, L * P)).view(-1, L, P), family)
+
+
+def codes_from_projections(z_NLP: torch.Tensor, family: str) -> torch.Tensor:
+    """Bucket codes [N, L] from projected rows [N, L, P]."""
+    P = z_NLP.shape[-1]
     if family == "cross_polytope":
-        return torch.cat([z_NLP, -z_NLP], dim=-1).argmax(dim=-1)
-    weights_P = 2 ** torch.arange(P, device=x_ND.device)
+        # argmax over [z; -z]: the axis of largest |z|, in the upper half when its sign is negative
+        axis = z_NLP.abs().argmax(dim=-1, keepdim=True)
+        negative = torch.gather(z_NLP, -1, axis) < 0
+        return (axis + P * negative.long()).squeeze(-1)
+    weights_P = 2 ** torch.arange(P, device=z_NLP.device)
     return ((z_NLP > 0).long() * weights_P).sum(-1)
 
 

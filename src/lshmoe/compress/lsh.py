@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.compress.hashing import combine_codes, draw_projections, hash_codes
+from lshmoe.compress.hashing import codes_from_projections, combine_codes, draw_projections, hash_codes
+from lshmoe.compress.ops import restore_compensated, segment_mean
 from lshmoe.compress.target import HashCountController
 from lshmoe.config import LSHConfig
 from lshmoe.seeding import generator
@@ -72,13 +73,16 @@ class LSHCompressor:
 
     def bucket_ids(self, rows_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
         """Combined ids of all L_max hashes, [N] int64 (centred per expert group if configured)."""
-        x = rows_ND.detach()
-        if self.cfg.center and x.shape[0]:
-            sums = x.new_zeros(self.num_experts, x.shape[1]).index_add_(0, expert_N, x)
-            cnt = torch.bincount(expert_N, minlength=self.num_experts).clamp(min=1).to(x.dtype)
-            x = x - (sums / cnt[:, None]).index_select(0, expert_N)
-        codes_NL = hash_codes(x, self.projections(x.device), self.cfg.family)
-        return combine_codes(codes_NL, self.cfg.buckets_per_hash)
+        R_DLP = self.projections(rows_ND.device)
+        if not self.cfg.center:
+            return combine_codes(hash_codes(rows_ND.detach(), R_DLP, self.cfg.family), self.cfg.buckets_per_hash)
+        # (x - mean_e) R = x R - mean_e R: centre the N x L*P projections, not the N x D rows.
+        D, L, P = R_DLP.shape
+        z_NK = rows_ND.detach().to(R_DLP.dtype) @ R_DLP.reshape(D, L * P)
+        sums_EK = z_NK.new_zeros(self.num_experts, L * P).index_add_(0, expert_N, z_NK)
+        cnt_E = torch.bincount(expert_N, minlength=self.num_experts).clamp(min=1).to(z_NK.dtype)
+        z_NK = z_NK - (sums_EK / cnt_E[:, None]).index_select(0, expert_N)
+        return combine_codes(codes_from_projections(z_NK.view(-1, L, P), self.cfg.family), self.cfg.buckets_per_hash)
 
     def keys(self, full_N: torch.Tensor, expert_N: torch.Tensor, num_hashes: int) -> torch.Tensor:
         """(expert, first-`num_hashes` bucket) as one sortable int64 key."""
@@ -108,8 +112,7 @@ class LSHCompressor:
         uniq_M, inverse_N, size_M = torch.unique(keys_N, sorted=True, return_inverse=True, return_counts=True)
         span = self.cfg.buckets_per_hash ** self.num_hashes
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
-        sums_MD = rows_ND.new_zeros((uniq_M.numel(), rows_ND.shape[1])).index_add(0, inverse_N, rows_ND)
-        centroids_MD = sums_MD / size_M.to(rows_ND.dtype)[:, None]
+        centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
         t2 = time.perf_counter()
         self.stats = {"lsh_hashes": float(self.num_hashes), "lsh_hash_s": t1 - t0, "lsh_cluster_s": t2 - t1}
         keep = self.controller is not None or self.cfg.probe_every
@@ -119,9 +122,10 @@ class LSHCompressor:
 
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
         t0 = time.perf_counter()
-        out_ND = out_MD.index_select(0, meta.inverse_N)
         if self.cfg.compensate:
-            out_ND = out_ND + (meta.rows_ND - meta.centroids_MD.index_select(0, meta.inverse_N))
+            out_ND = restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N)
+        else:
+            out_ND = out_MD.index_select(0, meta.inverse_N)
         self.stats["lsh_restore_s"] = time.perf_counter() - t0
         return out_ND
 
