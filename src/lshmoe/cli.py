@@ -24,6 +24,8 @@ BENCHES = {
     "layer": ("lshmoe.bench.moe_layer", "MoE layer fwd+bwd tokens/s vs DeepSpeed"),
     "train": ("lshmoe.bench.train_e2e", "end-to-end training tokens/s"),
     "lsh": ("lshmoe.bench.lsh_analysis", "LSH compression rate, restore error and overhead vs hash settings"),
+    "cluster": ("lshmoe.bench.cluster", "baseline vs LSH-MoE step time on an emulated multi-node cluster"),
+    "quality": ("lshmoe.bench.quality", "validation loss of variants over seeds, time-to-target"),
 }
 
 
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lshmoe: {e}", file=sys.stderr)
         return EXIT_DIST
     except KeyboardInterrupt:
+        print("lshmoe: interrupted", file=sys.stderr)
         return 130
 
 

@@ -23,16 +23,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], nproc: int, grace_s: float = 10.0, env_extra: dict[str, str] | None = None) -> int:
+def launch(argv: list[str], nproc: int, grace_s: float = 10.0) -> int:
     """Run `python -m lshmoe.cli *argv` on `nproc` local ranks; return the job's exit status."""
     port = free_port()
+    envs = [{"RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(nproc),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(nproc)]
+    return supervise([[sys.executable, "-m", "lshmoe.cli", *argv]] * nproc, envs, grace_s)
+
+
+def supervise(cmds: list[list[str]], envs: list[dict[str, str]], grace_s: float = 10.0) -> int:
+    """Start one process per rank (command and extra environment each) and supervise them."""
     procs: list[subprocess.Popen] = []
-    for rank in range(nproc):
+    for cmd, extra in zip(cmds, envs, strict=True):
         env = dict(os.environ)
-        env.update(env_extra or {})
-        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LSHMOE_LAUNCHED="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "lshmoe.cli", *argv], env=env))
+        env.update(extra)
+        env["LSHMOE_LAUNCHED"] = "1"
+        procs.append(subprocess.Popen(cmd, env=env))
     first_fail: tuple[int, int] | None = None
     fail_time = 0.0
     try:
@@ -44,28 +50,25 @@ def launch(argv: list[str], nproc: int, grace_s: float = 10.0, env_extra: dict[s
             if all(c is not None for c in codes):
                 break
             if first_fail is not None and time.monotonic() - fail_time > grace_s:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in procs:
-                    try:
-                        p.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+                _stop(procs)
                 break
             time.sleep(0.05)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        return 130
+    except BaseException:
+        _stop(procs)
+        raise
     if first_fail is not None:
         rank, code = first_fail
         print(f"lshmoe: rank {rank} exited with status {code}; the job was stopped", file=sys.stderr)
         return code
     return 0
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()

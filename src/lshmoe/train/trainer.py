@@ -93,7 +93,9 @@ class Trainer:
             "rows_sent": sum(o.rows_sent for o in out.moe.values()),
             "dropped_tokens": sum(int(o.dropped) for o in out.moe.values()),
         }
-        self.stats.add(values, ledger.end_step(), load, {i: out.moe[i].stats for i in self.moe_ids})
+        self.last_comm = ledger.end_step()
+        self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
+        self.stats.add(values, self.last_comm, load, self.last_layer_stats)
         return values
 
     @torch.no_grad()
@@ -125,16 +127,18 @@ class Trainer:
         progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress)
         result = TrainResult(final_val_loss=float("nan"), out_dir=str(self.out_dir))
         step_times: list[float] = []
+        train_time = 0.0  # cumulative step time: wall time of training, validation excluded
         val = float("nan")
         try:
             for step in range(tc.steps):
                 values = self.train_step(step)
                 step_times.append(values["step_time_s"])
+                train_time += values["step_time_s"]
                 last = step == tc.steps - 1
                 postfix: dict[str, Any] = {}
                 if (step + 1) % tc.log_every == 0 or last:
                     rec = self.stats.reduce(comm, self.tokens_per_rank_step)
-                    rec.update(kind="train", step=step + 1, lr=lr_at(step, tc))
+                    rec.update(kind="train", step=step + 1, lr=lr_at(step, tc), train_time_s=train_time)
                     self.writer.write(rec)
                     result.records.append(rec)
                     postfix = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
@@ -142,7 +146,7 @@ class Trainer:
                 if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
                     val = self.evaluate()
                     result.val_losses.append((step + 1, val))
-                    self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val})
+                    self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val, "train_time_s": train_time})
                     postfix["val"] = f"{val:.3f}"
                 progress.update(1, **postfix)
         finally:

@@ -1,0 +1,111 @@
+"""One rank of an interleaved A/B speed comparison: several variants trained by the same processes.
+
+`python -m lshmoe.bench.ab_worker SPEC.json` (under torchrun or an emulated-cluster launcher).
+Each variant (e.g. baseline, LSH-MoE) has its own model and optimizer; the rank alternates blocks
+of `steps_per_round` training steps between the variants, rotating the order every round, so every
+variant sees the same network and machine conditions. The first `warmup_rounds` rounds are not
+measured. Per step the rank records its step time and its ledger summary; at block boundaries the
+first rank of each node reads its link interface's byte counter. At the end the ranks reduce their
+numbers and rank 0 writes SPEC["out"]:
+
+    per variant: step_time_s (per step, slowest rank), a2a/allreduce/comm seconds (mean over ranks),
+    a2a and inter-node bytes (sum over ranks), interface bytes (sum over nodes), rows routed/sent,
+    LSH seconds per step (hash + cluster + restore, mean over ranks, summed over layers), rank 0's
+    training-loss curve, and the validation loss after training (every variant saw the same tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from lshmoe.config import from_dict
+from lshmoe.dist.setup import init_comm, shutdown
+from lshmoe.train.data import load_data
+from lshmoe.train.trainer import Trainer
+
+PER_STEP = ("step_time_s", "a2a_time_s", "allreduce_time_s", "comm_time_s", "a2a_bytes", "a2a_bytes_fwd",
+            "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes", "rows_routed", "rows_sent", "lsh_s")
+MAX_OVER_RANKS = {"step_time_s"}
+SUM_OVER_RANKS = {"a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes",
+                  "rows_routed", "rows_sent"}
+
+
+def _iface_tx() -> int:
+    dev = os.environ.get("GLOO_SOCKET_IFNAME")
+    if not dev:
+        return 0
+    try:
+        return int(Path(f"/sys/class/net/{dev}/statistics/tx_bytes").read_text())
+    except OSError:
+        return 0
+
+
+def run(spec: dict) -> None:
+    variants = {name: from_dict(cfg) for name, cfg in spec["variants"].items()}
+    first = next(iter(variants.values()))
+    comm = init_comm(first.dist, first.moe.ep_size)
+    data = load_data(first.data)
+    trainers = {name: Trainer(cfg, comm, data) for name, cfg in variants.items()}
+    names = list(trainers)
+    world = comm.group("world")
+    flag = torch.zeros(1, device=comm.device)
+    local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    rec: dict[str, dict[str, list[float]]] = {n: {k: [] for k in PER_STEP} for n in names}
+    iface: dict[str, float] = dict.fromkeys(names, 0.0)
+    steps = dict.fromkeys(names, 0)
+    losses: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(spec["rounds"] + spec["warmup_rounds"]):
+        measured = rnd >= spec["warmup_rounds"]
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            comm.all_reduce(flag, world, "ab.barrier", phase="metrics")
+            tx0 = _iface_tx()
+            for _ in range(spec["steps_per_round"]):
+                tr = trainers[name]
+                values = tr.train_step(steps[name])
+                steps[name] += 1
+                losses[name].append(values["loss"])
+                if not measured:
+                    continue
+                c = tr.last_comm
+                lsh = sum(st.get("lsh_hash_s", 0.0) + st.get("lsh_cluster_s", 0.0) + st.get("lsh_restore_s", 0.0)
+                          for st in tr.last_layer_stats.values())
+                row = {"step_time_s": values["step_time_s"], "a2a_time_s": c.a2a_time_s,
+                       "allreduce_time_s": c.allreduce_time_s, "comm_time_s": c.comm_time_s,
+                       "a2a_bytes": c.a2a_bytes, "a2a_bytes_fwd": c.a2a_bytes_fwd, "a2a_bytes_bwd": c.a2a_bytes_bwd,
+                       "allreduce_bytes": c.allreduce_bytes, "inter_node_bytes": c.inter_node_bytes,
+                       "rows_routed": values["rows_routed"], "rows_sent": values["rows_sent"], "lsh_s": lsh}
+                for k in PER_STEP:
+                    rec[name][k].append(float(row[k]))
+            comm.all_reduce(flag, world, "ab.barrier", phase="metrics")
+            if measured and local_first:
+                iface[name] += _iface_tx() - tx0
+    out = {"world_size": comm.world_size, "ranks_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)),
+           "variants": {}}
+    for name in names:
+        res = {}
+        for k in PER_STEP:
+            t = torch.tensor(rec[name][k], dtype=torch.float64, device=comm.device)
+            comm.all_reduce(t, world, "ab.reduce", op="max" if k in MAX_OVER_RANKS else "sum", phase="metrics")
+            if k not in MAX_OVER_RANKS | SUM_OVER_RANKS:
+                t = t / comm.world_size
+            res[k] = t.cpu().tolist()
+        tx = torch.tensor([iface[name]], dtype=torch.float64, device=comm.device)
+        comm.all_reduce(tx, world, "ab.reduce", phase="metrics")
+        res["iface_tx_bytes"] = float(tx)
+        res["measured_steps"] = len(rec[name]["step_time_s"])
+        res["train_steps"] = steps[name]
+        res["val_loss"] = trainers[name].evaluate() if spec.get("evaluate", True) else None
+        res["loss_curve"] = losses[name]
+        out["variants"][name] = res
+    if comm.rank == 0:
+        Path(spec["out"]).write_text(json.dumps(out))
+    shutdown()
+
+
+if __name__ == "__main__":
+    run(json.loads(Path(sys.argv[1]).read_text()))

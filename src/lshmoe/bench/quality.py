@@ -1,0 +1,174 @@
+"""Model quality side by side: variants trained for the same tokens over several seeds.
+
+Each (seed, variant) is a full `lshmoe train` job (on the emulated cluster by default, so the wall
+time is that of a throttled link); jobs of one seed run back to back with the variant order rotating
+per seed. The report gives the final validation loss (mean +- std over seeds) and its change against
+the baseline, training tokens/s, loss-versus-step and loss-versus-wall-time curves, and the
+time-to-target speedup: the training time (validation excluded) each run needs to first reach the
+target loss, the worst final validation loss of the baseline seeds (so every baseline run reaches
+it), interpolated between evaluations, against the baseline's.
+
+Run: `lshmoe bench quality --seeds 0,1,2` (add `--no-emulation` to train on loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from lshmoe.bench.cluster import base_config
+from lshmoe.bench.netns import EmulatedCluster, check_emulation
+from lshmoe.bench.report import md_table, median, save_plot, write_section
+from lshmoe.bench.variants import apply, parse_variant
+from lshmoe.config import Config
+from lshmoe.dist.launch import free_port, supervise
+from lshmoe.train.data import load_data
+
+
+def run_job(cfg: Config, nodes: int, rpn: int, link: str | None, emulate: bool, out_dir: Path) -> list[dict]:
+    """One training job; returns its metrics records."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.train.out_dir = str(out_dir)
+    cfg_path = out_dir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "lshmoe.cli", "train", "--config", str(cfg_path)]
+    world = nodes * rpn
+    if emulate:
+        with EmulatedCluster(nodes, rpn, link) as cluster:
+            rc = supervise([cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
+                           [cluster.rank_env(r, 29400 + os.getpid() % 500) for r in range(world)], grace_s=30)
+    else:
+        port = free_port()
+        rc = supervise([cmd] * world, [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % rpn),
+                                        "LOCAL_WORLD_SIZE": str(rpn), "MASTER_ADDR": "127.0.0.1",
+                                        "MASTER_PORT": str(port)} for r in range(world)], grace_s=30)
+    if rc != 0:
+        raise RuntimeError(f"training job in {out_dir} failed with status {rc}")
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def time_to_target(evals: list[dict], target: float) -> float | None:
+    """Training seconds at which the validation loss first reaches `target` (linear interpolation)."""
+    prev = None
+    for e in evals:
+        if e["val_loss"] <= target:
+            if prev is None:
+                return e["train_time_s"]
+            frac = (prev["val_loss"] - target) / max(1e-12, prev["val_loss"] - e["val_loss"])
+            return prev["train_time_s"] + frac * (e["train_time_s"] - prev["train_time_s"])
+        prev = e
+    return None
+
+
+def summarise(runs: dict[str, dict[int, list[dict]]], baseline: str = "baseline") -> tuple[list[dict], float | None]:
+    finals = {v: [[r for r in recs if r["kind"] == "eval"][-1]["val_loss"] for recs in seeds.values()]
+              for v, seeds in runs.items()}
+    target = max(finals[baseline]) if baseline in finals else None
+    rows = []
+    for v, seeds in runs.items():
+        tps = [[r for r in recs if r["kind"] == "summary"][0]["median_tokens_per_s"] for recs in seeds.values()]
+        ttt = [time_to_target([r for r in recs if r["kind"] == "eval"], target) if target else None
+               for recs in seeds.values()]
+        mean = statistics.mean(finals[v])
+        row = {"variant": v, "val_mean": mean, "val_std": statistics.stdev(finals[v]) if len(finals[v]) > 1 else 0.0,
+               "val_per_seed": finals[v], "tokens_per_s": median(tps), "time_to_target_s": ttt}
+        if baseline in finals:
+            row["delta_pct"] = 100 * (mean / statistics.mean(finals[baseline]) - 1)
+        rows.append(row)
+    base_ttt = next((r["time_to_target_s"] for r in rows if r["variant"] == baseline), None)
+    for r in rows:
+        reached = [t for t in r["time_to_target_s"] if t is not None]
+        if base_ttt and len(reached) == len(r["time_to_target_s"]):
+            r["ttt_speedup"] = statistics.mean(base_ttt) / statistics.mean(reached)
+        else:
+            r["ttt_speedup"] = None
+        r["ttt_reached"] = f"{len(reached)}/{len(r['time_to_target_s'])}"
+    return rows, target
+
+
+def _plot(runs: dict[str, dict[int, list[dict]]], name: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for v, seeds in runs.items():
+        color = None
+        for i, recs in enumerate(seeds.values()):
+            ev = [r for r in recs if r["kind"] == "eval"]
+            line, = axes[0].plot([e["step"] for e in ev], [e["val_loss"] for e in ev], color=color, alpha=0.8,
+                                 label=v if i == 0 else None)
+            color = line.get_color()
+            axes[1].plot([e["train_time_s"] for e in ev], [e["val_loss"] for e in ev], color=color, alpha=0.8,
+                         label=v if i == 0 else None)
+    axes[0].set(xlabel="step (same tokens for every variant)", ylabel="validation loss")
+    axes[1].set(xlabel="training wall time (s, validation excluded)", ylabel="validation loss")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return save_plot(fig, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lshmoe bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="baseline,lsh-comp,lsh-nocomp")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--ranks-per-node", type=int, default=2)
+    p.add_argument("--link", default="1gbit")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--no-emulation", action="store_true")
+    p.add_argument("--name", default="quality")
+    a = p.parse_args(argv)
+    emulate = not a.no_emulation
+    if emulate and (reason := check_emulation()):
+        print(f"lshmoe bench quality: {reason}; rerun with --no-emulation")
+        return 2
+    world = a.nodes * a.ranks_per_node
+    base = base_config(a.set)
+    base.train.steps, base.train.eval_every, base.train.log_every = a.steps, a.eval_every, a.eval_every
+    variants = dict(parse_variant(v) for v in a.variants.split(","))
+    load_data(base.data, print)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    runs: dict[str, dict[int, list[dict]]] = {v: {} for v in variants}
+    names = list(variants)
+    with tempfile.TemporaryDirectory(prefix="lshmoe-quality-") as tmp:
+        for i, seed in enumerate(seeds):
+            for v in names[i % len(names):] + names[:i % len(names)]:
+                cfg = apply(base, {**variants[v], "train.seed": str(seed)}, world)
+                print(f"== seed {seed} {v}", flush=True)
+                runs[v][seed] = run_job(cfg, a.nodes, a.ranks_per_node, a.link, emulate, Path(tmp) / f"{v}-{seed}")
+                ev = [r for r in runs[v][seed] if r["kind"] == "eval"]
+                print(f"   final val loss {ev[-1]['val_loss']:.4f} after {ev[-1]['train_time_s']:.0f} s", flush=True)
+    rows, target = summarise(runs)
+    tbl = md_table(["variant", "final val loss (mean ± std)", "vs baseline", "per seed", "tokens/s",
+                    "reached target", "time-to-target speedup"],
+                   [[r["variant"], f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+                     f"{r.get('delta_pct', 0):+.2f}%", ", ".join(f"{x:.3f}" for x in r["val_per_seed"]),
+                     r["tokens_per_s"], r["ttt_reached"],
+                     f"{r['ttt_speedup']:.2f}x" if r["ttt_speedup"] else "-"] for r in rows])
+    print(tbl)
+    png = _plot(runs, a.name)
+    where = (f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} links" if emulate
+             else f"{world} ranks on loopback")
+    body = (f"{len(seeds)} seeds x {len(names)} variants, {a.steps} steps each ({base.train.batch_size} seqs x "
+            f"{base.model.seq_len} tokens per rank per step, same data order per seed), {where}. Validation every "
+            f"{a.eval_every} steps on {base.train.eval_batches} batches per rank. Target loss for time-to-target: "
+            f"{target:.4f} (the worst baseline seed's final loss).\n\n{tbl}\n\n![quality]({png})\n\nVariants: "
+            + "; ".join(f"`{n}` = {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in variants.items()) + "\n")
+    write_section(a.name, "Model quality: same tokens, several seeds", body,
+                  {"rows": rows, "target": target, "runs": runs, "args": vars(a)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
