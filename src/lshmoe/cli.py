@@ -15,9 +15,9 @@ import os
 import sys
 
 from lshmoe import config as C
-from lshmoe.errors import DistError, UserError
+from lshmoe.errors import DistError, NumericalError, UserError
 
-EXIT_USER, EXIT_DIST = 2, 3
+EXIT_USER, EXIT_DIST, EXIT_NUMERIC = 2, 3, 4
 
 # benchmark name -> (module with main(argv) -> int, what it measures)
 BENCHES = {
@@ -112,6 +112,9 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
         train(cfg)
         return 0
     C.validate(cfg, world_size=cfg.dist.nproc)
+    from lshmoe.train.checkpoint import preflight
+
+    preflight(cfg)
     if cfg.dist.nproc == 1:
         from lshmoe.train.trainer import train
 
@@ -143,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     except DistError as e:
         print(f"lshmoe: {e}", file=sys.stderr)
         return EXIT_DIST
+    except NumericalError as e:
+        if rank == 0:
+            print(f"lshmoe: error: {e}", file=sys.stderr)
+        return EXIT_NUMERIC
     except KeyboardInterrupt:
         print("lshmoe: interrupted", file=sys.stderr)
         return 130

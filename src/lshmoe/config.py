@@ -125,6 +125,12 @@ class TrainConfig:
     out_dir: str = _f("runs/latest", "metrics.jsonl and the run summary go here")
     dtype: str = _f("float32", "parameter and activation dtype", choices=("float32", "bfloat16", "float64"))
     progress: bool = _f(True, "progress bar on rank 0")
+    save_every: int = _f(0, "save a checkpoint every n steps (and at the end); 0 = no checkpoints", ge=0)
+    keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
+    ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
+    resume: str = _f("none", "none, auto (latest checkpoint in ckpt_dir if any), or a checkpoint directory")
+    nan_policy: str = _f("skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)",
+                         choices=("skip", "stop"))
 
 
 @dataclass(kw_only=True)
@@ -139,6 +145,9 @@ class DistConfig:
     timeout_s: float = _f(300.0, "seconds a collective may wait for a peer before failing", gt=0)
     ranks_per_node: int = _f(0, "ranks per node for the topology map; 0 = LOCAL_WORLD_SIZE or all", ge=0)
     threads: int = _f(0, "torch threads per rank; 0 = cores / local ranks", ge=0)
+    heartbeat_s: float = _f(1.0, "peer heartbeat interval; a peer silent for timeout_s is declared failed; 0 = off",
+                            ge=0)
+    fault: str = _f("", "fault injection for testing: kind:rank:step, kind in kill|stall|nan|killsave")
 
 
 @dataclass(kw_only=True)
@@ -157,6 +166,7 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+FAULT_KINDS = ("kill", "stall", "nan", "killsave")
 # Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
 FLAG_PREFIX = {"lsh": "lsh-"}
 
@@ -374,6 +384,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
             f"model.moe_every={m.moe_every} is out of range; must be in [1, model.n_layers={m.n_layers}] "
             "so that the model has at least one MoE block")
     _validate_lsh(cfg)
+    if cfg.dist.fault:
+        parts = cfg.dist.fault.split(":")
+        if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
+            raise ConfigError(f"dist.fault={cfg.dist.fault!r} must be kind:rank:step with kind in "
+                              f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5")
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:

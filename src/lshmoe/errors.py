@@ -22,3 +22,7 @@ class DataError(UserError):
 
 class DistError(RuntimeError):
     """A distributed failure: a peer rank died, stalled or disagreed on the collective path."""
+
+
+class NumericalError(RuntimeError):
+    """A non-finite loss or gradient under `train.nan_policy=stop` (a checkpoint was saved first)."""

@@ -183,8 +183,7 @@ class EmulatedCluster:
         node = self.node_of(rank)
         return {"RANK": str(rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % self.ranks_per_node),
                 "LOCAL_WORLD_SIZE": str(self.ranks_per_node), "MASTER_ADDR": self.addr(0), "MASTER_PORT": str(port),
-                "GLOO_SOCKET_IFNAME": self.iface(node),
-                "TORCH_CPP_LOG_LEVEL": "ERROR"}  # namespaces have no hostname entries; c10d warns about it
+                "GLOO_SOCKET_IFNAME": self.iface(node)}
 
     def namespaces(self) -> list[str]:
         return list(self._created)

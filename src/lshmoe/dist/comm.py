@@ -70,6 +70,8 @@ class Comm:
         self.ledger = ledger
         self.device = device
         self.node_of = node_of
+        self.seq = 0  # collectives issued by this rank (published by the watchdog)
+        self.watchdog = None  # lshmoe.dist.watchdog.Watchdog when peers are monitored
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> Comm:
@@ -91,6 +93,7 @@ class Comm:
     def _open(self, op: str, tag: str, group: Group, send: tuple[int, ...], recv: tuple[int, ...],
               phase: str | None, x: torch.Tensor) -> CommRecord:
         self._sync(x)
+        self.seq += 1
         return self.ledger.open(op, tag, group.name, group.ranks, group.index, send, recv, phase)
 
     def _close(self, rec: CommRecord, x: torch.Tensor) -> None:
@@ -102,9 +105,22 @@ class Comm:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:  # type: ignore[attr-defined]
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            verdict = self.watchdog.diagnose() if self.watchdog is not None else "peer unknown (no watchdog)"
+            if self.watchdog is not None:
+                self.watchdog.post_abort(verdict)
             raise DistError(
                 f"rank {self.rank}: {rec.op} '{rec.tag}' in group '{rec.group}' "
-                f"(ranks {list(rec.peers)}) failed: {first}") from e
+                f"(ranks {list(rec.peers)}) failed: {verdict} [{first[:200]}]") from e
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Before this rank exits on an error: tell the peers (a peer's own failure is already posted)."""
+        if self.watchdog is None:
+            return
+        if not isinstance(exc, DistError):
+            self.watchdog.mark_failed(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        if self.rank == 0:
+            time.sleep(2 * self.watchdog.interval_s)  # rank 0 may host the store: let the peers read it
+        self.watchdog.stop()
 
     # ----------------------------------------------------------------------------- collectives
 

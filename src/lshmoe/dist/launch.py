@@ -17,6 +17,9 @@ import sys
 import time
 
 
+USER_ERROR_STATUS = 2
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -36,8 +39,8 @@ def supervise(cmds: list[list[str]], envs: list[dict[str, str]], grace_s: float 
     procs: list[subprocess.Popen] = []
     for cmd, extra in zip(cmds, envs, strict=True):
         env = dict(os.environ)
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's warnings with C++ traces, when a peer goes away
         env.update(extra)
-        env["LSHMOE_LAUNCHED"] = "1"
         procs.append(subprocess.Popen(cmd, env=env))
     first_fail: tuple[int, int] | None = None
     fail_time = 0.0
@@ -58,8 +61,10 @@ def supervise(cmds: list[list[str]], envs: list[dict[str, str]], grace_s: float 
         raise
     if first_fail is not None:
         rank, code = first_fail
-        print(f"lshmoe: rank {rank} exited with status {code}; the job was stopped", file=sys.stderr)
-        return code
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if code != USER_ERROR_STATUS:  # a user error was already reported in one line by rank 0
+            print(f"lshmoe: the job failed: rank {rank} was the first to stop ({how})", file=sys.stderr)
+        return 128 - code if code < 0 else code
     return 0
 
 

@@ -19,6 +19,7 @@ from lshmoe.config import DistConfig
 from lshmoe.dist.comm import Comm, Group
 from lshmoe.dist.ledger import CommLedger
 from lshmoe.dist.topology import Topology, edp_groups, ep_groups
+from lshmoe.dist.watchdog import Watchdog
 from lshmoe.errors import ConfigError
 
 
@@ -83,7 +84,11 @@ def init_comm(cfg: DistConfig, ep_size: int = 0, timeline: int = 0) -> Comm:
     if not dist.is_initialized():
         dist.init_process_group(backend=pick_backend(cfg, device), timeout=timedelta(seconds=cfg.timeout_s),
                                 rank=env.rank, world_size=env.world_size)
-    return build_comm(env.rank, env.world_size, ep, topo, device, timeline)
+    comm = build_comm(env.rank, env.world_size, ep, topo, device, timeline)
+    if cfg.heartbeat_s > 0 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        comm.watchdog = Watchdog(env.rank, env.world_size, lambda: comm.seq, cfg.heartbeat_s,
+                                 dead_after_s=cfg.timeout_s).start()
+    return comm
 
 
 def build_comm(rank: int, world_size: int, ep_size: int, topo: Topology, device: torch.device,

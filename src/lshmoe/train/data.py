@@ -89,8 +89,8 @@ def _cache_key(cfg: DataConfig) -> str:
 def _build(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> None:
     t0 = time.perf_counter()
     source = cfg.path or f"embedded:{cfg.corpus}"
+    docs = user_corpus(cfg.path) if cfg.path else embedded_corpus(cfg.corpus)  # bad input fails before any output
     log(f"building token data from {source} (first use only; cached in {out})")
-    docs = user_corpus(cfg.path) if cfg.path else embedded_corpus(cfg.corpus)
     train_docs = [d for d in docs if not _is_val(d, cfg.val_fraction)]
     val_docs = [d for d in docs if _is_val(d, cfg.val_fraction)]
     if not val_docs or not train_docs:

@@ -119,12 +119,12 @@ def _layer_record(summed: dict[tuple[int, str], float], steps: int, world: int) 
 class MetricsWriter:
     """Appends one JSON object per line; a no-op on ranks other than 0."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         self._fh = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._fh = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
@@ -140,8 +140,9 @@ class MetricsWriter:
 class Progress:
     """A tqdm bar on rank 0 (stderr); silent elsewhere or when disabled."""
 
-    def __init__(self, total: int, enabled: bool, desc: str = "train"):
-        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True) if enabled else None
+    def __init__(self, total: int, enabled: bool, desc: str = "train", initial: int = 0):
+        self.bar = (tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+                    if enabled else None)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         if self.bar is not None:

@@ -4,12 +4,21 @@ One step on every rank:
     batch(step, rank) -> forward (phase forward) -> backward (phase backward)
     -> gradient sync + global-norm clip + AdamW (phase optimizer) -> ledger.end_step()
 Every `log_every` steps the ranks reduce their interval metrics and rank 0 writes a JSONL line;
-every `eval_every` steps (and at the end) all ranks compute the validation loss together.
+every `eval_every` steps (and at the end) all ranks compute the validation loss together; every
+`save_every` steps (and at the end) they write a checkpoint, from which `--resume` continues exactly.
+
+A non-finite loss or gradient is detected from the global gradient norm (identical on every rank,
+so all ranks take the same path); the first offending parameter is named, and the step is skipped
+or the run saves and stops (`train.nan_policy`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import math
+import os
+import signal
 import statistics
 import sys
 import time
@@ -19,17 +28,21 @@ from typing import Any
 
 import torch
 
+from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, validate
 from lshmoe.dist.comm import Comm
-from lshmoe.dist.setup import init_comm
+from lshmoe.dist.setup import init_comm, shutdown
+from lshmoe.errors import NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
+from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.data import TokenData, load_data
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
 from lshmoe.train.optim import build_optimizer, lr_at, set_lr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+NO_BAD_PARAM = 1 << 30
 
 
 @dataclass(kw_only=True)
@@ -38,8 +51,9 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     median_step_time_s: float = 0.0
     median_tokens_per_s: float = 0.0
+    skipped_steps: int = 0
     out_dir: str = ""
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
 
 
 def _log(rank: int, msg: str) -> None:
@@ -57,16 +71,25 @@ class Trainer:
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.moe_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
         self.stats = IntervalStats(self.moe_ids, cfg.moe.num_experts)
         self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
         self.out_dir = Path(tc.out_dir)
-        self.writer = MetricsWriter(self.out_dir / "metrics.jsonl" if comm.rank == 0 else None)
+        self.start_step, self.train_time, self.skipped = 0, 0.0, 0
+        self.fault = _parse_fault(cfg.dist.fault)
+        resume = ckpt.resolve_resume(cfg)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        path = self.out_dir / "metrics.jsonl" if comm.rank == 0 else None
+        self.writer = MetricsWriter(path, append=resume is not None)
 
     # ------------------------------------------------------------------------------------ step
 
     def train_step(self, step: int) -> dict[str, float]:
         tc, ledger = self.cfg.train, self.comm.ledger
+        self._maybe_fault("kill", step)
+        self._maybe_fault("stall", step)
         t0 = time.perf_counter()
         x, y = self.data.train_batch(step, self.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed,
                                      self.comm.device)
@@ -76,10 +99,16 @@ class Trainer:
             out = self.model(x, y)
         with ledger.in_phase("backward"):
             out.loss.backward()
+        if self._fault_now("nan", step):
+            self.model.moe_layers[-1].experts.w1_GDF.grad.fill_(float("nan"))
+        bad = self._first_bad(out.loss)
         with ledger.in_phase("optimizer"):
             self.sync.sync()
             grad_norm = self.sync.clip(tc.grad_clip)
-            self.opt.step()
+            if math.isfinite(grad_norm):
+                self.opt.step()
+            else:
+                self._non_finite(step, bad)
             self.opt.zero_grad(set_to_none=True)
         if self.comm.device.type == "cuda":
             torch.cuda.synchronize()
@@ -97,6 +126,90 @@ class Trainer:
         self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
         self.stats.add(values, self.last_comm, load, self.last_layer_stats)
         return values
+
+    def _first_bad(self, loss: torch.Tensor) -> int:
+        """-1 for a non-finite loss, else the index of the first parameter with a non-finite gradient."""
+        if not bool(torch.isfinite(loss.detach())):
+            return -1
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
+        norms = torch.stack([g.norm() if g is not None else torch.zeros((), device=self.comm.device) for g in grads])
+        bad = torch.nonzero(~torch.isfinite(norms))
+        return int(bad[0]) if bad.numel() else NO_BAD_PARAM
+
+    def _non_finite(self, step: int, bad: int) -> None:
+        """Every rank gets here together (the norm is global); agree on the culprit, then skip or stop."""
+        idx = torch.tensor([bad], dtype=torch.int64, device=self.comm.device)
+        self.comm.all_reduce(idx, self.comm.group("world"), "nan.culprit", op="min")
+        i = int(idx)
+        what = "the loss" if i == -1 else (f"the gradient of {self.param_names[i]}" if i < NO_BAD_PARAM
+                                           else "the synchronised gradients")
+        self.skipped += 1
+        if self.cfg.train.nan_policy == "stop":
+            self.opt.zero_grad(set_to_none=True)
+            path = self.save_checkpoint(step) if self.cfg.train.save_every else None
+            saved = f"; saved {path}" if path else " (no checkpoint: train.save_every=0)"
+            raise NumericalError(f"non-finite value in {what} at step {step}; stopping (train.nan_policy=stop){saved}")
+        _log(self.comm.rank, f"step {step}: non-finite value in {what}; step skipped ({self.skipped} so far)")
+
+    # ------------------------------------------------------------------------------------ faults (testing)
+
+    def _fault_now(self, kind: str, step: int) -> bool:
+        f = self.fault
+        return f is not None and f[0] == kind and f[1] == self.comm.rank and f[2] == step
+
+    def _maybe_fault(self, kind: str, step: int) -> None:
+        if not self._fault_now(kind, step):
+            return
+        print(f"[lshmoe] rank {self.comm.rank}: injected fault '{kind}' at step {step}", file=sys.stderr, flush=True)
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while kind == "stall":
+            time.sleep(3600)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _extra_entries(self, step: int) -> dict[str, torch.Tensor]:
+        out = {"trainer/step": torch.tensor(step), "trainer/train_time_s": torch.tensor(self.train_time),
+               "trainer/skipped_steps": torch.tensor(self.skipped)}
+        for layer in self.model.moe_layers:
+            comp = getattr(layer, "compressor", None)
+            if isinstance(comp, LSHCompressor) and comp.controller is not None:
+                st = comp.controller.state_dict()
+                out[f"lsh/rank{self.comm.rank}/moe{layer.layer_id}"] = torch.tensor([st["rate"], st["error"]],
+                                                                                    dtype=torch.float64)
+        return out
+
+    def save_checkpoint(self, step: int) -> Path:
+        entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, self._extra_entries(step))
+        meta = {"model": ckpt.model_signature(self.cfg, self.data.vocab_size), "world_size": self.comm.world_size,
+                "ep_size": self.comm.group("ep").size, "config": self.cfg.to_dict()}
+        kill = (lambda: self._maybe_fault("kill", step)) if self._fault_now("killsave", step) else None
+        if kill is not None:
+            self.fault = ("kill", self.comm.rank, step)
+        return ckpt.save(ckpt.checkpoint_root(self.cfg), step, entries, meta, self.comm, self.cfg.train.keep_last,
+                         before_commit=kill)
+
+    def load_checkpoint(self, path: Path) -> None:
+        meta = ckpt.read_meta(path)
+        ckpt.check_compatible(path, meta, self.cfg, self.data.vocab_size)
+        extra = self._extra_entries(0)
+        entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, extra)
+        missing = ckpt.load(path, entries)
+        rng = f"rng/rank{self.comm.rank}"
+        if rng not in missing:
+            torch.set_rng_state(entries[rng])
+        self.start_step = int(entries["trainer/step"])
+        self.train_time = float(entries["trainer/train_time_s"])
+        self.skipped = int(entries["trainer/skipped_steps"])
+        for layer in self.model.moe_layers:
+            key = f"lsh/rank{self.comm.rank}/moe{layer.layer_id}"
+            if key in entries and key not in missing:
+                rate, err = entries[key].tolist()
+                layer.compressor.controller.load_state_dict({"rate": rate, "error": err})
+        _log(self.comm.rank, f"resumed from {path} at step {self.start_step} "
+                             f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})")
+
+    # ------------------------------------------------------------------------------------ eval
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -122,23 +235,24 @@ class Trainer:
         _log(comm.rank, f"{comm.world_size} rank(s) on {comm.device}, model {n_params / 1e6:.2f} M params/rank, "
                         f"{len(self.moe_ids)} MoE layers x {moe.num_experts} experts (top-{moe.top_k}), "
                         f"{comm.world_size * self.tokens_per_rank_step} tokens/step")
-        self.writer.write({"kind": "config", "world_size": comm.world_size, "config": self.cfg.to_dict(),
-                           "params_per_rank": n_params, "data": self.data.source})
-        progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress)
+        self.writer.write({"kind": "config" if self.start_step == 0 else "resume", "step": self.start_step,
+                           "world_size": comm.world_size, "config": self.cfg.to_dict(), "params_per_rank": n_params,
+                           "data": self.data.source})
+        progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress, initial=self.start_step)
         result = TrainResult(final_val_loss=float("nan"), out_dir=str(self.out_dir))
-        step_times: list[float] = []
-        train_time = 0.0  # cumulative step time: wall time of training, validation excluded
+        step_times: collections.deque[float] = collections.deque(maxlen=10_000)
         val = float("nan")
         try:
-            for step in range(tc.steps):
+            for step in range(self.start_step, tc.steps):
                 values = self.train_step(step)
                 step_times.append(values["step_time_s"])
-                train_time += values["step_time_s"]
+                self.train_time += values["step_time_s"]
                 last = step == tc.steps - 1
                 postfix: dict[str, Any] = {}
                 if (step + 1) % tc.log_every == 0 or last:
                     rec = self.stats.reduce(comm, self.tokens_per_rank_step)
-                    rec.update(kind="train", step=step + 1, lr=lr_at(step, tc), train_time_s=train_time)
+                    rec.update(kind="train", step=step + 1, lr=lr_at(step, tc), train_time_s=self.train_time,
+                               skipped_steps=self.skipped)
                     self.writer.write(rec)
                     result.records.append(rec)
                     postfix = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
@@ -146,19 +260,25 @@ class Trainer:
                 if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
                     val = self.evaluate()
                     result.val_losses.append((step + 1, val))
-                    self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val, "train_time_s": train_time})
+                    self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val,
+                                       "train_time_s": self.train_time})
                     postfix["val"] = f"{val:.3f}"
+                if tc.save_every and ((step + 1) % tc.save_every == 0 or last):
+                    self.save_checkpoint(step + 1)
                 progress.update(1, **postfix)
         finally:
             progress.close()
-        result.final_val_loss = val
-        warm = step_times[min(len(step_times) - 1, 2):]  # the first steps include one-off warm-up
-        result.median_step_time_s = statistics.median(warm)
-        result.median_tokens_per_s = comm.world_size * self.tokens_per_rank_step / result.median_step_time_s
+        if self.start_step >= tc.steps:
+            val = self.evaluate()
+            _log(comm.rank, f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
+        result.final_val_loss, result.skipped_steps = val, self.skipped
+        if step_times:
+            warm = list(step_times)[min(len(step_times) - 1, 2):]  # the first steps include one-off warm-up
+            result.median_step_time_s = statistics.median(warm)
+            result.median_tokens_per_s = comm.world_size * self.tokens_per_rank_step / result.median_step_time_s
         summary = {"kind": "summary", "final_val_loss": val, "val_losses": result.val_losses,
-                   "median_step_time_s": result.median_step_time_s,
-                   "median_tokens_per_s": result.median_tokens_per_s, "steps": tc.steps,
-                   "world_size": comm.world_size}
+                   "median_step_time_s": result.median_step_time_s, "median_tokens_per_s": result.median_tokens_per_s,
+                   "steps": tc.steps, "world_size": comm.world_size, "skipped_steps": self.skipped}
         self.writer.write(summary)
         self.writer.close()
         if comm.rank == 0:
@@ -168,10 +288,28 @@ class Trainer:
         return result
 
 
+def _parse_fault(spec: str) -> tuple[str, int, int] | None:
+    if not spec:
+        return None
+    kind, rank, step = spec.split(":")
+    return kind, int(rank), int(step)
+
+
 def train(cfg: Config) -> TrainResult:
     """Run a training job in this process (one rank of it under torchrun or the local launcher)."""
     comm = init_comm(cfg.dist, cfg.moe.ep_size)
-    validate(cfg, comm.world_size)
-    data = load_data(cfg.data, lambda m: _log(comm.rank, m))
-    data.check_seq_len(cfg.model.seq_len)
-    return Trainer(cfg, comm, data).run()
+    try:
+        validate(cfg, comm.world_size)
+        data = load_data(cfg.data, lambda m: _log(comm.rank, m))
+        data.check_seq_len(cfg.model.seq_len)
+        return Trainer(cfg, comm, data).run()
+    except BaseException as e:
+        if not isinstance(e, UserError | NumericalError | KeyboardInterrupt):  # those are every rank's own verdict
+            comm.report_failure(e)
+        raise
+    finally:
+        if comm.watchdog is not None:
+            comm.watchdog.stop()
+        # NOTE: tear the process group down explicitly: left to interpreter exit, gloo's threads can
+        # be destroyed while joinable and abort the process ("terminate called without an active exception").
+        shutdown()

@@ -1,0 +1,149 @@
+"""Peer health: heartbeats through the rendezvous store, so a failure names the rank that failed.
+
+Every rank runs a daemon thread that publishes `<wall time> <collectives issued>` under
+`lshmoe/hb/<rank>` every `interval_s`, and watches the others:
+
+- a rank whose heartbeat is older than `dead_after_s`, or that posted `lshmoe/failed/<rank>` (a rank
+  that hit an error writes this before exiting), is declared failed: this rank prints one line naming
+  it and exits at once, even if its main thread is blocked inside a collective;
+- when a collective fails on this rank (a peer's connection closed, or the collective timed out),
+  `diagnose()` compares two heartbeat snapshots taken a few intervals apart: a rank whose heartbeat
+  stopped has died or hung; a rank that heartbeats but has issued fewer collectives has stalled
+  outside them. The result is appended to the `DistError` message.
+
+The store is reached through a dedicated client connection (the same MASTER_ADDR/MASTER_PORT as the
+process group), so the watchdog never shares a socket with the main thread. If the store itself is
+unreachable, the rank hosting it (rank 0 unless torchrun's agent hosts it) is the one that failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.distributed as dist
+
+EXIT_PEER_FAILED = 3
+
+
+class Watchdog:
+    def __init__(self, rank: int, world_size: int, seq: Callable[[], int], interval_s: float, dead_after_s: float,
+                 store: dist.Store | None = None):
+        self.rank, self.world_size, self.seq = rank, world_size, seq
+        self.interval_s, self.dead_after_s = interval_s, dead_after_s
+        self.store = store or dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                            world_size, is_master=False,
+                                            timeout=timedelta(seconds=max(5.0, 3 * interval_s)))
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="lshmoe-watchdog", daemon=True)
+
+    # ------------------------------------------------------------------------------ store access
+
+    def _set(self, key: str, value: str) -> None:
+        with self._lock:
+            self.store.set(key, value)
+
+    def _read(self, key: str) -> str | None:
+        with self._lock:
+            if not self.store.check([key]):
+                return None
+            return self.store.get(key).decode()
+
+    def snapshot(self) -> dict[int, tuple[float, int]]:
+        """Last (wall time, collectives issued) of every rank that has heartbeaten."""
+        out = {}
+        for q in range(self.world_size):
+            v = self._read(f"lshmoe/hb/{q}")
+            if v:
+                t, s = v.split()
+                out[q] = (float(t), int(s))
+        return out
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Watchdog:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def mark_failed(self, reason: str) -> None:
+        """Tell the peers this rank is going down, and why (best effort)."""
+        try:
+            self._set(f"lshmoe/failed/{self.rank}", reason[:500])
+        except Exception:  # noqa: BLE001 - the store may already be gone
+            pass
+
+    def _beat(self) -> None:
+        self._set(f"lshmoe/hb/{self.rank}", f"{time.time():.3f} {self.seq()}")
+
+    def _loop(self) -> None:
+        started = time.time()
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+                verdict = self._check(started)
+            except Exception:  # noqa: BLE001 - the store host is gone
+                if self._stop.is_set():
+                    return
+                verdict = "rank 0 (the host of the rendezvous store) is unreachable; it has failed"
+            if verdict and not self._stop.is_set():
+                print(f"lshmoe: rank {self.rank}: {verdict}; exiting", file=sys.stderr, flush=True)
+                if self.rank == 0:  # this process may host the store: give the peers time to read the verdict
+                    time.sleep(2 * self.interval_s)
+                os._exit(EXIT_PEER_FAILED)
+
+    def post_abort(self, verdict: str) -> None:
+        """Share a diagnosed failure so every rank exits with the same verdict (best effort)."""
+        try:
+            self._set("lshmoe/abort", f"{verdict} (seen by rank {self.rank})"[:500])
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _check(self, started: float) -> str | None:
+        now = time.time()
+        abort = self._read("lshmoe/abort")
+        if abort:
+            return abort
+        for q in range(self.world_size):
+            if q == self.rank:
+                continue
+            failed = self._read(f"lshmoe/failed/{q}")
+            if failed:
+                return f"rank {q} failed: {failed}"
+            hb = self._read(f"lshmoe/hb/{q}")
+            last = float(hb.split()[0]) if hb else started
+            if now - last > self.dead_after_s:
+                return f"rank {q} stopped responding (no heartbeat for {now - last:.0f} s)"
+        return None
+
+    # ------------------------------------------------------------------------------ diagnosis
+
+    def diagnose(self) -> str:
+        """Which peer is to blame for a failed collective (takes about three heartbeat intervals)."""
+        try:
+            before = self.snapshot()
+            time.sleep(3 * self.interval_s)
+            after = self.snapshot()
+        except Exception:  # noqa: BLE001
+            return "rank 0 (the host of the rendezvous store) is unreachable; it has failed"
+        for q in range(self.world_size):
+            failed = q != self.rank and self._read(f"lshmoe/failed/{q}")
+            if failed:
+                return f"rank {q} failed: {failed}"
+        silent = [q for q in range(self.world_size) if q != self.rank and before.get(q) == after.get(q)]
+        if silent:
+            return f"rank {', '.join(map(str, silent))} stopped responding (died or hung)"
+        mine = self.seq()
+        behind = [q for q, (_, s) in after.items() if q != self.rank and s < mine]
+        if behind:
+            return "rank " + ", ".join(f"{q} stalled ({after[q][1]} collectives issued, this rank {mine})"
+                                       for q in behind)
+        return "no peer looks failed; the network or the backend may be at fault"
