@@ -19,6 +19,8 @@ from lshmoe.errors import DistError, NumericalError, UserError
 
 EXIT_USER, EXIT_DIST, EXIT_NUMERIC = 2, 3, 4
 
+PASS_THROUGH = {"simulate": "lshmoe.bench.simulate", "demo": "lshmoe.bench.demo"}
+
 # benchmark name -> (module with main(argv) -> int, what it measures)
 BENCHES = {
     "layer": ("lshmoe.bench.moe_layer", "MoE layer fwd+bwd tokens/s vs DeepSpeed"),
@@ -26,6 +28,7 @@ BENCHES = {
     "lsh": ("lshmoe.bench.lsh_analysis", "LSH compression rate, restore error and overhead vs hash settings"),
     "cluster": ("lshmoe.bench.cluster", "baseline vs LSH-MoE step time on an emulated multi-node cluster"),
     "quality": ("lshmoe.bench.quality", "validation loss of variants over seeds, time-to-target"),
+    "soak": ("lshmoe.bench.soak", "thousands of steps with memory sampled (no growth)"),
 }
 
 
@@ -83,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks: " + ", ".join(f"{k} ({v[1]})" for k, v in BENCHES.items()))
     bench.add_argument("name", choices=sorted(BENCHES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
+    sim = sub.add_parser("simulate", help="project LSH-MoE speedups on real clusters (analytic model)",
+                         add_help=False)
+    sim.add_argument("args", nargs=argparse.REMAINDER)
+    demo = sub.add_parser("demo", help="side-by-side baseline vs LSH-MoE on an emulated 2-node cluster",
+                          add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -131,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        if argv and argv[0] in PASS_THROUGH:  # these parse their own flags
+            import importlib
+
+            return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
         ns = build_parser().parse_args(argv)
         if ns.verb == "train":
             return cmd_train(ns, argv)

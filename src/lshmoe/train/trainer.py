@@ -22,6 +22,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
-    def run(self) -> TrainResult:
+    def run(self, on_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Train to `train.steps`; `on_step(step)` (optional) is called after every step (benchmarks hook here)."""
         tc, comm = self.cfg.train, self.comm
         n_params = sum(p.numel() for p in self.model.parameters())
         moe = self.cfg.moe
@@ -266,6 +268,8 @@ class Trainer:
                 if tc.save_every and ((step + 1) % tc.save_every == 0 or last):
                     self.save_checkpoint(step + 1)
                 progress.update(1, **postfix)
+                if on_step is not None:
+                    on_step(step + 1)
         finally:
             progress.close()
         if self.start_step >= tc.steps:

@@ -1,0 +1,90 @@
+"""The benchmark report generators on a recorded run, and the analytic cluster model by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from lshmoe.bench import quality, report
+from lshmoe.bench.cluster import summarise, table
+from lshmoe.bench.simulate import ClusterModel, project
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "ab_result.json").read_text())
+
+
+def test_summary_of_a_recorded_ab_run():
+    rows = {r["variant"]: r for r in summarise(RECORDED, tokens_per_step=8192)}
+    base, lsh = RECORDED["variants"]["baseline"], RECORDED["variants"]["lsh"]
+    t_b, t_l = statistics.median(base["step_time_s"]), statistics.median(lsh["step_time_s"])
+    f = statistics.median([a / s for a, s in zip(base["a2a_time_s"], base["step_time_s"], strict=True)])
+    r = sum(lsh["rows_sent"]) / sum(lsh["rows_routed"])
+    assert rows["lsh"]["speedup"] == pytest.approx(t_b / t_l)
+    assert rows["lsh"]["amdahl_bound"] == pytest.approx(1 / ((1 - f) + f * r))
+    assert rows["lsh"]["compression_rate"] == pytest.approx(r)
+    assert rows["baseline"]["speedup"] == pytest.approx(1.0)
+    assert rows["lsh"]["tokens_per_s"] == pytest.approx(8192 / t_l)
+    n = base["measured_steps"]
+    assert rows["baseline"]["a2a_bytes_per_step"] == pytest.approx(sum(base["a2a_bytes"]) / n)
+    ratio = base["iface_tx_bytes"] / sum(base["inter_node_bytes"])
+    assert rows["baseline"]["iface_over_ledger"] == pytest.approx(ratio)
+    parts = rows["baseline"]["breakdown_s"]
+    assert sum(parts.values()) == pytest.approx(t_b, rel=0.02)
+    md = table(list(rows.values()))
+    assert md.count("\n") == 3 and "| lsh |" in md
+
+
+def test_time_to_target_interpolates():
+    evals = [{"val_loss": 6.0, "train_time_s": 10.0}, {"val_loss": 5.0, "train_time_s": 20.0},
+             {"val_loss": 4.0, "train_time_s": 30.0}]
+    assert quality.time_to_target(evals, 4.5) == pytest.approx(25.0)
+    assert quality.time_to_target(evals, 6.5) == pytest.approx(10.0)
+    assert quality.time_to_target(evals, 3.0) is None
+
+
+def test_quality_summary_on_recorded_curves():
+    def run(final, speed):
+        ev = [{"kind": "eval", "step": s, "val_loss": 8 - (8 - final) * s / 100, "train_time_s": s / speed}
+              for s in (25, 50, 75, 100)]
+        return ev + [{"kind": "summary", "median_tokens_per_s": speed * 1000}]
+
+    runs = {"baseline": {0: run(5.0, 1.0), 1: run(5.2, 1.0)}, "fast": {0: run(5.0, 2.0), 1: run(5.1, 2.0)}}
+    rows, target = quality.summarise(runs)
+    assert target == 5.2
+    fast = next(r for r in rows if r["variant"] == "fast")
+    assert fast["val_mean"] == pytest.approx(5.05) and fast["delta_pct"] == pytest.approx(100 * (5.05 / 5.1 - 1))
+    assert fast["ttt_reached"] == "2/2" and fast["ttt_speedup"] > 2.0  # twice the speed and a lower curve
+
+
+def test_report_sections_and_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("LSHMOE_DOCS", str(tmp_path))
+    report.write_section("moe_layer", "Title A", "body a", {"x": 1}, command="lshmoe bench layer")
+    report.write_section("cluster", "Title B", "body b ![p](p.png)", {"y": 2}, command="lshmoe bench cluster")
+    doc = (tmp_path / "benchmarks.md").read_text()
+    assert doc.index("## Title A") < doc.index("## Title B"), "sections follow ORDER"
+    assert "](bench/p.png)" in doc and "Command: `lshmoe bench cluster`" in doc
+    assert json.loads((tmp_path / "bench" / "cluster.json").read_text())["y"] == 2
+
+
+def test_analytic_model_by_hand():
+    m = ClusterModel(nodes=4, gpus_per_node=8, inter_gbit_per_node=200.0, gpu_tflops=312.0, mfu=0.5, hidden=1024,
+                     layers=16, moe_every=2, tokens_per_gpu=4096, top_k=2, bytes_per_elem=2, rate=0.25,
+                     lsh_passes=8, lsh_bw_eff=0.5, hbm_tbps=2.0)
+    p = project(m)
+    b_gpu = 200e9 / 8 / 8  # 3.125 GB/s per GPU
+    t_a2a = 4 * 8 * (4096 * 2 / 4) * 3 * 1024 * 2 / b_gpu  # = 0.12885 s
+    t_comp = 96 * 4096 * 16 * 1024**2 / 156e12  # = 0.04229 s
+    assert p.t_a2a_s == pytest.approx(t_a2a) and t_a2a == pytest.approx(0.128849, rel=1e-5)
+    assert p.t_compute_s == pytest.approx(t_comp) and t_comp == pytest.approx(0.042290, rel=1e-4)
+    f = t_a2a / (t_a2a + t_comp)
+    assert p.a2a_share == pytest.approx(f)
+    assert p.amdahl_bound == pytest.approx(1 / ((1 - f) + 0.25 * f))
+    t_lsh = 8 * 8 * 4096 * 2 * 1024 * 2 / (0.5 * 2e12)  # = 1.074 ms
+    assert p.t_lsh_s == pytest.approx(t_lsh)
+    assert p.speedup == pytest.approx((t_a2a + t_comp) / (0.25 * t_a2a + t_comp + t_lsh))
+    # the paper's closed form: k FLOPs / (24 B) (w-1)/(w h), with bytes made explicit
+    assert p.paper_ratio == pytest.approx(2 * 156e12 * 2 / (24 * b_gpu) * 3 / (4 * 1024))
+    assert math.isclose(p.paper_ratio, 4 * 16 * (4096 * 2 / 4) * 3 * 1024 * 2 / b_gpu / t_comp, rel_tol=1e-9)
