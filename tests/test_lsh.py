@@ -218,3 +218,68 @@ def test_lsh_two_ranks_exactness_gradcheck_and_bytes():
         assert b["meta"] == 16
         assert per_plain[r]["fwd"] == plain_rows * row
         assert b["fwd"] < per_plain[r]["fwd"], "clustered inputs must cut the bytes"
+
+
+# ----------------------------------------------------------------------------------- compensation modes
+
+
+def test_restore_ops_gradients_match_autograd():
+    from lshmoe.compress.ops import restore_compensated, segment_mean
+
+    g = generator(11, "ops")
+    x = torch.randn(9, D, generator=g, dtype=torch.float64, requires_grad=True)
+    inv = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0, 2])
+    size = torch.bincount(inv)
+    out = torch.randn(4, D, generator=g, dtype=torch.float64, requires_grad=True)
+    for alpha in (1.0, 0.35):
+        def f(a, b, alpha=alpha):
+            return restore_compensated(b, segment_mean(a, inv, size), a, inv, alpha)
+
+        assert torch.autograd.gradcheck(f, (x, out))
+        means = torch.zeros(4, D, dtype=torch.float64).index_add(0, inv, x) / size[:, None]
+        ref = out[inv] + alpha * (x - means[inv])
+        got = restore_compensated(out, segment_mean(x, inv, size), x, inv, alpha)
+        assert (got - ref).abs().max() <= EXACT
+
+
+def test_calibrated_compensation_fits_a_scaled_identity_expert():
+    """E(x) = 0.7 x + b: the fitted scale is 0.7 and the restore becomes exact."""
+    comm = Comm.local()
+    lsh = LSHConfig(num_hashes=2, buckets_per_hash=2, compensation="calibrated", probe_every=1, probe_rows=64)
+    layer = _layer(comm, lsh, activation="linear", K=1)
+    with torch.no_grad():
+        layer.experts.w_GDD.copy_(0.7 * torch.eye(D, dtype=torch.float64).expand(4, D, D))
+    x, _ = rank_input(0, 40, starve=False)
+    layer.set_step(0)
+    first = layer(x)
+    assert first.stats["lsh_alpha"] == 0.0 and first.stats["lsh_alpha_fit"] == pytest.approx(0.7)
+    layer.set_step(1)
+    second = layer(x)
+    assert second.stats["lsh_alpha"] == pytest.approx(0.7)
+    # (the error is the root of a difference of sums: its floor is ~sqrt(machine epsilon))
+    assert second.stats["lsh_restore_err"] < 1e-6 < second.stats["lsh_restore_err_nocomp"]
+    exact = _layer(comm, None, activation="linear", K=1)
+    exact.load_state_dict(layer.state_dict())
+    assert (second.y_TD - exact(x).y_TD).abs().max() <= 1e-9
+
+
+def test_probe_error_equals_direct_computation():
+    comm = Comm.local()
+    lsh = LSHConfig(num_hashes=2, buckets_per_hash=2, compensation="identity", probe_every=1, probe_rows=10_000)
+    layer = _layer(comm, lsh, activation="gelu", K=1)
+    x, _ = rank_input(0, 30, starve=False)
+    out = layer(x)
+    route = layer.router(x)
+    from lshmoe.moe.permute import permute_rows, sort_by_expert
+
+    perm, counts = sort_by_expert(route.topk_ids_TK, 4)
+    rows = permute_rows(x, perm, 1)
+    comp = LSHCompressor(lsh, 4, D, 0, seed=3)
+    payload, sent, meta = comp.compress(rows, counts)
+    exact = layer.experts(rows, counts.tolist())
+    e_c = layer.experts(payload, sent.tolist())[meta.inverse_N]
+    c = payload[meta.inverse_N]
+    norm = exact.norm()
+    exact, e_c, rows, c, norm = exact.detach(), e_c.detach(), rows.detach(), c.detach(), norm.detach()
+    assert out.stats["lsh_restore_err"] == pytest.approx(float((exact - e_c - (rows - c)).norm() / norm), rel=1e-9)
+    assert out.stats["lsh_restore_err_nocomp"] == pytest.approx(float((exact - e_c).norm() / norm), rel=1e-9)

@@ -74,7 +74,9 @@ class LSHConfig:
     buckets_per_hash: int = _f(2, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)", ge=2,
                                flag="buckets-per-hash")
     center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
-    compensate: bool = _f(True, "residual compensation y = E(c) + (x - c); false = E(c) only (ablation)")
+    compensation: str = _f("identity", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, "
+                           "calibrated a = <E(x)-E(c), x-c> / |x-c|^2 fitted by the probe",
+                           choices=("identity", "none", "calibrated"))
     redraw_every: int = _f(1, "draw new random projections every n steps; 0 = once per run", ge=0)
     target: str = _f("none", "choose L per layer to hold a target: rate = rows sent / rows routed, "
                      "error = relative restore error", choices=("none", "rate", "error"), flag="lsh-target")

@@ -10,6 +10,7 @@ LSH overhead against the all-to-all time it saves.
      rate        = rows sent / rows routed,
      err         = ||E(x) - (E(c) + x - c)|| / ||E(x)||   (with residual compensation),
      err_nocomp  = ||E(x) - E(c)|| / ||E(x)||,
+     err_cal     = ||E(x) - (E(c) + a (x - c))|| / ||E(x)||  with the calibrated a (the least-squares fit),
    each aggregated over all rows of all groups (sum of squares).
 4. Overhead: the measured forward+backward time of compress + restore for one rank's rows, divided
    by the all-to-all time its byte saving is worth on a link of `--link-gbit` Gbit/s (dispatch and
@@ -76,7 +77,7 @@ def capture(model: GPTMoE, data, cfg: Config, batches: int) -> dict[int, list[to
 
 @torch.no_grad()
 def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig) -> dict[str, float]:
-    sq_exact = sq_err = sq_nocomp = 0.0
+    sq_exact = sq_err = sq_nocomp = cross = sq_dx = 0.0
     routed = sent = 0
     for step, x in enumerate(chunks):
         route = layer.router(x)
@@ -87,13 +88,18 @@ def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig) -> dict
         payload, sent_E, meta = comp.compress(rows, counts)
         exact = layer.experts(rows, counts.tolist()).double()
         e_c = layer.experts(payload, sent_E.tolist()).index_select(0, meta.inverse_N).double()
-        comp_out = e_c + (rows - payload.index_select(0, meta.inverse_N)).double()
+        dx = (rows - payload.index_select(0, meta.inverse_N)).double()
         sq_exact += float(exact.square().sum())
-        sq_err += float((exact - comp_out).square().sum())
+        sq_err += float((exact - e_c - dx).square().sum())
         sq_nocomp += float((exact - e_c).square().sum())
+        cross += float(((exact - e_c) * dx).sum())
+        sq_dx += float(dx.square().sum())
         routed += rows.shape[0]
         sent += payload.shape[0]
-    return {"rate": sent / routed, "err": (sq_err / sq_exact) ** 0.5, "err_nocomp": (sq_nocomp / sq_exact) ** 0.5}
+    a = min(1.5, max(0.0, cross / sq_dx)) if sq_dx else 0.0  # the calibrated residual scale
+    err_cal = max(0.0, sq_nocomp - 2 * a * cross + a * a * sq_dx) ** 0.5 / sq_exact ** 0.5
+    return {"rate": sent / routed, "err": (sq_err / sq_exact) ** 0.5, "err_nocomp": (sq_nocomp / sq_exact) ** 0.5,
+            "err_calibrated": err_cal, "alpha": a}
 
 
 def overhead(layer: MoELayer, x: torch.Tensor, lsh: LSHConfig, reps: int = 15) -> float:
@@ -136,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             row = {"family": family, "b": b, "center": center, "L": L,
                    "rate": sum(r["rate"] for r in res) / len(res), "err": sum(r["err"] for r in res) / len(res),
                    "err_nocomp": sum(r["err_nocomp"] for r in res) / len(res),
+                   "err_calibrated": sum(r["err_calibrated"] for r in res) / len(res),
+                   "alpha": sum(r["alpha"] for r in res) / len(res),
                    "per_layer": {f"moe{i}": r for i, r in zip(sorted(layers), res, strict=True)}}
             sweep.append(row)
-        print_table(["family", "b", "center", "L", "rate", "err", "err no-comp"],
-                    [[r["family"], r["b"], r["center"], r["L"], r["rate"], r["err"], r["err_nocomp"]]
-                     for r in sweep[-5:]])
+        print_table(["family", "b", "center", "L", "rate", "err", "err no-comp", "err calibrated", "a"],
+                    [[r["family"], r["b"], r["center"], r["L"], r["rate"], r["err"], r["err_nocomp"],
+                      r["err_calibrated"], r["alpha"]] for r in sweep[-5:]])
 
     # Overhead versus the all-to-all time saved, for the cross-polytope settings.
     D = cfg.model.d_model
@@ -187,9 +195,11 @@ def _plot(sweep: list[dict]) -> str:
 
 def _write(a, cfg: Config, sweep: list[dict], ovh: list[dict], rows: int) -> None:
     png = _plot(sweep)
-    table = md_table(["family", "b", "centred", "L", "rate", "restore err", "err without compensation"],
+    table = md_table(["family", "b", "centred", "L", "rate", "err, identity (paper)", "err, none",
+                      "err, calibrated", "fitted a"],
                      [["CP" if r["family"] == "cross_polytope" else "HP", r["b"], "yes" if r["center"] else "no",
-                       r["L"], f"{100 * r['rate']:.1f}%", r["err"], r["err_nocomp"]] for r in sweep])
+                       r["L"], f"{100 * r['rate']:.1f}%", r["err"], r["err_nocomp"], r["err_calibrated"], r["alpha"]]
+                      for r in sweep])
     otable = md_table(["b", "centred", "L", "rate", "LSH fwd+bwd ms", f"a2a ms saved @ {a.link_gbit:g} Gbit/s",
                        "overhead / saved"],
                       [[o["b"], "yes" if o["center"] else "no", o["L"], f"{100 * o['rate']:.1f}%", 1000 * o["lsh_s"],

@@ -13,8 +13,9 @@ from lshmoe.config import Config, ConfigError, set_value, validate
 BUILTIN = {
     "baseline": {"moe.compress": "identity"},
     "lsh": {"moe.compress": "lsh"},
-    "lsh-comp": {"moe.compress": "lsh", "lsh.compensate": "true"},
-    "lsh-nocomp": {"moe.compress": "lsh", "lsh.compensate": "false"},
+    "lsh-comp": {"moe.compress": "lsh", "lsh.compensation": "identity"},
+    "lsh-nocomp": {"moe.compress": "lsh", "lsh.compensation": "none"},
+    "lsh-calibrated": {"moe.compress": "lsh", "lsh.compensation": "calibrated"},
 }
 
 

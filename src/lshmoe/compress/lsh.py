@@ -6,8 +6,10 @@ For each group of rows bound for the same expert on this (source) rank:
    never mix experts and stay grouped by expert, the layout the dispatch all-to-all needs;
 3. centroid of each bucket = mean of its rows (index_add inside autograd);
 4. only centroids travel; after the combine all-to-all every row is restored as
-       y_n = E(c_b(n)) + (x_n - c_b(n))         (residual compensation; E(c_b(n)) alone when off)
-   and the layer applies the usual gate-weighted combine.
+       y_n = E(c_b(n)) + a (x_n - c_b(n))       (residual compensation)
+   and the layer applies the usual gate-weighted combine. a = 1 is the paper's compensation, a = 0
+   sends E(c) alone; `calibrated` fits a = <E(x) - E(c), x - c> / |x - c|^2 from the restore-error
+   probe: the best first-order correction whose Jacobian is a multiple of the identity.
 
 Shapes: N routed rows, M buckets (payload rows), D width, E experts, L hashes.
 
@@ -47,7 +49,10 @@ class LSHCompressor:
         self.step = 0
         self.controller = (HashCountController(cfg.target, cfg.target_value, cfg.num_hashes, cfg.ema)
                            if cfg.target != "none" else None)
-        self.num_hashes = cfg.num_hashes if cfg.target != "error" else cfg.num_hashes
+        self.num_hashes = cfg.num_hashes
+        # residual scale a in E(c) + a (x - c): the paper's 1, none's 0, or fitted by the probe (from 0)
+        self.alpha = {"identity": 1.0, "none": 0.0, "calibrated": 0.0}[cfg.compensation]
+        self._fitted = False
         self._proj: tuple[tuple, torch.Tensor] | None = None
         self.stats: dict[str, float] = {}
 
@@ -114,7 +119,9 @@ class LSHCompressor:
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
         centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
         t2 = time.perf_counter()
-        self.stats = {"lsh_hashes": float(self.num_hashes), "lsh_hash_s": t1 - t0, "lsh_cluster_s": t2 - t1}
+        self.stats = {"lsh_hashes": float(self.num_hashes), "lsh_hash_s": t1 - t0, "lsh_cluster_s": t2 - t1,
+                      "lsh_alpha": self.alpha, "lsh_restore_err": 0.0, "lsh_restore_err_nocomp": 0.0,
+                      "lsh_restore_err_identity": 0.0, "lsh_alpha_fit": 0.0, "lsh_probe_n": 0.0}
         keep = self.controller is not None or self.cfg.probe_every
         meta = LSHMeta(rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N,
                        full_codes_N=full_N if keep else None)
@@ -122,8 +129,8 @@ class LSHCompressor:
 
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
         t0 = time.perf_counter()
-        if self.cfg.compensate:
-            out_ND = restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N)
+        if self.alpha != 0.0:
+            out_ND = restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha)
         else:
             out_ND = out_MD.index_select(0, meta.inverse_N)
         self.stats["lsh_restore_s"] = time.perf_counter() - t0
@@ -155,20 +162,40 @@ class LSHCompressor:
         counts_E = torch.bincount(expert_P, minlength=self.num_experts)
         return rows.index_select(0, order), counts_E, {"order": order, "blocks": len(blocks), "cands": cands}
 
-    def probe_error(self, out_PD: torch.Tensor, rows_PD: torch.Tensor, ctx: dict) -> None:
-        """Relative restore error per candidate L', with and without compensation, into stats."""
+    def probe_sums(self, out_PD: torch.Tensor, rows_PD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Sufficient statistics of the restore error, float64 [1 + 3 C] for C candidate L':
+        |E(x)|^2, then per candidate |dE|^2, <dE, dx>, |dx|^2 with dE = E(x) - E(c), dx = x - c.
+        Sums over ranks give the error for any residual scale a: |dE - a dx|^2 / |E(x)|^2."""
         unsort = torch.empty_like(ctx["order"])
         unsort[ctx["order"]] = torch.arange(ctx["order"].numel(), device=unsort.device)
-        out, rows = out_PD.index_select(0, unsort).double(), rows_PD.index_select(0, unsort).double()
-        ex_SD, x_SD = out.chunk(ctx["blocks"])[0], rows.chunk(ctx["blocks"])[0]
-        norm = ex_SD.square().sum()
-        errs, nocomp = [], []
-        for j, _L in enumerate(ctx["cands"]):
-            ec, c = out.chunk(ctx["blocks"])[j + 1], rows.chunk(ctx["blocks"])[j + 1]
-            errs.append(float(((ex_SD - ec - (x_SD - c)).square().sum() / norm).sqrt()) if norm > 0 else float("nan"))
-            nocomp.append(float(((ex_SD - ec).square().sum() / norm).sqrt()) if norm > 0 else float("nan"))
+        out = out_PD.index_select(0, unsort).double().chunk(ctx["blocks"])
+        rows = rows_PD.index_select(0, unsort).double().chunk(ctx["blocks"])
+        sums = [out[0].square().sum()]
+        for j in range(len(ctx["cands"])):
+            dE, dx = out[0] - out[j + 1], rows[0] - rows[j + 1]
+            sums += [dE.square().sum(), (dE * dx).sum(), dx.square().sum()]
+        return torch.stack(sums) if sums[0].numel() else torch.zeros(1 + 3 * len(ctx["cands"]), dtype=torch.float64)
+
+    def probe_update(self, sums: torch.Tensor, ctx: dict) -> None:
+        """From (all-reduced) probe sums: fit the residual scale, feed the error target, record the errors."""
+        s = sums.tolist()
+        norm, cands = s[0], ctx["cands"]
+        if norm <= 0:
+            return
+        fits, errs = [], []
+        for j in range(len(cands)):
+            s_oo, s_ox, s_xx = s[1 + 3 * j: 4 + 3 * j]
+            fit = min(1.5, max(0.0, s_ox / s_xx)) if s_xx > 0 else 0.0
+            a = fit if self.cfg.compensation == "calibrated" else self.alpha
+            fits.append(fit)
+            errs.append(max(0.0, s_oo - 2 * a * s_ox + a * a * s_xx) ** 0.5 / norm ** 0.5)
+        j = cands.index(self.num_hashes) if self.num_hashes in cands else len(cands) - 1
+        if self.cfg.compensation == "calibrated":
+            ema = self.cfg.ema if self._fitted else 0.0
+            self.alpha, self._fitted = ema * self.alpha + (1 - ema) * fits[j], True
         if self.controller is not None and self.cfg.target == "error":
             self.controller.observe_errors(errs)
-        j = ctx["cands"].index(self.num_hashes) if self.num_hashes in ctx["cands"] else len(errs) - 1
-        if errs and norm > 0:
-            self.stats.update(lsh_restore_err=errs[j], lsh_restore_err_nocomp=nocomp[j], lsh_probe_n=1.0)
+        s_oo, s_ox, s_xx = s[1 + 3 * j: 4 + 3 * j]
+        self.stats.update(lsh_restore_err=errs[j], lsh_restore_err_nocomp=(s_oo / norm) ** 0.5,
+                          lsh_restore_err_identity=max(0.0, s_oo - 2 * s_ox + s_xx) ** 0.5 / norm ** 0.5,
+                          lsh_alpha_fit=fits[j], lsh_probe_n=1.0)

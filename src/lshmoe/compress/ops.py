@@ -6,8 +6,8 @@ contract the fused GPU kernels follow):
 
     segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m
                    backward: g_x = (g_c / size)[inv]                       one gather over N
-    restore:       y_ND = (out_MD - c_MD)[inv] + x_ND     (= E(c) + (x - c))
-                   backward: g_out = scatter_sum(g_y by inv), g_c = -g_out, g_x = g_y   one scatter over N
+    restore:       y_ND = (out_MD - a c_MD)[inv] + a x_ND     (= E(c) + a (x - c), a a constant)
+                   backward: g_out = scatter_sum(g_y by inv), g_c = -a g_out, g_x = a g_y   one scatter over N
 """
 
 from __future__ import annotations
@@ -30,17 +30,22 @@ class _SegmentMean(torch.autograd.Function):
 
 class _Restore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor,
-                inverse_N: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor,
+                alpha: float) -> torch.Tensor:
         ctx.save_for_backward(inverse_N)
-        ctx.m = out_MD.shape[0]
-        return (out_MD - c_MD).index_select(0, inverse_N).add_(x_ND)
+        ctx.m, ctx.alpha = out_MD.shape[0], alpha
+        if alpha == 1.0:
+            return (out_MD - c_MD).index_select(0, inverse_N).add_(x_ND)
+        return (out_MD - alpha * c_MD).index_select(0, inverse_N).add_(x_ND, alpha=alpha)
 
     @staticmethod
     def backward(ctx, g_ND: torch.Tensor):
         (inverse_N,) = ctx.saved_tensors
         g_MD = g_ND.new_zeros((ctx.m, g_ND.shape[1])).index_add_(0, inverse_N, g_ND)
-        return g_MD, -g_MD, g_ND, None
+        a = ctx.alpha
+        if a == 1.0:
+            return g_MD, -g_MD, g_ND, None, None
+        return g_MD, -a * g_MD, a * g_ND, None, None
 
 
 def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
@@ -48,7 +53,7 @@ def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tens
     return _SegmentMean.apply(x_ND, inverse_N, size_M)
 
 
-def restore_compensated(out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor,
-                        inverse_N: torch.Tensor) -> torch.Tensor:
-    """E(c_b(n)) + (x_n - c_b(n)) for every row n."""
-    return _Restore.apply(out_MD, c_MD, x_ND, inverse_N)
+def restore_compensated(out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor,
+                        alpha: float = 1.0) -> torch.Tensor:
+    """E(c_b(n)) + alpha (x_n - c_b(n)) for every row n."""
+    return _Restore.apply(out_MD, c_MD, x_ND, inverse_N, float(alpha))

@@ -113,7 +113,8 @@ class MoELayer(nn.Module):
     def _probe_every(self) -> int:
         if self.lsh is None:
             return 0
-        return self.lsh.probe_every or (10 if self.lsh.target == "error" else 0)
+        needs = self.lsh.target == "error" or self.lsh.compensation == "calibrated"
+        return self.lsh.probe_every or (10 if needs else 0)
 
     def _probe_due(self) -> bool:
         every = self._probe_every()
@@ -127,7 +128,9 @@ class MoELayer(nn.Module):
             rows_PD, counts_E, ctx = compressor.probe_rows(cmeta)
             meta = self.dispatcher.plan(counts_E)
             out = self.experts(self.dispatcher.dispatch(rows_PD, meta), meta.local_counts)
-            compressor.probe_error(self.dispatcher.combine(out, meta), rows_PD, ctx)
+            sums = compressor.probe_sums(self.dispatcher.combine(out, meta), rows_PD, ctx).to(self.comm.device)
+            self.comm.all_reduce(sums, self.comm.group("world"), f"moe{self.layer_id}.probe")
+            compressor.probe_update(sums.cpu(), ctx)
 
     def _stats(self, compressor: Compressor, counts_E: torch.Tensor, sent_E: torch.Tensor,
                x_TD: torch.Tensor) -> dict[str, float]:

@@ -104,9 +104,9 @@ def _layer_record(summed: dict[tuple[int, str], float], steps: int, world: int) 
         for k, v in s.items():
             if k == "lsh_probe_n":
                 continue
-            if k.startswith("lsh_restore_err"):
+            if k.startswith("lsh_restore_err") or k == "lsh_alpha_fit":
                 rec[k] = v / probes if probes else float("nan")
-            elif k.endswith("_s") or k == "lsh_hashes":
+            elif k.endswith("_s") or k in ("lsh_hashes", "lsh_alpha"):
                 rec[k] = v / steps / world
             else:
                 rec[k] = v / steps
