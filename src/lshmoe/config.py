@@ -33,7 +33,19 @@ def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None,
 class ModelConfig:
     """The GPT-MoE decoder."""
 
-    arch: str = _f("gpt", "model family", choices=("gpt",))
+    arch: str = _f("gpt", "gpt: top-k MoE blocks; shared: + a shared dense expert; scmoe: shortcut-connected "
+                   "MoE (ScMoE); dgmoe: two top-1 passes on the current and preceding representations",
+                   choices=("gpt", "shared", "scmoe", "dgmoe"))
+    shortcut: str = _f("pos2", "ScMoE: the routed experts read the preceding block's output (pos1), its "
+                       "post-attention representation (pos2) or its input (pos3); none = shared-expert MoE",
+                       choices=("pos1", "pos2", "pos3", "none"))
+    combine: str = _f("cg1", "shared/ScMoE: add SE and MoE outputs, or gate the SE by sigmoid(w.z) (cg1) "
+                      "or mix both by softmax(W z) (cg2)", choices=("add", "cg1", "cg2"))
+    overlap: bool = _f(True, "ScMoE/DGMoE: overlap the all-to-alls with the dense work of the window")
+    expert_slot: int = _f(-1, "ScMoE: position of the expert computation in the window; -1 = chosen by the "
+                          "paper's Eq. 11 from times measured in warm-up steps", ge=-1)
+    slot_warmup: int = _f(5, "ScMoE: synchronous steps that measure op and all-to-all times before overlapping",
+                          ge=0)
     d_model: int = _f(128, "model (residual stream) width D", ge=1)
     n_layers: int = _f(4, "number of transformer blocks", ge=1)
     n_heads: int = _f(4, "attention heads; must divide d_model", ge=1)
@@ -379,6 +391,16 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     m, e = cfg.model, cfg.moe
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    if m.arch in ("scmoe", "dgmoe"):
+        if m.moe_every not in (1, 2) or m.n_layers % m.moe_every:
+            raise ConfigError(f"model.moe_every={m.moe_every} with model.arch={m.arch}: must be 1 (every block) or 2 "
+                              f"(Block-MLP + Block-MoE pairs) and divide model.n_layers={m.n_layers}")
+        if m.moe_every == 1 and m.shortcut != "pos1" and m.arch == "scmoe":
+            raise ConfigError(f"model.shortcut={m.shortcut} with model.moe_every=1: MoE in every block takes "
+                              "the shortcut at pos1")
+        if m.arch == "dgmoe" and (e.top_k != 1 or m.moe_every != 2):
+            raise ConfigError(f"model.arch=dgmoe needs moe.top_k=1 and model.moe_every=2 (got top_k={e.top_k}, "
+                              f"moe_every={m.moe_every})")
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
     if m.moe_every > m.n_layers:

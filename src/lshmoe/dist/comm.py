@@ -42,15 +42,17 @@ class Group:
 class Pending:
     """An asynchronous collective in flight; `wait()` returns its result and closes the record."""
 
-    def __init__(self, work: Any, result: torch.Tensor, record: CommRecord, comm: Comm):
+    def __init__(self, work: Any, result: torch.Tensor, record: CommRecord, comm: Comm, is_async: bool = False):
         self._work, self._result, self._record, self._comm = work, result, record, comm
-        self._done = False
+        self._done, self._async = False, is_async
 
     def wait(self) -> torch.Tensor:
         if not self._done:
+            t0 = time.perf_counter()
             if self._work is not None:
                 self._comm._guard(self._record, self._work.wait)
             self._comm._close(self._record, self._result)
+            self._record.blocked = self._record.end - (t0 if self._async else self._record.start)
             self._done = True
         return self._result
 
@@ -144,7 +146,7 @@ class Comm:
         else:
             work = self._guard(rec, dist.all_to_all_single, out, x.contiguous(), out_splits, in_splits,
                                group=group.pg, async_op=async_op)
-        pending = Pending(work if async_op else None, out, rec, self)
+        pending = Pending(work if async_op else None, out, rec, self, async_op)
         return pending if async_op else pending.wait()
 
     def all_reduce(self, x: torch.Tensor, group: Group, tag: str, op: str = "sum", phase: str | None = None,
@@ -161,7 +163,7 @@ class Comm:
         if w > 1:
             rop = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
             work = self._guard(rec, dist.all_reduce, x, op=rop, group=group.pg, async_op=async_op)
-        pending = Pending(work if async_op else None, x, rec, self)
+        pending = Pending(work if async_op else None, x, rec, self, async_op)
         return pending if async_op else pending.wait()
 
     def broadcast(self, x: torch.Tensor, src_index: int, group: Group, tag: str,
@@ -175,6 +177,7 @@ class Comm:
         if w > 1:
             self._guard(rec, dist.broadcast, x, src=group.ranks[src_index], group=group.pg)
         self._close(rec, x)
+        rec.blocked = rec.end - rec.start
         return x
 
     def all_gather(self, x: torch.Tensor, group: Group, tag: str, phase: str | None = None) -> torch.Tensor:
@@ -189,4 +192,5 @@ class Comm:
         else:
             self._guard(rec, dist.all_gather, list(out.unbind(0)), x.contiguous(), group=group.pg)
         self._close(rec, x)
+        rec.blocked = rec.end - rec.start
         return out

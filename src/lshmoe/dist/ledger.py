@@ -39,6 +39,7 @@ class CommRecord:
     recv_bytes: tuple[int, ...]
     start: float
     end: float = float("nan")
+    blocked: float = float("nan")  # seconds the caller waited (= duration for blocking calls)
 
     @property
     def seconds(self) -> float:
@@ -63,6 +64,7 @@ class StepComm:
     allreduce_time_s: float = 0.0
     other_time_s: float = 0.0  # broadcast, all-gather, barriers
     comm_time_s: float = 0.0  # union of all in-step intervals (overlapping async ops counted once)
+    exposed_s: float = 0.0  # time the rank was blocked on communication (what overlap could not hide)
     eval_time_s: float = 0.0  # collectives issued by validation (not part of a training step's share)
     inter_node_bytes: int = 0
     intra_node_bytes: int = 0
@@ -83,6 +85,7 @@ class StepComm:
             "allreduce_time_s": self.allreduce_time_s,
             "other_comm_time_s": self.other_time_s,
             "comm_time_s": self.comm_time_s,
+            "exposed_comm_s": self.exposed_s,
             "inter_node_bytes": self.inter_node_bytes,
             "intra_node_bytes": self.intra_node_bytes,
         }
@@ -159,6 +162,7 @@ class CommLedger:
             if r.phase == "metrics":
                 continue
             intervals.append((r.start, r.end))
+            out.exposed_s += r.blocked if r.blocked == r.blocked else seconds
             out.by_tag[r.tag] = out.by_tag.get(r.tag, 0.0) + seconds
             wire = r.wire_send_bytes
             if r.op in A2A_OPS:

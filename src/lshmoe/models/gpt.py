@@ -21,6 +21,7 @@ from torch import nn
 from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
 from lshmoe.dist.comm import Comm
 from lshmoe.models.blocks import MLP, Block, make_norm
+from lshmoe.models.scmoe import SharedExpertBlock, ShortcutPair
 from lshmoe.moe.layer import MoELayer, MoEOutput
 from lshmoe.seeding import generator
 
@@ -33,7 +34,32 @@ class LMOutput:
     loss: torch.Tensor | None  # cross-entropy + weighted router losses (what to backpropagate)
     ce_loss: torch.Tensor | None  # the language-model loss alone
     aux_loss: torch.Tensor  # weighted sum of every MoE layer's router losses
-    moe: dict[int, MoEOutput]  # per MoE block index
+    moe: dict[int, MoEOutput]  # per MoE layer id (the index of its block)
+
+
+def build_units(mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, lsh: LSHConfig | None,
+                seed: int) -> list[nn.Module]:
+    """The model's blocks for `mcfg.arch`; each unit maps x -> (x, MoEOutput or None) and has `layer_id`."""
+    D, units = mcfg.d_model, []
+    if mcfg.arch in ("scmoe", "dgmoe"):
+        pair = mcfg.moe_every == 2
+        for i in range(1 if pair else 0, mcfg.n_layers, mcfg.moe_every):
+            units.append(ShortcutPair(mcfg, ecfg, comm, i, with_mlp_block=pair, arch=mcfg.arch,
+                                      shortcut=mcfg.shortcut, combine=mcfg.combine, overlap=mcfg.overlap,
+                                      slot=mcfg.expert_slot, warmup=mcfg.slot_warmup, lsh=lsh, seed=seed))
+        return units
+    for i in range(mcfg.n_layers):
+        if (i + 1) % mcfg.moe_every:
+            unit: nn.Module = Block(D, mcfg.n_heads, MLP(D, int(round(mcfg.mlp_ratio * D))), mcfg.norm,
+                                    mcfg.dropout, is_moe=False)
+        elif mcfg.arch == "shared":
+            unit = SharedExpertBlock(mcfg, ecfg, comm, i, combine=mcfg.combine, lsh=lsh, seed=seed)
+        else:
+            unit = Block(D, mcfg.n_heads, moe_factory(ecfg, D, comm, i, lsh=lsh, seed=seed), mcfg.norm,
+                         mcfg.dropout, is_moe=True)
+        unit.layer_id = i
+        units.append(unit)
+    return units
 
 
 def is_expert_param(name: str) -> bool:
@@ -56,18 +82,15 @@ class GPTMoE(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, D)
         self.pos_emb = nn.Embedding(mcfg.seq_len, D)
         self.drop = nn.Dropout(mcfg.dropout)
-        blocks = []
-        for i in range(mcfg.n_layers):
-            is_moe = (i + 1) % mcfg.moe_every == 0
-            ffn = (moe_factory(ecfg, D, comm, i, lsh=lsh, seed=seed) if is_moe
-                   else MLP(D, int(round(mcfg.mlp_ratio * D))))
-            blocks.append(Block(D, mcfg.n_heads, ffn, mcfg.norm, mcfg.dropout, is_moe=is_moe))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(build_units(mcfg, ecfg, comm, moe_factory, lsh, seed))
         self.norm_f = make_norm(mcfg.norm, D)
+        self.moe_ids = [u.layer_id for u in self.blocks if u.is_moe]
 
     @property
     def moe_layers(self) -> list[nn.Module]:
-        return [b.ffn for b in self.blocks if b.is_moe]
+        """Every MoE layer of the model (lshmoe's own layers; a peer's layer is listed too)."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)] or [
+            getattr(u, "ffn", u) for u in self.blocks if u.is_moe]
 
     def set_step(self, step: int) -> None:
         """Tell every MoE layer the training step (LSH projections and probes are keyed by it)."""
@@ -99,10 +122,10 @@ class GPTMoE(nn.Module):
         pos = torch.arange(S, device=idx_BS.device)
         x = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
         moe: dict[int, MoEOutput] = {}
-        for i, block in enumerate(self.blocks):
-            x, out = block(x)
+        for unit in self.blocks:
+            x, out = unit(x)
             if out is not None:
-                moe[i] = out
+                moe[unit.layer_id] = out
         logits = F.linear(self.norm_f(x), self.tok_emb.weight)
         wide = logits if logits.dtype == torch.float64 else logits.float()
         aux = sum((self.ecfg.aux_loss_weight * o.aux["load_balance"] + self.ecfg.z_loss_weight * o.aux["z_loss"]

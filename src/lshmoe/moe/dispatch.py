@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lshmoe.dist.async_autograd import AsyncAllToAll
 from lshmoe.dist.autograd import all_to_all
 from lshmoe.dist.comm import Comm, Group
 
@@ -33,6 +34,14 @@ class DispatchMeta:
     local_counts: list[int]  # rows per local expert after regrouping (expert-major)
     regroup_R: torch.Tensor | None  # received order -> expert-major order (None when already so)
     ungroup_R: torch.Tensor | None  # its inverse
+
+
+@dataclass(frozen=True, slots=True)
+class Inflight:
+    """An exchange issued but not waited for: its handle (None when local) and autograd token."""
+
+    handle: AsyncAllToAll | None
+    token: torch.Tensor
 
 
 class LocalDispatcher:
@@ -50,6 +59,18 @@ class LocalDispatcher:
 
     def combine(self, out_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return out_RD
+
+    def dispatch_start(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> Inflight:
+        return Inflight(None, payload_MD)
+
+    def dispatch_wait(self, inflight: Inflight, meta: DispatchMeta) -> torch.Tensor:
+        return inflight.token
+
+    def combine_start(self, out_RD: torch.Tensor, meta: DispatchMeta) -> Inflight:
+        return Inflight(None, out_RD)
+
+    def combine_wait(self, inflight: Inflight, meta: DispatchMeta) -> torch.Tensor:
+        return inflight.token
 
 
 def regroup_index(recv_counts_WG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +114,26 @@ class AllToAllDispatcher:
             out_RD = out_RD.index_select(0, meta.ungroup_R)
         return all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits,
                           f"{self.tag}.combine")
+
+    # Asynchronous halves of the same exchanges, for overlap with dense work (ScMoE). Their backward
+    # passes are asynchronous too (see lshmoe.dist.async_autograd).
+
+    def dispatch_start(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> Inflight:
+        h = AsyncAllToAll(self.comm, self.group, meta.out_splits, meta.in_splits, f"{self.tag}.dispatch")
+        return Inflight(h, h.start(payload_MD))
+
+    def dispatch_wait(self, inflight: Inflight, meta: DispatchMeta) -> torch.Tensor:
+        recv_RD = inflight.handle.wait(inflight.token)
+        return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
+
+    def combine_start(self, out_RD: torch.Tensor, meta: DispatchMeta) -> Inflight:
+        if meta.ungroup_R is not None:
+            out_RD = out_RD.index_select(0, meta.ungroup_R)
+        h = AsyncAllToAll(self.comm, self.group, meta.in_splits, meta.out_splits, f"{self.tag}.combine")
+        return Inflight(h, h.start(out_RD))
+
+    def combine_wait(self, inflight: Inflight, meta: DispatchMeta) -> torch.Tensor:
+        return inflight.handle.wait(inflight.token)
 
 
 def build_dispatcher(comm: Comm, group: Group, num_experts: int, tag: str):

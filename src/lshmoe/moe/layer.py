@@ -18,10 +18,10 @@ from lshmoe.compress.lsh import LSHCompressor, LSHMeta
 from lshmoe.config import LSHConfig, MoEConfig
 from lshmoe.dist.comm import Comm
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
-from lshmoe.moe.dispatch import build_dispatcher
+from lshmoe.moe.dispatch import DispatchMeta, Inflight, build_dispatcher
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
-from lshmoe.moe.router import TopKRouter
+from lshmoe.moe.router import RouterOutput, TopKRouter
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,6 +33,26 @@ class MoEOutput:
     rows_routed: int  # N
     rows_sent: int  # M
     stats: dict[str, float] = field(default_factory=dict)  # per-layer metrics (compressor, bytes saved)
+
+
+@dataclass(kw_only=True, slots=True)
+class MoEState:
+    """What the stages of one MoE call pass on (see MoELayer.begin / compute / finish)."""
+
+    shape: torch.Size
+    x_TD: torch.Tensor
+    route: RouterOutput
+    perm_N: torch.Tensor
+    counts_E: torch.Tensor
+    rows: int
+    sent_counts_E: torch.Tensor
+    payload_rows: int
+    compressor: Compressor
+    cmeta: object
+    dmeta: DispatchMeta
+    overlap: bool
+    inflight: Inflight | None = None
+    data: torch.Tensor | None = None
 
 
 def build_compressor(cfg: MoEConfig, lsh: LSHConfig | None, d_model: int, layer_id: int, seed: int) -> Compressor:
@@ -70,37 +90,63 @@ class MoELayer(nn.Module):
             self.compressor.set_step(step)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
+        return self.finish(self.compute(self.begin(x)))
+
+    # The same six steps in three stages, so that a caller can overlap the exchanges with its own
+    # dense work (ScMoE): begin issues the dispatch, compute runs the experts and issues the combine,
+    # finish waits for it and restores. With overlap=False every exchange completes inside its stage.
+
+    def begin(self, x: torch.Tensor, route: RouterOutput | None = None, overlap: bool = False) -> MoEState:
+        """Route, drop, permute, compress, exchange counts, start the dispatch."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         compressor = self._active_compressor()
-
-        route = self.router(x_TD)
+        route = route if route is not None else self.router(x_TD)
         keep_TK = None
         if self.cfg.capacity_factor is not None:
             cap = expert_capacity(T, self.num_experts, self.top_k, self.cfg.capacity_factor)
             keep_TK = capacity_keep_mask(route.topk_ids_TK, route.topk_probs_TK, self.num_experts, cap)
         perm_N, counts_E = sort_by_expert(route.topk_ids_TK, self.num_experts, keep_TK)
-        rows_ND = permute_rows(x_TD, perm_N, self.top_k)
-
+        rows_ND = permute_rows(x_TD, perm_N, route.topk_ids_TK.shape[-1])
         payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E)
         dmeta = self.dispatcher.plan(sent_counts_E)
-        local_rows = self.dispatcher.dispatch(payload_MD, dmeta)
-        local_out = self.experts(local_rows, dmeta.local_counts)
-        out_MD = self.dispatcher.combine(local_out, dmeta)
-        out_ND = compressor.restore(out_MD, cmeta)
+        st = MoEState(shape=shape, x_TD=x_TD, route=route, perm_N=perm_N, counts_E=counts_E, rows=rows_ND.shape[0],
+                      sent_counts_E=sent_counts_E, payload_rows=payload_MD.shape[0], compressor=compressor,
+                      cmeta=cmeta, dmeta=dmeta, overlap=overlap)
+        if overlap:
+            st.inflight = self.dispatcher.dispatch_start(payload_MD, dmeta)
+        else:
+            st.data = self.dispatcher.dispatch(payload_MD, dmeta)
+        return st
 
-        y_TD = unpermute_combine(out_ND, perm_N, route.weights_TK, T)
-        if isinstance(cmeta, LSHMeta) and self._probe_due():
-            self._probe(compressor, cmeta)
+    def compute(self, st: MoEState) -> MoEState:
+        """Wait for the dispatch, run the local experts, start the combine."""
+        local_rows = self.dispatcher.dispatch_wait(st.inflight, st.dmeta) if st.overlap else st.data
+        local_out = self.experts(local_rows, st.dmeta.local_counts)
+        if st.overlap:
+            st.inflight = self.dispatcher.combine_start(local_out, st.dmeta)
+        else:
+            st.data = self.dispatcher.combine(local_out, st.dmeta)
+        return st
+
+    def finish(self, st: MoEState) -> MoEOutput:
+        """Wait for the combine, restore every row, combine with the gate weights."""
+        out_MD = self.dispatcher.combine_wait(st.inflight, st.dmeta) if st.overlap else st.data
+        out_ND = st.compressor.restore(out_MD, st.cmeta)
+        T = st.x_TD.shape[0]
+        y_TD = unpermute_combine(out_ND, st.perm_N, st.route.weights_TK, T)
+        if isinstance(st.cmeta, LSHMeta) and self._probe_due():
+            self._probe(st.compressor, st.cmeta)
+        K = st.route.topk_ids_TK.shape[-1]
         return MoEOutput(
-            y_TD=y_TD.view(shape),
-            aux=route.aux,
-            tokens_per_expert_E=counts_E.detach(),
-            dropped=torch.tensor(T * self.top_k - perm_N.numel()),
-            rows_routed=rows_ND.shape[0],
-            rows_sent=payload_MD.shape[0],
-            stats=self._stats(compressor, counts_E, sent_counts_E, x_TD),
+            y_TD=y_TD.view(st.shape),
+            aux=st.route.aux,
+            tokens_per_expert_E=st.counts_E.detach(),
+            dropped=torch.tensor(T * K - st.perm_N.numel()),
+            rows_routed=st.rows,
+            rows_sent=st.payload_rows,
+            stats=self._stats(st.compressor, st.counts_E, st.sent_counts_E, st.x_TD),
         )
 
     # ---------------------------------------------------------------------------- compression extras

@@ -60,19 +60,30 @@ class TopKRouter(nn.Module):
         self.jitter, self.normalize_weights = jitter, normalize_weights
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, exclude_T: torch.Tensor | None = None) -> RouterOutput:
+        """Route `x_TD`; `exclude_T` (expert id per token, or -1) bars one expert per token (DGMoE)."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
         math_dtype = router_math_dtype(x_TD)
         logits_TE = x_TD.to(math_dtype) @ self.weight.to(math_dtype).t()
-        return route(logits_TE, self.top_k, self.normalize_weights, x_TD.dtype)
+        return route(logits_TE, self.top_k, self.normalize_weights, x_TD.dtype, exclude_T)
 
 
-def route(logits_TE: torch.Tensor, top_k: int, normalize_weights: bool, out_dtype: torch.dtype) -> RouterOutput:
-    """Softmax top-k routing of precomputed logits (shared by every gate that produces logits)."""
+def route(logits_TE: torch.Tensor, top_k: int, normalize_weights: bool, out_dtype: torch.dtype,
+          exclude_T: torch.Tensor | None = None) -> RouterOutput:
+    """Softmax top-k routing of precomputed logits (shared by every gate that produces logits).
+
+    With `exclude_T`, a token's barred expert cannot be chosen (its next-ranked expert is); the
+    weights stay the unmasked softmax probabilities of the chosen experts."""
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    select_TE = probs_TE
+    if exclude_T is not None:
+        barred = (exclude_T >= 0)[:, None] & (torch.arange(probs_TE.shape[-1], device=probs_TE.device)[None, :]
+                                              == exclude_T[:, None])
+        select_TE = probs_TE.masked_fill(barred, -1.0)
+    topk_ids_TK = torch.topk(select_TE, top_k, dim=-1).indices
+    topk_probs_TK = probs_TE.gather(-1, topk_ids_TK)
     weights_TK = topk_probs_TK
     if normalize_weights and top_k > 1:
         weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True)

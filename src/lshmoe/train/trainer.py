@@ -73,7 +73,7 @@ class Trainer:
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.moe_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
+        self.moe_ids = self.model.moe_ids
         self.stats = IntervalStats(self.moe_ids, cfg.moe.num_experts)
         self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
         self.out_dir = Path(tc.out_dir)
