@@ -28,8 +28,9 @@ from lshmoe.dist.setup import init_comm, shutdown
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
-PER_STEP = ("step_time_s", "a2a_time_s", "allreduce_time_s", "comm_time_s", "a2a_bytes", "a2a_bytes_fwd",
-            "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes", "rows_routed", "rows_sent", "lsh_s")
+PER_STEP = ("step_time_s", "a2a_time_s", "a2a_exposed_s", "exposed_s", "allreduce_time_s", "comm_time_s",
+            "a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes", "rows_routed",
+            "rows_sent", "lsh_s")
 MAX_OVER_RANKS = {"step_time_s"}
 SUM_OVER_RANKS = {"a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes",
                   "rows_routed", "rows_sent"}
@@ -75,6 +76,7 @@ def run(spec: dict) -> None:
                 lsh = sum(st.get("lsh_hash_s", 0.0) + st.get("lsh_cluster_s", 0.0) + st.get("lsh_restore_s", 0.0)
                           for st in tr.last_layer_stats.values())
                 row = {"step_time_s": values["step_time_s"], "a2a_time_s": c.a2a_time_s,
+                       "a2a_exposed_s": c.a2a_exposed_s, "exposed_s": c.exposed_s,
                        "allreduce_time_s": c.allreduce_time_s, "comm_time_s": c.comm_time_s,
                        "a2a_bytes": c.a2a_bytes, "a2a_bytes_fwd": c.a2a_bytes_fwd, "a2a_bytes_bwd": c.a2a_bytes_bwd,
                        "allreduce_bytes": c.allreduce_bytes, "inter_node_bytes": c.inter_node_bytes,

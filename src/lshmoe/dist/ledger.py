@@ -65,6 +65,7 @@ class StepComm:
     other_time_s: float = 0.0  # broadcast, all-gather, barriers
     comm_time_s: float = 0.0  # union of all in-step intervals (overlapping async ops counted once)
     exposed_s: float = 0.0  # time the rank was blocked on communication (what overlap could not hide)
+    a2a_exposed_s: float = 0.0  # the same for the all-to-alls alone
     eval_time_s: float = 0.0  # collectives issued by validation (not part of a training step's share)
     inter_node_bytes: int = 0
     intra_node_bytes: int = 0
@@ -86,6 +87,7 @@ class StepComm:
             "other_comm_time_s": self.other_time_s,
             "comm_time_s": self.comm_time_s,
             "exposed_comm_s": self.exposed_s,
+            "a2a_exposed_s": self.a2a_exposed_s,
             "inter_node_bytes": self.inter_node_bytes,
             "intra_node_bytes": self.intra_node_bytes,
         }
@@ -162,12 +164,14 @@ class CommLedger:
             if r.phase == "metrics":
                 continue
             intervals.append((r.start, r.end))
-            out.exposed_s += r.blocked if r.blocked == r.blocked else seconds
+            blocked = r.blocked if r.blocked == r.blocked else seconds
+            out.exposed_s += blocked
             out.by_tag[r.tag] = out.by_tag.get(r.tag, 0.0) + seconds
             wire = r.wire_send_bytes
             if r.op in A2A_OPS:
                 out.a2a_calls += 1
                 out.a2a_time_s += seconds
+                out.a2a_exposed_s += blocked
                 if r.tag.endswith(".counts"):
                     out.a2a_meta_bytes += wire
                 elif r.phase == "backward":
