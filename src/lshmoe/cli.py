@@ -29,6 +29,7 @@ BENCHES = {
     "cluster": ("lshmoe.bench.cluster", "baseline vs LSH-MoE step time on an emulated multi-node cluster"),
     "quality": ("lshmoe.bench.quality", "validation loss of variants over seeds, time-to-target"),
     "soak": ("lshmoe.bench.soak", "thousands of steps with memory sampled (no growth)"),
+    "scmoe": ("lshmoe.bench.scmoe_bench", "exposed all-to-all time of top-2, shared-expert, ScMoE, DGMoE"),
 }
 
 

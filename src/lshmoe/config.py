@@ -73,6 +73,14 @@ class MoEConfig:
     compress: str = _f("identity", "all-to-all payload compressor (lsh = LSH-MoE centroids)",
                        choices=("identity", "lsh"))
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
+    router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
+                     "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
+    locality_weight: float = _f(0.0, "weight mu of the locality loss -log(router mass on node-local experts)", ge=0,
+                                flag="locality-weight")
+    node_limit: int = _f(0, "each token may use experts on at most g nodes (group-limited routing); 0 = no limit",
+                         ge=0, flag="node-limit")
+    a2a: str = _f("flat", "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
+                  choices=("flat", "hierarchical"), flag="a2a")
 
 
 @dataclass(kw_only=True)
@@ -401,6 +409,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         if m.arch == "dgmoe" and (e.top_k != 1 or m.moe_every != 2):
             raise ConfigError(f"model.arch=dgmoe needs moe.top_k=1 and model.moe_every=2 (got top_k={e.top_k}, "
                               f"moe_every={m.moe_every})")
+    if e.router == "locmoe" and m.d_model % e.num_experts:
+        raise ConfigError(f"moe.router=locmoe needs model.d_model={m.d_model} divisible by moe.num_experts="
+                          f"{e.num_experts} (each expert's gate is the mean of one slice of the width)")
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
     if m.moe_every > m.n_layers:
@@ -419,6 +430,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         ep = e.ep_size or world_size
         if world_size % ep:
             raise ConfigError(f"moe.ep_size={ep} must divide the world size {world_size}")
+        if e.a2a == "hierarchical" and ep != world_size:
+            raise ConfigError(f"moe.a2a=hierarchical needs the expert-parallel group to be the world "
+                              f"(moe.ep_size={e.ep_size}, world size {world_size})")
         if e.num_experts % ep:
             raise ConfigError(
                 f"moe.num_experts={e.num_experts} is not divisible by the expert-parallel size {ep}; "

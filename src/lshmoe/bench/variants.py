@@ -16,15 +16,26 @@ BUILTIN = {
     "lsh-comp": {"moe.compress": "lsh", "lsh.compensation": "identity"},
     "lsh-nocomp": {"moe.compress": "lsh", "lsh.compensation": "none"},
     "lsh-calibrated": {"moe.compress": "lsh", "lsh.compensation": "calibrated"},
+    # architectures (ScMoE paper's comparison): top-2 MoE, shared expert + top-1, ScMoE, DGMoE
+    "top2": {"model.arch": "gpt", "moe.top_k": "2"},
+    "shared": {"model.arch": "shared", "moe.top_k": "1"},
+    "scmoe-pos1": {"model.arch": "scmoe", "model.shortcut": "pos1", "moe.top_k": "1"},
+    "scmoe-pos2": {"model.arch": "scmoe", "model.shortcut": "pos2", "moe.top_k": "1"},
+    "scmoe-pos3": {"model.arch": "scmoe", "model.shortcut": "pos3", "moe.top_k": "1"},
+    "dgmoe": {"model.arch": "dgmoe", "moe.top_k": "1"},
 }
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """'lsh' or 'mine:lsh.num_hashes=8;moe.compress=lsh' -> (name, overrides)."""
+    """'lsh', 'scmoe-pos2+lsh' (built-ins merged left to right) or 'mine:lsh.num_hashes=8;moe.compress=lsh'."""
     if ":" not in text:
-        if text not in BUILTIN:
-            raise ConfigError(f"variant {text!r}: unknown; built-in: {', '.join(BUILTIN)} (or name:key=value;...)")
-        return text, dict(BUILTIN[text])
+        merged: dict[str, str] = {}
+        for part in text.split("+"):
+            if part not in BUILTIN:
+                raise ConfigError(f"variant {part!r}: unknown; built-in: {', '.join(BUILTIN)} "
+                                  "(combine with +, or name:key=value;...)")
+            merged.update(BUILTIN[part])
+        return text, merged
     name, spec = text.split(":", 1)
     overrides = {}
     for item in filter(None, (t.strip() for t in spec.split(";"))):

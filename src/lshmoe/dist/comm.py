@@ -78,7 +78,7 @@ class Comm:
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> Comm:
         """A single-process Comm: every group has size one; no torch.distributed needed."""
-        groups = {n: Group(n, (0,), 0, None) for n in ("world", "ep", "edp")}
+        groups = {n: Group(n, (0,), 0, None) for n in ("world", "ep", "edp", "node", "lane")}
         return cls(0, 1, groups, CommLedger(0, {0: 0}), torch.device(device), {0: 0})
 
     def group(self, name: str) -> Group:

@@ -168,7 +168,7 @@ class CommLedger:
             out.exposed_s += blocked
             out.by_tag[r.tag] = out.by_tag.get(r.tag, 0.0) + seconds
             wire = r.wire_send_bytes
-            if r.op in A2A_OPS:
+            if r.op in A2A_OPS or r.tag.endswith(".counts"):  # count exchanges belong to the MoE exchange
                 out.a2a_calls += 1
                 out.a2a_time_s += seconds
                 out.a2a_exposed_s += blocked

@@ -95,7 +95,11 @@ def build_comm(rank: int, world_size: int, ep_size: int, topo: Topology, device:
                timeline: int = 0) -> Comm:
     """Create the groups (every rank calls new_group for every group, in the same order)."""
     groups: dict[str, Group] = {"world": Group("world", tuple(range(world_size)), rank, dist.group.WORLD)}
-    for name, layout in (("ep", ep_groups(world_size, ep_size)), ("edp", edp_groups(world_size, ep_size))):
+    rpn = topo.ranks_per_node
+    layouts = (("ep", ep_groups(world_size, ep_size)), ("edp", edp_groups(world_size, ep_size)),
+               ("node", [topo.node_ranks(n) for n in range(topo.num_nodes)]),  # ranks sharing a node
+               ("lane", [tuple(range(i, world_size, rpn)) for i in range(rpn)]))  # same local index, every node
+    for name, layout in layouts:
         for ranks in layout:
             if len(ranks) == world_size:
                 pg = dist.group.WORLD

@@ -128,8 +128,9 @@ class GPTMoE(nn.Module):
                 moe[unit.layer_id] = out
         logits = F.linear(self.norm_f(x), self.tok_emb.weight)
         wide = logits if logits.dtype == torch.float64 else logits.float()
-        aux = sum((self.ecfg.aux_loss_weight * o.aux["load_balance"] + self.ecfg.z_loss_weight * o.aux["z_loss"]
-                   for o in moe.values()), start=wide.new_zeros(()))
+        e = self.ecfg
+        aux = sum((e.aux_loss_weight * o.aux["load_balance"] + e.z_loss_weight * o.aux["z_loss"]
+                   + e.locality_weight * o.aux.get("locality", 0.0) for o in moe.values()), start=wide.new_zeros(()))
         ce = loss = None
         if targets_BS is not None:
             ce = F.cross_entropy(wide.view(-1, self.vocab_size), targets_BS.reshape(-1))

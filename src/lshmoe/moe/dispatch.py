@@ -136,7 +136,12 @@ class AllToAllDispatcher:
         return inflight.handle.wait(inflight.token)
 
 
-def build_dispatcher(comm: Comm, group: Group, num_experts: int, tag: str):
+def build_dispatcher(comm: Comm, group: Group, num_experts: int, tag: str, kind: str = "flat"):
     if group.size == 1:
         return LocalDispatcher(num_experts)
+    if kind == "hierarchical":
+        from lshmoe.moe.dispatch_hier import HierarchicalDispatcher
+
+        rpn = comm.group("node").size
+        return HierarchicalDispatcher(comm, group, num_experts, tag, rpn)
     return AllToAllDispatcher(comm, group, num_experts, tag)

@@ -15,7 +15,7 @@ from torch import nn
 
 from lshmoe.compress.base import IDENTITY, Compressor
 from lshmoe.compress.lsh import LSHCompressor, LSHMeta
-from lshmoe.config import LSHConfig, MoEConfig
+from lshmoe.config import ConfigError, LSHConfig, MoEConfig
 from lshmoe.dist.comm import Comm
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
 from lshmoe.moe.dispatch import DispatchMeta, Inflight, build_dispatcher
@@ -75,11 +75,20 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         num_local = cfg.num_experts // group.size
         self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, jitter=cfg.jitter,
-                                 normalize_weights=cfg.normalize_weights)
+                                 normalize_weights=cfg.normalize_weights, gate=cfg.router)
+        # Which node hosts each global expert: expert e lives on EP rank e // num_local.
+        self.node_of_E = torch.tensor([comm.node_of.get(group.ranks[e // num_local], 0)
+                                       for e in range(cfg.num_experts)])
+        self.my_node = comm.node_of.get(comm.rank, 0)
+        per_node = cfg.num_experts // (int(self.node_of_E.max()) + 1)
+        if cfg.node_limit and cfg.node_limit < int(self.node_of_E.max()) + 1 and cfg.node_limit * per_node < cfg.top_k:
+            raise ConfigError(f"moe.node_limit={cfg.node_limit} nodes hold {cfg.node_limit * per_node} experts, fewer "
+                              f"than moe.top_k={cfg.top_k}; raise node_limit to >= {-(-cfg.top_k // per_node)}")
+        self.router.set_topology(self.node_of_E, self.my_node, cfg.node_limit, locality=cfg.locality_weight > 0)
         self.experts = GroupedExperts(num_local, d_model, cfg.d_expert, cfg.activation,
                                       first_expert=group.index * num_local)
         self.compressor = build_compressor(cfg, lsh, d_model, layer_id, seed)
-        self.dispatcher = build_dispatcher(comm, group, cfg.num_experts, tag=f"moe{layer_id}")
+        self.dispatcher = build_dispatcher(comm, group, cfg.num_experts, tag=f"moe{layer_id}", kind=cfg.a2a)
         self.lsh = lsh
         self.step = 0
 
@@ -181,6 +190,8 @@ class MoELayer(nn.Module):
     def _stats(self, compressor: Compressor, counts_E: torch.Tensor, sent_E: torch.Tensor,
                x_TD: torch.Tensor) -> dict[str, float]:
         stats = {"rows_routed": float(counts_E.sum()), "rows_sent": float(sent_E.sum())}
+        if int(self.node_of_E.max()) > 0:  # several nodes: how much of the routing stays on this one
+            stats["rows_local"] = float(counts_E.cpu()[self.node_of_E == self.my_node].sum())
         if compressor is IDENTITY:
             return stats
         W, me = self.ep_group.size, self.ep_group.index

@@ -31,9 +31,10 @@ from lshmoe.dist.comm import Comm
 from lshmoe.dist.ledger import StepComm
 
 SCALARS = ("loss", "ce_loss", "aux_loss", "step_time_s", "a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd",
-           "a2a_meta_bytes", "allreduce_bytes", "a2a_time_s", "allreduce_time_s", "comm_time_s",
+           "a2a_meta_bytes", "allreduce_bytes", "inter_node_bytes", "intra_node_bytes", "a2a_time_s",
+           "a2a_exposed_s", "allreduce_time_s", "comm_time_s",
            "rows_routed", "rows_sent", "dropped_tokens", "grad_norm")
-MEAN_OVER_RANKS = {"loss", "ce_loss", "aux_loss", "step_time_s", "a2a_time_s", "allreduce_time_s",
+MEAN_OVER_RANKS = {"loss", "ce_loss", "aux_loss", "step_time_s", "a2a_time_s", "a2a_exposed_s", "allreduce_time_s",
                    "comm_time_s", "grad_norm"}
 
 
@@ -61,6 +62,8 @@ class IntervalStats:
         merged.update(a2a_bytes=comm_step.a2a_bytes, a2a_bytes_fwd=comm_step.a2a_bytes_fwd,
                       a2a_bytes_bwd=comm_step.a2a_bytes_bwd, a2a_meta_bytes=comm_step.a2a_meta_bytes,
                       allreduce_bytes=comm_step.allreduce_bytes, a2a_time_s=comm_step.a2a_time_s,
+                      a2a_exposed_s=comm_step.a2a_exposed_s, inter_node_bytes=comm_step.inter_node_bytes,
+                      intra_node_bytes=comm_step.intra_node_bytes,
                       allreduce_time_s=comm_step.allreduce_time_s, comm_time_s=comm_step.comm_time_s)
         for k in SCALARS:
             self.sums[k] += float(merged.get(k, 0.0))
@@ -83,6 +86,11 @@ class IntervalStats:
         load = vec[len(SCALARS):len(SCALARS) + n_load].view(len(self.moe_layers), self.num_experts) / n
         rec["expert_load"] = {f"moe{layer}": [round(v, 2) for v in load[i].tolist()]
                               for i, layer in enumerate(self.moe_layers)}
+        mean = load.mean(1).clamp_min(1e-12)
+        rec["load_max_over_mean"] = {f"moe{layer}": float(load[i].max() / mean[i])
+                                     for i, layer in enumerate(self.moe_layers)}
+        rec["load_cv"] = {f"moe{layer}": float(load[i].std(unbiased=False) / mean[i])
+                          for i, layer in enumerate(self.moe_layers)}
         summed = dict(zip(layer_keys, vec[len(SCALARS) + n_load:].tolist(), strict=True))
         rec["layers"] = _layer_record(summed, steps=n, world=W)
         st = rec["step_time_s"]
@@ -112,6 +120,8 @@ def _layer_record(summed: dict[tuple[int, str], float], steps: int, world: int) 
                 rec[k] = v / steps
         if rec.get("rows_routed"):
             rec["compression_rate"] = rec["rows_sent"] / rec["rows_routed"]
+            if "rows_local" in rec:
+                rec["local_fraction"] = rec["rows_local"] / rec["rows_routed"]
         out[f"moe{layer}"] = rec
     return out
 

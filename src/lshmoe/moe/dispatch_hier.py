@@ -1,0 +1,127 @@
+"""Two-level (hierarchical) all-to-all: within the node first, then between nodes.
+
+Ranks are (node n, local index l) with R ranks per node and N nodes (EP group = the world).
+    phase A, within the node:  rank (n, l) hands node-mate (n, l') every row bound for (m, l'),
+                               for all nodes m, i.e. the node's traffic is gathered per lane l';
+    phase B, between nodes:    ranks of one lane, (n, l') and (m, l'), exchange: (m, l') receives
+                               the rows for itself from every rank of node n in one message.
+After B every rank holds its rows ordered by source rank, exactly the flat all-to-all's output, so
+the expert regroup and everything after it are unchanged. The "scatter within the node" of a
+leader-based scheme is folded into phase A: rows are gathered at the node-mate that shares the
+destination's lane, so the inter-node exchange already lands them at their destination. Inter-node
+messages drop from (N R) x (N - 1) R to (N R) x (N - 1), each R times larger; every rank uses its
+own lane (NIC) in parallel. Combine runs the two phases in reverse. Both phases are the ledger's
+differentiable all-to-alls, so the backward is exact and every byte is attributed to its link class.
+
+Per-expert counts travel as one all-gather of the [W, E] count matrix (every rank computes every
+split locally); it grows as W^2, fine for the tens of ranks this targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lshmoe.dist.autograd import all_to_all
+from lshmoe.dist.comm import Comm, Group
+from lshmoe.moe.dispatch import DispatchMeta, Inflight, regroup_index
+
+
+@dataclass(frozen=True, slots=True)
+class HierMeta(DispatchMeta):
+    perm_A: torch.Tensor  # payload -> phase-A send order
+    inv_A: torch.Tensor
+    a_in: list[int]  # phase A splits per node-mate
+    a_out: list[int]
+    perm_B: torch.Tensor  # phase-A output -> phase-B send order
+    inv_B: torch.Tensor
+    b_in: list[int]  # phase B splits per lane peer (node)
+    b_out: list[int]
+
+
+def _segments(sizes: list[int]) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for s in sizes:
+        out.append((at, s))
+        at += s
+    return out
+
+
+def _perm(order: list[tuple[int, int]]) -> torch.Tensor:
+    parts = [torch.arange(start, start + n) for start, n in order if n]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _inverse(p: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(p)
+    inv[p] = torch.arange(p.numel())
+    return inv
+
+
+class HierarchicalDispatcher:
+    """Drop-in replacement of AllToAllDispatcher with the two-level exchange (see the module docstring)."""
+
+    def __init__(self, comm: Comm, group: Group, num_experts: int, tag: str, ranks_per_node: int):
+        W = group.size
+        assert W == comm.world_size and W % ranks_per_node == 0, "hierarchical all-to-all needs EP = world"
+        self.comm, self.group, self.tag = comm, group, tag
+        self.num_experts, self.num_local = num_experts, num_experts // W
+        self.R, self.N = ranks_per_node, W // ranks_per_node
+        self.node_group, self.lane_group = comm.group("node"), comm.group("lane")
+
+    def plan(self, counts_E: torch.Tensor) -> HierMeta:
+        W, R, N, G = self.group.size, self.R, self.N, self.num_local
+        C_WE = self.comm.all_gather(counts_E.to(device=self.comm.device, dtype=torch.int64), self.group,
+                                    f"{self.tag}.counts").cpu()
+        S = C_WE.view(W, W, G).sum(-1).tolist()  # S[src][dst] rows
+        me = self.group.index
+        n, l = divmod(me, R)
+        rank = lambda node, local: node * R + local  # noqa: E731
+        # phase A: my payload (ordered by destination rank) regrouped by destination lane, then node
+        seg = _segments(S[me])
+        perm_A = _perm([seg[rank(m, lp)] for lp in range(R) for m in range(N)])
+        a_in = [sum(S[me][rank(m, lp)] for m in range(N)) for lp in range(R)]
+        a_out = [sum(S[rank(n, ls)][rank(m, l)] for m in range(N)) for ls in range(R)]
+        # phase A output: per node-mate ls, the rows for lane l at every node m; regroup by node m
+        sizes_A = [S[rank(n, ls)][rank(m, l)] for ls in range(R) for m in range(N)]
+        seg_A = _segments(sizes_A)
+        perm_B = _perm([seg_A[ls * N + m] for m in range(N) for ls in range(R)])
+        b_in = [sum(S[rank(n, ls)][rank(m, l)] for ls in range(R)) for m in range(N)]
+        b_out = [sum(S[rank(np, ls)][me] for ls in range(R)) for np in range(N)]
+        recv_WG = C_WE[:, me * G:(me + 1) * G]
+        regroup, ungroup = (None, None) if G == 1 else regroup_index(recv_WG)
+        dev = self.comm.device
+        move = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+        return HierMeta(in_splits=[S[me][q] for q in range(W)], out_splits=[S[s][me] for s in range(W)],
+                        local_counts=recv_WG.sum(0).tolist(), regroup_R=move(regroup), ungroup_R=move(ungroup),
+                        perm_A=perm_A.to(dev), inv_A=_inverse(perm_A).to(dev), a_in=a_in, a_out=a_out,
+                        perm_B=perm_B.to(dev), inv_B=_inverse(perm_B).to(dev), b_in=b_in, b_out=b_out)
+
+    def dispatch(self, payload_MD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
+        a = all_to_all(payload_MD.index_select(0, meta.perm_A), self.comm, self.node_group, meta.a_out, meta.a_in,
+                       f"{self.tag}.dispatch.node")
+        b = all_to_all(a.index_select(0, meta.perm_B), self.comm, self.lane_group, meta.b_out, meta.b_in,
+                       f"{self.tag}.dispatch.lane")
+        return b if meta.regroup_R is None else b.index_select(0, meta.regroup_R)
+
+    def combine(self, out_RD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
+        if meta.ungroup_R is not None:
+            out_RD = out_RD.index_select(0, meta.ungroup_R)
+        b = all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, f"{self.tag}.combine.lane")
+        a = all_to_all(b.index_select(0, meta.inv_B), self.comm, self.node_group, meta.a_in, meta.a_out,
+                       f"{self.tag}.combine.node")
+        return a.index_select(0, meta.inv_A)
+
+    # No asynchronous halves: the overlap API completes each exchange inside its stage.
+    def dispatch_start(self, payload_MD: torch.Tensor, meta: HierMeta) -> Inflight:
+        return Inflight(None, self.dispatch(payload_MD, meta))
+
+    def dispatch_wait(self, inflight: Inflight, meta: HierMeta) -> torch.Tensor:
+        return inflight.token
+
+    def combine_start(self, out_RD: torch.Tensor, meta: HierMeta) -> Inflight:
+        return Inflight(None, self.combine(out_RD, meta))
+
+    def combine_wait(self, inflight: Inflight, meta: HierMeta) -> torch.Tensor:
+        return inflight.token
