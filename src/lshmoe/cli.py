@@ -30,6 +30,7 @@ BENCHES = {
     "quality": ("lshmoe.bench.quality", "validation loss of variants over seeds, time-to-target"),
     "soak": ("lshmoe.bench.soak", "thousands of steps with memory sampled (no growth)"),
     "scmoe": ("lshmoe.bench.scmoe_bench", "exposed all-to-all time of top-2, shared-expert, ScMoE, DGMoE"),
+    "locmoe": ("lshmoe.bench.locmoe_bench", "inter-node bytes, balance and loss versus the locality weight"),
 }
 
 
