@@ -283,3 +283,16 @@ def test_probe_error_equals_direct_computation():
     exact, e_c, rows, c, norm = exact.detach(), e_c.detach(), rows.detach(), c.detach(), norm.detach()
     assert out.stats["lsh_restore_err"] == pytest.approx(float((exact - e_c - (rows - c)).norm() / norm), rel=1e-9)
     assert out.stats["lsh_restore_err_nocomp"] == pytest.approx(float((exact - e_c).norm() / norm), rel=1e-9)
+
+
+def test_calibrated_mode_probes_by_default():
+    """compensation=calibrated with probe_every left at 0 probes every 10 steps (and fits a)."""
+    comm = Comm.local()
+    layer = _layer(comm, LSHConfig(num_hashes=2, buckets_per_hash=2, compensation="calibrated"), K=1)
+    x, _ = rank_input(0, 30, starve=False)
+    for step, probed in ((0, True), (3, False), (10, True)):
+        layer.set_step(step)
+        stats = layer(x).stats
+        assert stats["lsh_probe_n"] == (1.0 if probed else 0.0), step
+    assert layer.compressor.alpha == pytest.approx(layer.compressor.alpha)  # fitted, finite
+    assert 0.0 <= layer.compressor.alpha <= 1.5 and layer.compressor._fitted

@@ -39,7 +39,7 @@ class LSHMeta:
     inverse_N: torch.Tensor  # bucket of each row
     centroids_MD: torch.Tensor
     expert_N: torch.Tensor  # destination expert of each row
-    full_codes_N: torch.Tensor | None  # L_max-hash ids, kept for the probe's per-L' centroids
+    full_codes_N: torch.Tensor  # L_max-hash ids, for the probe's per-L' centroids
 
 
 class LSHCompressor:
@@ -122,9 +122,9 @@ class LSHCompressor:
         self.stats = {"lsh_hashes": float(self.num_hashes), "lsh_hash_s": t1 - t0, "lsh_cluster_s": t2 - t1,
                       "lsh_alpha": self.alpha, "lsh_restore_err": 0.0, "lsh_restore_err_nocomp": 0.0,
                       "lsh_restore_err_identity": 0.0, "lsh_alpha_fit": 0.0, "lsh_probe_n": 0.0}
-        keep = self.controller is not None or self.cfg.probe_every
+        # full_N is kept for the restore-error probe (a reference to a tensor that exists anyway)
         meta = LSHMeta(rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N,
-                       full_codes_N=full_N if keep else None)
+                       full_codes_N=full_N)
         return centroids_MD, sent_counts_E, meta
 
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
