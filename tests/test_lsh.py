@@ -294,5 +294,4 @@ def test_calibrated_mode_probes_by_default():
         layer.set_step(step)
         stats = layer(x).stats
         assert stats["lsh_probe_n"] == (1.0 if probed else 0.0), step
-    assert layer.compressor.alpha == pytest.approx(layer.compressor.alpha)  # fitted, finite
-    assert 0.0 <= layer.compressor.alpha <= 1.5 and layer.compressor._fitted
+    assert layer.compressor._fitted and 0.0 <= layer.compressor.alpha <= 1.5
