@@ -151,6 +151,10 @@ class TrainConfig:
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
     ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
     resume: str = _f("none", "none, auto (latest checkpoint in ckpt_dir if any), or a checkpoint directory")
+    grad_sync: str = _f("sync", "dense gradients: sync = all-reduced after backward; fair = chunks issued as soon as "
+                        "ready (DDP-like, competing with all-to-alls); priority = Lina: chunks yield to all-to-alls",
+                        choices=("sync", "fair", "priority"))
+    chunk_mb: float = _f(30.0, "size of a gradient all-reduce micro-op (fair/priority), MB", gt=0)
     nan_policy: str = _f("skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)",
                          choices=("skip", "stop"))
 

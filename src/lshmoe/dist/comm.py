@@ -54,6 +54,9 @@ class Pending:
             self._comm._close(self._record, self._result)
             self._record.blocked = self._record.end - (t0 if self._async else self._record.start)
             self._done = True
+            if self._record.op == "all_to_all":
+                for listener in self._comm.listeners:
+                    listener.a2a_end(self._record.tag, self._record.phase)
         return self._result
 
 
@@ -74,11 +77,12 @@ class Comm:
         self.node_of = node_of
         self.seq = 0  # collectives issued by this rank (published by the watchdog)
         self.watchdog = None  # lshmoe.dist.watchdog.Watchdog when peers are monitored
+        self.listeners: list = []  # told when each all-to-all begins and ends (Lina's gradient scheduler)
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> Comm:
         """A single-process Comm: every group has size one; no torch.distributed needed."""
-        groups = {n: Group(n, (0,), 0, None) for n in ("world", "ep", "edp", "node", "lane")}
+        groups = {n: Group(n, (0,), 0, None) for n in ("world", "ep", "edp", "node", "lane", "grad")}
         return cls(0, 1, groups, CommLedger(0, {0: 0}), torch.device(device), {0: 0})
 
     def group(self, name: str) -> Group:
@@ -96,7 +100,11 @@ class Comm:
               phase: str | None, x: torch.Tensor) -> CommRecord:
         self._sync(x)
         self.seq += 1
-        return self.ledger.open(op, tag, group.name, group.ranks, group.index, send, recv, phase)
+        if op == "all_to_all":
+            for listener in self.listeners:
+                listener.a2a_begin(tag, phase or self.ledger.phase)
+        return self.ledger.open(op, tag, group.name, group.ranks, group.index, send, recv, phase,
+                                nbytes=x.numel() * x.element_size())
 
     def _close(self, rec: CommRecord, x: torch.Tensor) -> None:
         self._sync(x)

@@ -40,6 +40,7 @@ class CommRecord:
     start: float
     end: float = float("nan")
     blocked: float = float("nan")  # seconds the caller waited (= duration for blocking calls)
+    nbytes: int = 0  # payload size of this rank's buffer (the tensor handed to the collective)
 
     @property
     def seconds(self) -> float:
@@ -126,6 +127,11 @@ class CommLedger:
         self.timeline: collections.deque[CommRecord] = collections.deque(maxlen=timeline or None)
         self._keep_timeline = timeline > 0
 
+    def enable_timeline(self, maxlen: int) -> None:
+        """Keep the last `maxlen` records across steps (for schedulers' invariant checks)."""
+        self.timeline = collections.deque(self.timeline, maxlen=maxlen)
+        self._keep_timeline = True
+
     @contextlib.contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
         """Tag every collective issued inside the block with `phase`."""
@@ -137,11 +143,12 @@ class CommLedger:
             self.phase = prev
 
     def open(self, op: str, tag: str, group: str, peers: tuple[int, ...], self_index: int,
-             send_bytes: tuple[int, ...], recv_bytes: tuple[int, ...], phase: str | None = None) -> CommRecord:
+             send_bytes: tuple[int, ...], recv_bytes: tuple[int, ...], phase: str | None = None,
+             nbytes: int = 0) -> CommRecord:
         """Start a record; the caller sets `end` when the collective completes."""
         rec = CommRecord(op=op, tag=tag, group=group, phase=phase or self.phase, peers=peers,
                          self_index=self_index, send_bytes=send_bytes, recv_bytes=recv_bytes,
-                         start=time.perf_counter())
+                         start=time.perf_counter(), nbytes=nbytes)
         self._records.append(rec)
         if self._keep_timeline:
             self.timeline.append(rec)

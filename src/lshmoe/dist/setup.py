@@ -98,10 +98,13 @@ def build_comm(rank: int, world_size: int, ep_size: int, topo: Topology, device:
     rpn = topo.ranks_per_node
     layouts = (("ep", ep_groups(world_size, ep_size)), ("edp", edp_groups(world_size, ep_size)),
                ("node", [topo.node_ranks(n) for n in range(topo.num_nodes)]),  # ranks sharing a node
-               ("lane", [tuple(range(i, world_size, rpn)) for i in range(rpn)]))  # same local index, every node
+               ("lane", [tuple(range(i, world_size, rpn)) for i in range(rpn)]),  # same local index, every node
+               # the world again, as its own process group: gradient all-reduces issued from the
+               # scheduler thread never interleave with the model's collectives on one group
+               ("grad", [tuple(range(world_size))]))
     for name, layout in layouts:
         for ranks in layout:
-            if len(ranks) == world_size:
+            if len(ranks) == world_size and name != "grad":
                 pg = dist.group.WORLD
             elif len(ranks) == 1:
                 pg = None

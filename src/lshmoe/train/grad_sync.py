@@ -63,9 +63,11 @@ class GradSync:
             for p in bucket:
                 p.grad.mul_(scale)
 
-    def sync(self) -> None:
-        """Average dense gradients over the world and expert gradients over their replicas."""
-        self._reduce(self.dense_buckets, "world", "grad.dense")
+    def sync(self, dense: bool = True) -> None:
+        """Average dense gradients over the world (unless a scheduler already did) and expert gradients
+        over their replicas."""
+        if dense:
+            self._reduce(self.dense_buckets, "world", "grad.dense")
         self._reduce(self.expert_buckets, "edp", "grad.expert")
 
     def global_norm(self) -> torch.Tensor:

@@ -36,6 +36,7 @@ from lshmoe.dist.setup import init_comm, shutdown
 from lshmoe.errors import NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
+from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.data import TokenData, load_data
 from lshmoe.train.grad_sync import GradSync
@@ -72,6 +73,10 @@ class Trainer:
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
+        self.sched = None
+        if tc.grad_sync != "sync":
+            self.sched = GradScheduler(self.model, comm, tc.grad_sync, int(tc.chunk_mb * 2**20))
+            comm.ledger.enable_timeline(50_000)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.moe_ids = self.model.moe_ids
         self.stats = IntervalStats(self.moe_ids, cfg.moe.num_experts)
@@ -100,11 +105,13 @@ class Trainer:
             out = self.model(x, y)
         with ledger.in_phase("backward"):
             out.loss.backward()
+            if self.sched is not None:
+                self.sched.finish()
         if self._fault_now("nan", step):
             self.model.moe_layers[-1].experts.w1_GDF.grad.fill_(float("nan"))
         bad = self._first_bad(out.loss)
         with ledger.in_phase("optimizer"):
-            self.sync.sync()
+            self.sync.sync(dense=self.sched is None)
             grad_norm = self.sync.clip(tc.grad_clip)
             if math.isfinite(grad_norm):
                 self.opt.step()
@@ -272,6 +279,8 @@ class Trainer:
                     on_step(step + 1)
         finally:
             progress.close()
+            if self.sched is not None:
+                self.sched.close()
         if self.start_step >= tc.steps:
             val = self.evaluate()
             _log(comm.rank, f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
