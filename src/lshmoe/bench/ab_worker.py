@@ -60,6 +60,7 @@ def run(spec: dict) -> None:
     iface: dict[str, float] = dict.fromkeys(names, 0.0)
     steps = dict.fromkeys(names, 0)
     losses: dict[str, list[float]] = {n: [] for n in names}
+    by_tag: dict[str, list[dict[str, float]]] = {n: [] for n in names}  # this rank's all-to-all seconds per step
     for rnd in range(spec["rounds"] + spec["warmup_rounds"]):
         measured = rnd >= spec["warmup_rounds"]
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
@@ -83,6 +84,7 @@ def run(spec: dict) -> None:
                        "rows_routed": values["rows_routed"], "rows_sent": values["rows_sent"], "lsh_s": lsh}
                 for k in PER_STEP:
                     rec[name][k].append(float(row[k]))
+                by_tag[name].append({k: v for k, v in c.by_tag.items() if not k.startswith("grad.chunk")})
             comm.all_reduce(flag, world, "ab.barrier", phase="metrics")
             if measured and local_first:
                 iface[name] += _iface_tx() - tx0
@@ -103,6 +105,7 @@ def run(spec: dict) -> None:
         res["train_steps"] = steps[name]
         res["val_loss"] = trainers[name].evaluate() if spec.get("evaluate", True) else None
         res["loss_curve"] = losses[name]
+        res["by_tag_rank0"] = by_tag[name]
         out["variants"][name] = res
     if comm.rank == 0:
         Path(spec["out"]).write_text(json.dumps(out))

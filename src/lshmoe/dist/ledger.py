@@ -70,7 +70,7 @@ class StepComm:
     eval_time_s: float = 0.0  # collectives issued by validation (not part of a training step's share)
     inter_node_bytes: int = 0
     intra_node_bytes: int = 0
-    by_tag: dict[str, float] = field(default_factory=dict)  # seconds per tag
+    by_tag: dict[str, float] = field(default_factory=dict)  # seconds per "tag@phase"
 
     @property
     def a2a_bytes(self) -> int:
@@ -173,7 +173,8 @@ class CommLedger:
             intervals.append((r.start, r.end))
             blocked = r.blocked if r.blocked == r.blocked else seconds
             out.exposed_s += blocked
-            out.by_tag[r.tag] = out.by_tag.get(r.tag, 0.0) + seconds
+            key = f"{r.tag}@{r.phase}"
+            out.by_tag[key] = out.by_tag.get(key, 0.0) + seconds
             wire = r.wire_send_bytes
             if r.op in A2A_OPS or r.tag.endswith(".counts"):  # count exchanges belong to the MoE exchange
                 out.a2a_calls += 1
