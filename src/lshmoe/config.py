@@ -79,6 +79,8 @@ class MoEConfig:
                                 flag="locality-weight")
     node_limit: int = _f(0, "each token may use experts on at most g nodes (group-limited routing); 0 = no limit",
                          ge=0, flag="node-limit")
+    a2a_chunks: int = _f(1, "cut each all-to-all into n micro-ops along the tokens so the experts compute one "
+                         "while the next travels (Lina); 1 = off", ge=1)
     a2a: str = _f("flat", "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
                   choices=("flat", "hierarchical"), flag="a2a")
 

@@ -34,6 +34,8 @@ class DispatchMeta:
     local_counts: list[int]  # rows per local expert after regrouping (expert-major)
     regroup_R: torch.Tensor | None  # received order -> expert-major order (None when already so)
     ungroup_R: torch.Tensor | None  # its inverse
+    send_WG: torch.Tensor  # rows this rank sends to each (EP rank, local expert), CPU int64
+    recv_WG: torch.Tensor  # rows this rank receives from each (source rank, local expert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,8 @@ class LocalDispatcher:
 
     def plan(self, counts_E: torch.Tensor) -> DispatchMeta:
         n = int(counts_E.sum())
-        return DispatchMeta([n], [n], counts_E.tolist(), None, None)
+        c = counts_E.cpu().view(1, -1)
+        return DispatchMeta([n], [n], counts_E.tolist(), None, None, c, c)
 
     def dispatch(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return payload_MD
@@ -102,7 +105,8 @@ class AllToAllDispatcher:
         if regroup is not None:
             regroup, ungroup = regroup.to(self.comm.device), ungroup.to(self.comm.device)
         return DispatchMeta(in_splits=send_WG.sum(1).tolist(), out_splits=recv_WG.sum(1).tolist(),
-                            local_counts=recv_WG.sum(0).tolist(), regroup_R=regroup, ungroup_R=ungroup)
+                            local_counts=recv_WG.sum(0).tolist(), regroup_R=regroup, ungroup_R=ungroup,
+                            send_WG=send_WG, recv_WG=recv_WG)
 
     def dispatch(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         recv_RD = all_to_all(payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits,

@@ -95,6 +95,7 @@ class HierarchicalDispatcher:
         move = (lambda t: None if t is None else t.to(dev))  # noqa: E731
         return HierMeta(in_splits=[S[me][q] for q in range(W)], out_splits=[S[s][me] for s in range(W)],
                         local_counts=recv_WG.sum(0).tolist(), regroup_R=move(regroup), ungroup_R=move(ungroup),
+                        send_WG=C_WE[me].view(W, G), recv_WG=recv_WG,
                         perm_A=perm_A.to(dev), inv_A=_inverse(perm_A).to(dev), a_in=a_in, a_out=a_out,
                         perm_B=perm_B.to(dev), inv_B=_inverse(perm_B).to(dev), b_in=b_in, b_out=b_out)
 

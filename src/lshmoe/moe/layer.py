@@ -18,9 +18,10 @@ from lshmoe.compress.lsh import LSHCompressor, LSHMeta
 from lshmoe.config import ConfigError, LSHConfig, MoEConfig
 from lshmoe.dist.comm import Comm
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
-from lshmoe.moe.dispatch import DispatchMeta, Inflight, build_dispatcher
+from lshmoe.moe.dispatch import AllToAllDispatcher, DispatchMeta, Inflight, build_dispatcher
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
+from lshmoe.moe.pipeline import pipelined_exchange
 from lshmoe.moe.router import RouterOutput, TopKRouter
 
 
@@ -123,14 +124,24 @@ class MoELayer(nn.Module):
         st = MoEState(shape=shape, x_TD=x_TD, route=route, perm_N=perm_N, counts_E=counts_E, rows=rows_ND.shape[0],
                       sent_counts_E=sent_counts_E, payload_rows=payload_MD.shape[0], compressor=compressor,
                       cmeta=cmeta, dmeta=dmeta, overlap=overlap)
-        if overlap:
+        if self._pipelined():
+            st.data = payload_MD  # dispatched piece by piece in compute()
+        elif overlap:
             st.inflight = self.dispatcher.dispatch_start(payload_MD, dmeta)
         else:
             st.data = self.dispatcher.dispatch(payload_MD, dmeta)
         return st
 
+    def _pipelined(self) -> bool:
+        return self.cfg.a2a_chunks > 1 and isinstance(self.dispatcher, AllToAllDispatcher)
+
     def compute(self, st: MoEState) -> MoEState:
         """Wait for the dispatch, run the local experts, start the combine."""
+        if self._pipelined():
+            st.data = pipelined_exchange(st.data, st.dmeta.send_WG, st.dmeta.recv_WG, self.experts, self.comm,
+                                         self.ep_group, f"moe{self.layer_id}", self.cfg.a2a_chunks)
+            st.overlap = False
+            return st
         local_rows = self.dispatcher.dispatch_wait(st.inflight, st.dmeta) if st.overlap else st.data
         local_out = self.experts(local_rows, st.dmeta.local_counts)
         if st.overlap:
