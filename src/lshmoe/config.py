@@ -93,10 +93,10 @@ class LSHConfig:
                      choices=("cross_polytope", "hyperplane"), flag="hash-family")
     num_hashes: int = _f(6, "hash functions L, AND-combined into one bucket id (the maximum in target modes)",
                          ge=1, le=62, flag="num-hashes")
-    buckets_per_hash: int = _f(2, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)", ge=2,
+    buckets_per_hash: int = _f(4, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)", ge=2,
                                flag="buckets-per-hash")
     center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
-    compensation: str = _f("identity", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, "
+    compensation: str = _f("none", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, "
                            "calibrated a = <E(x)-E(c), x-c> / |x-c|^2 fitted by the probe",
                            choices=("identity", "none", "calibrated"))
     redraw_every: int = _f(1, "draw new random projections every n steps; 0 = once per run", ge=0)
