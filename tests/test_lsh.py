@@ -20,7 +20,8 @@ from lshmoe.moe.layer import MoELayer
 from lshmoe.seeding import generator
 
 FINE = LSHConfig(family="cross_polytope", num_hashes=8, buckets_per_hash=2 * D)  # every row its own bucket
-COARSE = LSHConfig(family="cross_polytope", num_hashes=2, buckets_per_hash=2)  # many rows per bucket
+COARSE = LSHConfig(family="cross_polytope", num_hashes=2, buckets_per_hash=2,
+                   compensation="identity")  # many rows per bucket, the paper's residual compensation
 
 
 def _layer(comm, lsh: LSHConfig | None, activation="gelu", E=4, K=2, layer_id=0):
@@ -93,7 +94,8 @@ def test_linear_expert_error_is_W_minus_I_times_residual():
     assert (exact - restored - expected_err).abs().max() <= EXACT
 
 
-@pytest.mark.parametrize("lsh", [COARSE, LSHConfig(num_hashes=1, buckets_per_hash=2, center=True)])
+@pytest.mark.parametrize("lsh", [COARSE, LSHConfig(num_hashes=1, buckets_per_hash=2, center=True,
+                                                  compensation="identity")])
 def test_identity_expert_compensation_is_exact_for_any_bucketing(lsh):
     comm = Comm.local()
     lsh_layer = _layer(comm, lsh, activation="identity")
