@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--links", default="10gbit,2gbit,1gbit,500mbit,200mbit")
-    p.add_argument("--variants", default="baseline,lsh,lsh-nocomp")
+    p.add_argument("--variants", default="baseline,lsh,lsh-comp")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps-per-round", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -118,7 +118,7 @@ def _plot(runs: dict[str, dict[int, list[dict]]], name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lshmoe bench quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default="baseline,lsh-comp,lsh-nocomp")
+    p.add_argument("--variants", default="baseline,lsh,lsh-comp")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
