@@ -31,6 +31,7 @@ BENCHES = {
     "soak": ("lshmoe.bench.soak", "thousands of steps with memory sampled (no growth)"),
     "scmoe": ("lshmoe.bench.scmoe_bench", "exposed all-to-all time of top-2, shared-expert, ScMoE, DGMoE"),
     "locmoe": ("lshmoe.bench.locmoe_bench", "inter-node bytes, balance and loss versus the locality weight"),
+    "lina-infer": ("lshmoe.bench.lina_infer", "inference MoE-layer latency: Lina's popularity placement vs uniform"),
 }
 
 
