@@ -13,6 +13,7 @@ from lshmoe.infer.metrics import BatchMetrics, percentile, summarise
 def _batch(placement: str, layer_ms: float, rows: list[int], matched: bool | None, replanned: bool) -> dict:
     return dataclasses.asdict(BatchMetrics(
         placement=placement, layer_s=[layer_ms / 1e3] * 2, rows_LW=[rows, rows], compute_s=[layer_ms / 2e3] * 2,
+        compute_mean_s=[layer_ms / 4e3] * 2,
         batch_s=4 * layer_ms / 1e3, estimate_s=0.0, ce_loss=5.0, matched=[matched] * 2, replanned=[replanned] * 2,
         replicas_LE=[[2, 1, 1, 1], [2, 1, 1, 1]] if matched is not None else [[1] * 4] * 2))
 
@@ -35,6 +36,8 @@ def test_summary_tables_and_verdict():
     assert s["uniform"]["load_max_mean"] == pytest.approx(3.0) and s["lina"]["load_max_mean"] == pytest.approx(1.0)
     assert s["lina"]["accuracy"] == pytest.approx(0.75) and s["lina"]["replan_rate"] == pytest.approx(0.25)
     assert s["uniform"]["accuracy"] is None
+    assert s["uniform"]["compute_share"] == pytest.approx(0.5)
+    assert s["uniform"]["balanced_p95_ms"] == pytest.approx(0.75 * s["uniform"]["layer_p95_ms"])
     assert s["lina"]["per_layer"][0]["max_replicas"] == 2
     main, per = lina_infer.tables(s)
     assert main.count("\n") == 1 + len(lina_infer.MODES) and "| lina-routes |" in main and "75%" in main

@@ -223,6 +223,7 @@ class InferenceEngine:
         return BatchMetrics(placement=self.scheduler.mode, layer_s=all_WV[:, :L].max(0).values.tolist(),
                             rows_LW=all_WV[:, L:2 * L].t().to(torch.int64).tolist(),
                             compute_s=all_WV[:, 2 * L:3 * L].max(0).values.tolist(),
+                            compute_mean_s=all_WV[:, 2 * L:3 * L].mean(0).tolist(),
                             batch_s=float(all_WV[:, 3 * L].max()), estimate_s=float(all_WV[:, 3 * L + 1].max()),
                             ce_loss=float(all_WV[:, 3 * L + 2].mean()), matched=[r.matched for r in recs],
                             replanned=[r.replanned for r in recs],

@@ -5,7 +5,9 @@ batch's the slowest rank's forward pass. Load is the rows each rank's experts co
 over ranks is 1 for a perfect balance and W when one rank computes everything. Expert compute is the
 CPU time of the busiest rank's expert matmuls: the layer's critical-path compute on devices that do
 not share cores (on an oversubscribed CPU the wall time of a balanced layer is not shorter, since
-ranks that wait for a straggler give their core to it).
+ranks that wait for a straggler give their core to it). `balanced_p95_ms` bounds what any placement
+can gain: the p95 of each layer call's latency with the busiest rank's expert compute replaced by
+the mean rank's (perfect balance, no placement cost, dedicated cores).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class BatchMetrics:
     layer_s: list[float]  # per MoE layer: wall time, max over ranks
     rows_LW: list[list[int]]  # per MoE layer: rows computed by each rank
     compute_s: list[float]  # per MoE layer: CPU time of the expert computation, max over ranks
+    compute_mean_s: list[float]  # per MoE layer: the same, mean over ranks
     batch_s: float  # forward pass wall time, max over ranks
     estimate_s: float  # phase-1 time outside the layers (summed over layers), max over ranks
     ce_loss: float  # mean over ranks
@@ -67,6 +70,10 @@ def summarise(batches: list[BatchMetrics]) -> dict:
                           "max_replicas": max(max(b.replicas_LE[i]) for b in batches)})
     return {"placement": batches[0].placement, "batches": len(batches),
             "layer_p50_ms": 1e3 * percentile(layer, 50), "layer_p95_ms": 1e3 * percentile(layer, 95),
+            "balanced_p95_ms": 1e3 * percentile([t - c + m for b in batches for t, c, m in
+                                                 zip(b.layer_s, b.compute_s, b.compute_mean_s, strict=True)], 95),
+            "compute_share": statistics.median(c / t for b in batches for t, c in zip(b.layer_s, b.compute_s,
+                                                                                      strict=True) if t > 0),
             "compute_p50_ms": 1e3 * percentile([s for b in batches for s in b.compute_s], 50),
             "compute_p95_ms": 1e3 * percentile([s for b in batches for s in b.compute_s], 95),
             "batch_p50_ms": 1e3 * percentile([b.batch_s for b in batches], 50),
