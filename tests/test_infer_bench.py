@@ -46,3 +46,8 @@ def test_summary_tables_and_verdict():
     slow = lina_infer.rows_of(_result(lina_ms=30.0))
     assert "**not met**" in lina_infer.verdict(slow)
     assert summarise([]) == {}
+
+
+def test_sharing_note_says_when_ranks_share_cores():
+    assert "shared cores" in lina_infer.sharing_note(10 ** 6, 1, [0.5, 0.7])
+    assert "shared cores" not in lina_infer.sharing_note(1, 0, [0.0, 0.0])

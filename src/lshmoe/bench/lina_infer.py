@@ -229,6 +229,18 @@ def verdict(s: dict[str, dict]) -> str:
             f"({change(u['balanced_p95_ms'], u['layer_p95_ms'])}), the most any placement can gain here.")
 
 
+def sharing_note(world: int, threads: int, load: list[float]) -> str:
+    """How much of the machine the ranks had: the wall-time gain of balancing needs a core per rank."""
+    cores = os.cpu_count() or 1
+    text = (f"The machine's 1-minute load average was {load[0]:.1f} before and {load[1]:.1f} after the run "
+            f"({cores} cores for {world} ranks x {threads} thread(s)).")
+    if cores < world * threads + load[0]:
+        text += (" The ranks shared cores, so a rank that waits for a straggler hands its core to it: balancing the "
+                 "rows cuts the busiest rank's expert CPU time (the expert compute column) but hardly the layer's "
+                 "wall time, while Lina's extra exchange per layer costs milliseconds on a loaded machine.")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lshmoe bench lina-infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
@@ -264,14 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     where = (f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} inter-node links" if emulate
              else f"{a.nodes * a.ranks_per_node} ranks on loopback")
     print(f"== inference: {where}, {a.batches} batches per placement", flush=True)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lshmoe-lina-") as tmp:
         result = run_inference(spec, a.nodes, a.ranks_per_node, a.link, emulate, Path(tmp))
+    result["load_average"] = [load_before, os.getloadavg()[0]]
     s = rows_of(result)
     main_tbl, per_tbl = tables(s)
     print(main_tbl)
     print(per_tbl)
     print(verdict(s))
     png = plot(result, s, a.name)
+    print(sharing_note(a.nodes * a.ranks_per_node, a.threads, result["load_average"]))
     m = result["model"]
     tokens = a.batch_size * cfg.model.seq_len
     body = (f"Model: GPT-MoE D={m['d_model']}, {m['n_layers']} blocks all MoE, {m['experts']} experts top-{m['top_k']},"
@@ -291,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             f"matmuls, the layer's critical path on devices that do not share cores. Accuracy: phase 1's top-2 "
             f"experts equal the actual top-2 (as a set). Logits identical across the three placements in "
             f"{result['identical_batches']}/{result['batches']} batches.\n\n{main_tbl}\n\nPer MoE layer:\n\n"
-            f"{per_tbl}\n\n{verdict(s)}\n\n![lina_infer]({png})\n")
+            f"{per_tbl}\n\n{verdict(s)} {sharing_note(a.nodes * a.ranks_per_node, a.threads, result['load_average'])}"
+            f"\n\n![lina_infer]({png})\n")
     write_section(a.name, f"Lina: popularity-driven expert placement for inference ({where})", body,
                   {"summary": s, "result": result, "args": vars(a)})
     return 0
