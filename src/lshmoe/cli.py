@@ -32,6 +32,7 @@ BENCHES = {
     "scmoe": ("lshmoe.bench.scmoe_bench", "exposed all-to-all time of top-2, shared-expert, ScMoE, DGMoE"),
     "locmoe": ("lshmoe.bench.locmoe_bench", "inter-node bytes, balance and loss versus the locality weight"),
     "lina-train": ("lshmoe.bench.lina_train", "all-to-all slowdown and step time: sync vs fair vs Lina priority"),
+    "lina-infer": ("lshmoe.bench.lina_infer", "inference MoE-layer latency: Lina's popularity placement vs uniform"),
 }
 
 
