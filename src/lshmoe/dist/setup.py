@@ -88,7 +88,11 @@ def init_comm(cfg: DistConfig, ep_size: int = 0, timeline: int = 0) -> Comm:
     if cfg.heartbeat_s > 0 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         comm.watchdog = Watchdog(env.rank, env.world_size, lambda: comm.seq, cfg.heartbeat_s,
                                  dead_after_s=cfg.timeout_s).start()
+        _WATCHDOGS.append(comm.watchdog)
     return comm
+
+
+_WATCHDOGS: list[Watchdog] = []  # started by init_comm; shutdown() stops and joins them
 
 
 def build_comm(rank: int, world_size: int, ep_size: int, topo: Topology, device: torch.device,
@@ -116,5 +120,8 @@ def build_comm(rank: int, world_size: int, ep_size: int, topo: Topology, device:
 
 
 def shutdown() -> None:
+    """Stop this process's watchdogs (joined, see Watchdog.stop), then tear the process group down."""
+    while _WATCHDOGS:
+        _WATCHDOGS.pop().stop()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -72,7 +72,12 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """Stop and join the thread. NOTE: a daemon thread still inside a store call at interpreter exit is
+        unwound by the runtime through C++ frames, which aborts the process ("terminate called without an
+        active exception"), so the thread must be gone before the process ends."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, 3 * self.interval_s) + 1.0)
 
     def mark_failed(self, reason: str) -> None:
         """Tell the peers this rank is going down, and why (best effort)."""

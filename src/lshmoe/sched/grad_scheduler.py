@@ -139,5 +139,7 @@ class GradScheduler:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+        if self._thread.is_alive():  # joined, not left to interpreter exit (see Watchdog.stop)
+            self._thread.join(timeout=10.0)
         if self in self.comm.listeners:
             self.comm.listeners.remove(self)
