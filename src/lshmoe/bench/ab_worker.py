@@ -51,7 +51,15 @@ def run(spec: dict) -> None:
     first = next(iter(variants.values()))
     comm = init_comm(first.dist, first.moe.ep_size)
     data = load_data(first.data)
-    trainers = {name: Trainer(cfg, comm, data) for name, cfg in variants.items()}
+    impls = spec.get("impls", {})  # variant -> "deepspeed" to put DeepSpeed's MoE layer in the same model
+    trainers = {}
+    for name, cfg in variants.items():
+        if impls.get(name) == "deepspeed":
+            from lshmoe.bench.deepspeed_moe import DeepSpeedMoE
+
+            trainers[name] = Trainer(cfg, comm, data, DeepSpeedMoE)
+        else:
+            trainers[name] = Trainer(cfg, comm, data)
     names = list(trainers)
     world = comm.group("world")
     flag = torch.zeros(1, device=comm.device)
@@ -109,6 +117,9 @@ def run(spec: dict) -> None:
         out["variants"][name] = res
     if comm.rank == 0:
         Path(spec["out"]).write_text(json.dumps(out))
+    for tr in trainers.values():
+        if tr.sched is not None:
+            tr.sched.close()
     shutdown()
 
 

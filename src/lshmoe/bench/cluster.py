@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lshmoe.bench.netns import EmulatedCluster, check_emulation, rate_bits
@@ -42,6 +42,7 @@ class ABSpec:
     warmup_rounds: int = 1
     steps_per_round: int = 4
     evaluate: bool = True
+    impls: dict[str, str] = field(default_factory=dict)  # variant -> "deepspeed"
 
 
 def base_config(sets: list[str]) -> Config:
@@ -61,7 +62,7 @@ def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emul
     spec_path, result_path = out_dir / "spec.json", out_dir / "result.json"
     spec_path.write_text(json.dumps({"variants": spec.variants, "rounds": spec.rounds,
                                      "warmup_rounds": spec.warmup_rounds, "steps_per_round": spec.steps_per_round,
-                                     "evaluate": spec.evaluate, "out": str(result_path)}))
+                                     "evaluate": spec.evaluate, "impls": spec.impls, "out": str(result_path)}))
     cmd = [sys.executable, "-m", "lshmoe.bench.ab_worker", str(spec_path)]
     world = nodes * ranks_per_node
     if emulate:

@@ -1,44 +1,30 @@
 """End-to-end training throughput of the reference GPT-MoE, with lshmoe's and DeepSpeed's MoE layer.
 
-The same model (the default config: 4 blocks, D=128, MoE every 2nd block, 8 experts, top-2,
-seq 128, 8 sequences per rank), the same data and the same trainer; only the MoE layer differs
-(`--impl`). Runs alternate between implementations in rounds; each run reports its median step
-time after warm-up, and the table gives the median over rounds as global training tokens/s.
+The same model (the default config: 4 blocks, D=128, MoE every 2nd block, 8 experts, top-2, seq 128,
+8 sequences per rank), the same data and the same trainer; only the MoE layer differs. All variants
+train in the same W rank processes (gloo, loopback), alternating blocks of steps with the order
+rotating every round (`bench/ab_worker.py`), so they share the machine's state; the table gives
+median step times after a warm-up round as global training tokens/s.
 
-Run: `lshmoe bench train` (DeepSpeed optional).
+Run: `lshmoe bench train` (DeepSpeed optional: `pip install torch==2.13.0 deepspeed`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
+from pathlib import Path
 
-from lshmoe.bench.deepspeed_moe import DeepSpeedMoE, have_deepspeed
-from lshmoe.bench.report import md_table, median, print_table, save_plot, write_section
-from lshmoe.config import Config, from_dict
-from lshmoe.dist.spawn import run_ranks
-from lshmoe.moe.layer import MoELayer
+from lshmoe.bench.cluster import ABSpec, run_ab, summarise
+from lshmoe.bench.deepspeed_moe import have_deepspeed
+from lshmoe.bench.report import md_table, print_table, save_plot, write_section
+from lshmoe.config import Config
 from lshmoe.train.data import load_data
-from lshmoe.train.trainer import Trainer
-
-IMPLS = {"lshmoe": MoELayer, "deepspeed": DeepSpeedMoE}
 
 
-def _worker(comm, cfg_dict: dict, impl: str) -> dict:
-    cfg = from_dict(cfg_dict)
-    data = load_data(cfg.data)
-    res = Trainer(cfg, comm, data, IMPLS[impl]).run()
-    shares = [r["comm_share"] for r in res.records]
-    a2a = [r["a2a_share"] for r in res.records]
-    return {"median_step_s": res.median_step_time_s, "tokens_per_s": res.median_tokens_per_s,
-            "comm_share": median(shares), "a2a_share": median(a2a), "val_loss": res.final_val_loss}
-
-
-def _config(steps: int, capacity_factor: float | None, out_dir: str) -> dict:
+def _config(capacity_factor: float | None) -> dict:
     cfg = Config()
-    cfg.train.steps, cfg.train.eval_every, cfg.train.log_every = steps, 0, 5
-    cfg.train.progress, cfg.train.out_dir, cfg.train.eval_batches = False, out_dir, 2
+    cfg.train.progress, cfg.train.eval_batches = False, 2
     cfg.moe.capacity_factor = capacity_factor
     return cfg.to_dict()
 
@@ -46,49 +32,39 @@ def _config(steps: int, capacity_factor: float | None, out_dir: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lshmoe bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", default="1,2,4")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps-per-round", type=int, default=4)
     p.add_argument("--no-deepspeed", action="store_true")
     a = p.parse_args(argv)
-    variants = [("lshmoe", 1.25), ("lshmoe", None)]
+    variants = {"lshmoe cf=1.25": _config(1.25), "lshmoe dropless": _config(None)}
+    impls = {}
     if have_deepspeed() and not a.no_deepspeed:
-        variants.append(("deepspeed", 1.25))
+        variants["deepspeed cf=1.25"] = _config(1.25)
+        impls["deepspeed cf=1.25"] = "deepspeed"
     else:
         print("DeepSpeed not installed (pip install torch==2.13.0 deepspeed): measuring lshmoe only")
+    load_data(Config().data, print)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        load_data(from_dict(_config(1, None, tmp)).data, print)  # build the corpus once, outside the timing
+    tokens_rank = Config().train.batch_size * Config().model.seq_len
+    with tempfile.TemporaryDirectory(prefix="lshmoe-e2e-") as tmp:
         for w in [int(x) for x in a.worlds.split(",")]:
-            got: dict[tuple, list[dict]] = {v: [] for v in variants}
-            for rnd in range(a.rounds):
-                order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
-                for impl, cf in order:
-                    out = run_ranks(_worker, w, _config(a.steps, cf, os.path.join(tmp, f"{impl}{w}{rnd}")), impl,
-                                    timeout_s=300, threads=max(1, (os.cpu_count() or 1) // w))[0]
-                    got[(impl, cf)].append(out)
-            for (impl, cf), runs in got.items():
-                rows.append({"world": w, "impl": impl, "capacity_factor": cf,
-                             "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
-                             "median_step_s": median([r["median_step_s"] for r in runs]),
-                             "comm_share": median([r["comm_share"] for r in runs]),
-                             "a2a_share": median([r["a2a_share"] for r in runs]), "runs": runs})
-            print_table(["W", "impl", "cf", "tokens/s", "step ms", "comm share (ledger)"],
-                        [[r["world"], r["impl"], r["capacity_factor"], r["tokens_per_s"], 1000 * r["median_step_s"],
-                          r["comm_share"]] for r in rows if r["world"] == w])
-    for r in rows:
-        ds = next((x for x in rows if x["world"] == r["world"] and x["impl"] == "deepspeed"), None)
-        r["vs_deepspeed"] = r["tokens_per_s"] / ds["tokens_per_s"] if ds else None
+            res = run_ab(ABSpec(variants, a.rounds, 1, a.steps_per_round, evaluate=False, impls=impls), 1, w, None,
+                         False, Path(tmp) / f"w{w}")
+            for r in summarise(res, w * tokens_rank, baseline="deepspeed cf=1.25" if impls else "lshmoe cf=1.25"):
+                rows.append({"world": w, **r})
+            print_table(["W", "variant", "tokens/s", "step ms", "vs DeepSpeed"],
+                        [[w, r["variant"], r["tokens_per_s"], 1000 * r["step_s"], f"{r.get('speedup', 1):.2f}x"]
+                         for r in rows if r["world"] == w])
     png = _plot(rows)
-    table = md_table(
-        ["W", "MoE layer", "capacity factor", "tokens/s", "median step ms", "comm share*", "vs DeepSpeed"],
-        [[r["world"], r["impl"], r["capacity_factor"] or "dropless", r["tokens_per_s"], 1000 * r["median_step_s"],
-          f"{100 * r['comm_share']:.0f}%" if r["impl"] == "lshmoe" else "n/a",
-          f"{r['vs_deepspeed']:.2f}x" if r["vs_deepspeed"] else "-"] for r in rows])
-    body = (f"Reference GPT-MoE (default config), {a.steps} steps per run, {a.rounds} alternating rounds, median of "
-            f"per-run median step times; W gloo ranks on this machine's cores, EP = W.\n\n{table}\n\n"
-            "*comm share from lshmoe's ledger (all-to-all + gradient all-reduce time / step time); DeepSpeed's "
-            "collectives bypass the ledger.\n\n"
-            f"![train e2e]({png})\n")
+    table = md_table(["W", "MoE layer", "tokens/s", "median step ms", "comm share (ledger)*", "vs DeepSpeed"],
+                     [[r["world"], r["variant"], r["tokens_per_s"], 1000 * r["step_s"],
+                       f"{100 * r['comm_share']:.0f}%" if "lshmoe" in r["variant"] else "n/a",
+                       f"{r['speedup']:.2f}x" if impls else "-"] for r in rows])
+    body = (f"Reference GPT-MoE (default config, {tokens_rank} tokens per rank per step), W gloo ranks on this "
+            f"machine's cores (EP = W); variants alternate blocks of {a.steps_per_round} steps in the same "
+            f"processes for {a.rounds} measured rounds after a warm-up round; medians of per-step times (slowest "
+            f"rank).\n\n{table}\n\n*lshmoe's ledger: all-to-all + gradient all-reduce time / step time; DeepSpeed's "
+            f"collectives bypass the ledger.\n\n![train e2e]({png})\n")
     write_section("train_e2e", "End-to-end training throughput (CPU, gloo)", body, {"rows": rows})
     return 0
 
@@ -100,15 +76,13 @@ def _plot(rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    labels = sorted({(r["impl"], r["capacity_factor"] or 0) for r in rows})
+    names = sorted({r["variant"] for r in rows})
     worlds = sorted({r["world"] for r in rows})
-    width = 0.8 / len(labels)
-    for i, (impl, cf) in enumerate(labels):
-        ys = [next((r["tokens_per_s"] for r in rows if r["world"] == w and r["impl"] == impl
-                    and (r["capacity_factor"] or 0) == cf), 0) for w in worlds]
-        ax.bar([j + i * width for j in range(len(worlds))], ys, width,
-               label=f"{impl} ({'dropless' if not cf else f'cf {cf}'})")
-    ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ys = [next((r["tokens_per_s"] for r in rows if r["world"] == w and r["variant"] == name), 0) for w in worlds]
+        ax.bar([j + i * width for j in range(len(worlds))], ys, width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
     ax.set_ylabel("training tokens/s (all ranks)")
     ax.set_title("GPT-MoE end-to-end training")
     ax.legend(fontsize=8)
