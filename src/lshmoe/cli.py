@@ -19,7 +19,7 @@ from lshmoe.errors import DistError, NumericalError, UserError
 
 EXIT_USER, EXIT_DIST, EXIT_NUMERIC = 2, 3, 4
 
-PASS_THROUGH = {"simulate": "lshmoe.bench.simulate", "demo": "lshmoe.bench.demo"}
+PASS_THROUGH = {"simulate": "lshmoe.bench.simulate", "demo": "lshmoe.bench.demo", "infer": "lshmoe.infer.run"}
 
 # benchmark name -> (module with main(argv) -> int, what it measures)
 BENCHES = {
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="side-by-side baseline vs LSH-MoE on an emulated 2-node cluster",
                           add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER)
+    infer = sub.add_parser("infer", help="score a trained checkpoint with Lina's expert placement", add_help=False)
+    infer.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 

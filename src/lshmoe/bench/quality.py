@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{a.eval_every} steps on {base.train.eval_batches} batches per rank. Target loss for time-to-target: "
             f"{target:.4f} (the worst baseline seed's final loss).\n\n{tbl}\n\n![quality]({png})\n\nVariants: "
             + "; ".join(f"`{n}` = {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in variants.items()) + "\n")
-    write_section(a.name, "Model quality: same tokens, several seeds", body,
+    title = "Model quality: same tokens, several seeds" + ("" if a.name == "quality" else f" ({a.name})")
+    write_section(a.name, title, body,
                   {"rows": rows, "target": target, "runs": runs, "args": vars(a)})
     return 0
 

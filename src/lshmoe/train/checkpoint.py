@@ -121,16 +121,21 @@ def resolve_resume(cfg: Config) -> Path | None:
         return None
     if spec == "auto":
         return latest(checkpoint_root(cfg))
+    return find_checkpoint(spec, "--resume")
+
+
+def find_checkpoint(spec: str, flag: str) -> Path:
+    """A checkpoint directory, or a checkpoints root whose `latest` names one; one-line errors naming `flag`."""
     path = Path(spec)
     if path.is_dir() and (path / "latest").is_file():
         found = latest(path)
         if found is None:
-            raise CheckpointError(f"--resume {spec}: 'latest' points to a missing or incomplete checkpoint")
+            raise CheckpointError(f"{flag} {spec}: 'latest' points to a missing or incomplete checkpoint")
         return found
     if not path.exists():
-        raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
+        raise CheckpointError(f"{flag} {spec}: no such checkpoint directory")
     if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
-        raise CheckpointError(f"--resume {spec}: not a complete lshmoe checkpoint (meta.json or .metadata missing)")
+        raise CheckpointError(f"{flag} {spec}: not a complete lshmoe checkpoint (meta.json or .metadata missing)")
     return path
 
 
