@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lshmoe.bench.netns import EmulatedCluster, check_emulation, rate_bits
+from lshmoe.bench.netns import check_emulation, rate_bits, run_job_ranks
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.config import Config, set_value
-from lshmoe.dist.launch import free_port, supervise
 from lshmoe.train.data import load_data
 
 # The benchmark model: the default GPT-MoE with 16 sequences per rank, so the expert all-to-all
@@ -64,18 +62,7 @@ def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emul
                                      "warmup_rounds": spec.warmup_rounds, "steps_per_round": spec.steps_per_round,
                                      "evaluate": spec.evaluate, "impls": spec.impls, "out": str(result_path)}))
     cmd = [sys.executable, "-m", "lshmoe.bench.ab_worker", str(spec_path)]
-    world = nodes * ranks_per_node
-    if emulate:
-        with EmulatedCluster(nodes, ranks_per_node, link) as cluster:
-            port = 29400 + os.getpid() % 500
-            rc = supervise([cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
-                           [cluster.rank_env(r, port) for r in range(world)], grace_s=30)
-    else:
-        port = free_port()
-        envs = [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % ranks_per_node),
-                 "LOCAL_WORLD_SIZE": str(ranks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-                for r in range(world)]
-        rc = supervise([cmd] * world, envs, grace_s=30)
+    rc = run_job_ranks(cmd, nodes, ranks_per_node, link, emulate)
     if rc != 0:
         raise RuntimeError(f"the A/B ranks failed with status {rc}")
     return json.loads(result_path.read_text())

@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 
 from lshmoe.bench.cluster import base_config
-from lshmoe.bench.netns import EmulatedCluster, check_emulation
+from lshmoe.bench.netns import check_emulation, run_job_ranks
 from lshmoe.bench.quality import run_job
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, DistConfig, validate
-from lshmoe.dist.launch import free_port, supervise
 from lshmoe.dist.setup import init_comm, shutdown
 from lshmoe.infer.engine import InferConfig, InferenceEngine
 from lshmoe.infer.metrics import BatchMetrics, summarise
@@ -137,17 +136,7 @@ def run_inference(spec: dict, nodes: int, rpn: int, link: str | None, emulate: b
     spec = {**spec, "out": str(out_dir / "result.json")}
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "lshmoe.bench.lina_infer", "--worker", str(spec_path)]
-    world = nodes * rpn
-    if emulate:
-        with EmulatedCluster(nodes, rpn, link) as cluster:
-            port = 29400 + os.getpid() % 500
-            rc = supervise([cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
-                           [cluster.rank_env(r, port) for r in range(world)], grace_s=30)
-    else:
-        port = free_port()
-        rc = supervise([cmd] * world, [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % rpn),
-                                        "LOCAL_WORLD_SIZE": str(rpn), "MASTER_ADDR": "127.0.0.1",
-                                        "MASTER_PORT": str(port)} for r in range(world)], grace_s=30)
+    rc = run_job_ranks(cmd, nodes, rpn, link, emulate)
     if rc != 0:
         raise RuntimeError(f"the inference ranks failed with status {rc}")
     return json.loads(Path(spec["out"]).read_text())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -24,11 +23,10 @@ from pathlib import Path
 import yaml
 
 from lshmoe.bench.cluster import base_config
-from lshmoe.bench.netns import EmulatedCluster, check_emulation
+from lshmoe.bench.netns import check_emulation, run_job_ranks
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.config import Config
-from lshmoe.dist.launch import free_port, supervise
 from lshmoe.train.data import load_data
 
 
@@ -39,16 +37,7 @@ def run_job(cfg: Config, nodes: int, rpn: int, link: str | None, emulate: bool, 
     cfg_path = out_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     cmd = [sys.executable, "-m", "lshmoe.cli", "train", "--config", str(cfg_path)]
-    world = nodes * rpn
-    if emulate:
-        with EmulatedCluster(nodes, rpn, link) as cluster:
-            rc = supervise([cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
-                           [cluster.rank_env(r, 29400 + os.getpid() % 500) for r in range(world)], grace_s=30)
-    else:
-        port = free_port()
-        rc = supervise([cmd] * world, [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % rpn),
-                                        "LOCAL_WORLD_SIZE": str(rpn), "MASTER_ADDR": "127.0.0.1",
-                                        "MASTER_PORT": str(port)} for r in range(world)], grace_s=30)
+    rc = run_job_ranks(cmd, nodes, rpn, link, emulate)
     if rc != 0:
         raise RuntimeError(f"training job in {out_dir} failed with status {rc}")
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
