@@ -17,7 +17,7 @@ import os
 import tempfile
 
 from lshmoe.bench.report import md_table, save_plot, write_section
-from lshmoe.config import Config, from_dict
+from lshmoe.config import Config, from_dict, set_value
 from lshmoe.dist.spawn import run_ranks
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
@@ -58,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--every", type=int, default=50)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--name", default="soak", help="report section name")
     a = p.parse_args(argv)
     cfg = Config()
     cfg.moe.compress = "lsh"
+    for item in a.set:
+        k, v = item.split("=", 1)
+        set_value(cfg, k, v)
     cfg.train.steps, cfg.train.progress, cfg.train.eval_every = a.steps, False, 500
     with tempfile.TemporaryDirectory(prefix="lshmoe-soak-") as tmp:
         cfg.train.out_dir, cfg.train.save_every, cfg.train.keep_last = tmp, 1000, 1
@@ -81,18 +86,19 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['slope_mb_per_1000_steps']:+.2f}", r["ledger_open_max"], r["ledger_timeline_max"]]
                     for r in rows])
     print(tbl)
-    png = _plot(per_rank)
+    png = _plot(per_rank, a.name)
     body = (f"{a.steps} training steps of the default GPT-MoE with LSH-MoE compression on {a.nproc} gloo ranks, "
             f"through `Trainer.run` (metrics every 10 steps, validation every 500, a checkpoint every 1000); "
             f"sampled every {a.every} steps on every rank. Open ledger records are counted after each step "
             "(the ledger is summarised and cleared at every step end; collectives issued by logging and "
             f"validation wait there for the next step).\n\n{tbl}\n\n![rss]({png})\n")
-    write_section("soak", "Soak: memory over thousands of steps", body, {"rows": rows, "samples": per_rank,
+    title = "Soak: memory over thousands of steps" + ("" if a.name == "soak" else f" ({a.name})")
+    write_section(a.name, title, body, {"rows": rows, "samples": per_rank,
                                                                           "args": vars(a)})
     return 0
 
 
-def _plot(per_rank: list[list[dict]]) -> str:
+def _plot(per_rank: list[list[dict]], name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,7 +109,7 @@ def _plot(per_rank: list[list[dict]]) -> str:
         ax.plot([s["step"] for s in samples], [s["rss_mb"] for s in samples], label=f"rank {r}")
     ax.set(xlabel="step", ylabel="resident set size (MB)", title="memory during a long run")
     ax.legend(fontsize=8)
-    return save_plot(fig, "soak")
+    return save_plot(fig, name)
 
 
 if __name__ == "__main__":
