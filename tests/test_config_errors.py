@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -99,3 +100,19 @@ def test_console_shows_one_line_not_a_traceback(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "moe.num_experts=3" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_heap_trim_is_validated_and_runs():
+    from lshmoe.dist.allocator import HeapTrimmer
+
+    cfg = C.Config()
+    cfg.dist.malloc_trim_every = -1
+    with pytest.raises(C.ConfigError, match="dist.malloc_trim_every"):
+        C.validate(cfg, 1)
+    assert not HeapTrimmer(0).active  # 0 = never
+    t = HeapTrimmer(2)
+    if platform.libc_ver()[0] == "glibc":
+        assert t.active
+    for _ in range(4):
+        t.step()
+    assert t.count == (4 if t.active else 0)

@@ -175,6 +175,8 @@ class DistConfig:
     threads: int = _f(0, "torch threads per rank; 0 = cores / local ranks", ge=0)
     heartbeat_s: float = _f(1.0, "peer heartbeat interval; a peer silent for timeout_s is declared failed; 0 = off",
                             ge=0)
+    malloc_trim_every: int = _f(10, "return the C heap's free pages to the system every N steps, so resident memory "
+                                     "stays flat (glibc); 0 = never", ge=0)
     fault: str = _f("", "fault injection for testing: kind:rank:step, kind in kill|stall|nan|killsave")
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-ORDER = ["moe_layer", "train_e2e", "lsh_compression", "lsh_overhead", "lsh_choices", "lsh_choices2", "lsh_choices3",
-         "cluster", "cluster_sweep", "quality", "profile", "soak", "scmoe", "scmoe_quality", "locmoe", "lina_train",
-         "lina_infer", "gpu_lsh"]
+ORDER = ["summary", "moe_layer", "train_e2e", "lsh_compression", "lsh_overhead", "lsh_choices", "lsh_choices2",
+         "lsh_choices3", "cluster", "cluster_sweep", "quality", "profile", "soak", "scmoe", "scmoe_quality", "locmoe",
+         "lina_train", "lina_infer", "gpu_lsh"]
 
 
 def docs_dir() -> Path:

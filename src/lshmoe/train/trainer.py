@@ -31,6 +31,7 @@ import torch
 
 from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, validate
+from lshmoe.dist.allocator import HeapTrimmer
 from lshmoe.dist.comm import Comm
 from lshmoe.dist.setup import init_comm, shutdown
 from lshmoe.errors import NumericalError, UserError
@@ -73,6 +74,7 @@ class Trainer:
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
+        self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
         self.sched = None
         if tc.grad_sync != "sync":
             self.sched = GradScheduler(self.model, comm, tc.grad_sync, int(tc.chunk_mb * 2**20))
@@ -120,6 +122,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         if self.comm.device.type == "cuda":
             torch.cuda.synchronize()
+        self.heap.step()  # inside the step time: its cost is the step's
         step_time = time.perf_counter() - t0
         load = torch.stack([out.moe[i].tokens_per_expert_E.cpu() for i in self.moe_ids])
         values = {
