@@ -162,3 +162,36 @@ def test_bytes_per_link_class_match_a_fixed_routing(kind):
         meta_inter, meta_intra = (2 * 8, 1 * 8) if kind == "flat" else (2 * 32, 1 * 32)
         assert res["inter"] == 2 * inter * row + meta_inter, (r, res, inter)
         assert res["intra"] == 2 * intra * row + meta_intra, (r, res, intra)
+
+
+def _node_bias_worker(comm):
+    from lshmoe.models.gpt import GPTMoE, is_node_param
+    from lshmoe.train.grad_sync import GradSync
+
+    cfg = Config(model=ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=6, moe_every=1),
+                 moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0, node_bias=True,
+                               locality_weight=0.1))
+    model = GPTMoE(cfg.model, cfg.moe, 50, comm).double()
+    model.reset_parameters(11)
+    ids = torch.randint(0, 50, (2, 7), generator=generator(3, "batch", comm.rank))
+    model(ids[:, :-1], ids[:, 1:]).loss.backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)}
+    sync = GradSync(model, comm)
+    sync.sync()
+    return {"node": model.my_node, "raw": raw, "norm": float(sync.global_norm()),
+            "synced": {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)}}
+
+
+@pytest.mark.slow
+def test_node_bias_gradients_are_reduced_within_the_node_only():
+    """2 nodes x 2 ranks, float64: each node's bias gets the sum of its own ranks' gradients / W."""
+    res = run_ranks(_node_bias_worker, 4, ranks_per_node=2, timeout_s=60)
+    names = list(res[0]["raw"])
+    assert names and all(n.endswith("router.node_bias") for n in names)
+    assert [r["node"] for r in res] == [0, 0, 1, 1]
+    for r in res:
+        for n in names:
+            want = sum(q["raw"][n] for q in res if q["node"] == r["node"]) / 4
+            assert torch.allclose(r["synced"][n], want, rtol=0, atol=EXACT)
+    assert not torch.equal(res[0]["synced"][names[0]], res[2]["synced"][names[0]])
+    assert len({r["norm"] for r in res}) == 1, "every rank clips by the same global norm"

@@ -82,3 +82,14 @@ def test_nan_stop_saves_and_exits(tmp_path):
     lines = [ln for ln in err.splitlines() if ln.startswith("lshmoe: error:")]
     assert len(lines) == 1 and "blocks.1.ffn.experts.w1_GDF at step 3" in lines[0], err
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+def test_node_bias_checkpoint_resumes_on_the_same_nodes_and_refuses_others(tmp_path):
+    out = tmp_path / "nb"
+    args = ("--node-bias", "--locality-weight", "0.1", "--save-every", "4")
+    rc, err, _ = _train(tmp_path, out, *args, "--ranks-per-node", "1", steps=4)
+    assert rc == 0, err
+    rc, err, _ = _train(tmp_path, out, *args, "--ranks-per-node", "1", "--resume", "auto", steps=6)
+    assert rc == 0 and "resumed from" in err, err
+    rc, err, _ = _train(tmp_path, out, *args, "--ranks-per-node", "2", "--resume", "auto", steps=8)
+    assert rc == 2 and "per-node router biases (moe.node_bias) for 2 nodes; this run has 1 nodes" in err, err

@@ -77,6 +77,9 @@ class MoEConfig:
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
     locality_weight: float = _f(0.0, "weight mu of the locality loss -log(router mass on node-local experts)", ge=0,
                                 flag="locality-weight")
+    node_bias: bool = _f(False, "learnable per-node router bias whose gradient is reduced within the node only, so "
+                         "each node's routing can lean towards its own experts (LocMoE's epsilon_i)",
+                         flag="node-bias")
     node_limit: int = _f(0, "each token may use experts on at most g nodes (group-limited routing); 0 = no limit",
                          ge=0, flag="node-limit")
     a2a_chunks: int = _f(1, "cut each all-to-all into n micro-ops along the tokens so the experts compute one "

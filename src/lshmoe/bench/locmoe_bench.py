@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", default="1gbit")
     p.add_argument("--router", default="topk", help="topk (learnable gate) or locmoe (GrAP)")
     p.add_argument("--with-lsh", default="0,0.01", help="mus also run with LSH-MoE compression")
-    p.add_argument("--failure-seeds", default="0,1,2")
+    p.add_argument("--with-node-bias", default="", help="mus also run with a per-node router bias (moe.node_bias)")
+    p.add_argument("--failure-seeds", default="0,1,2", help="seeds of the failure scenario ('' = skip it)")
+    p.add_argument("--name", default="locmoe", help="report section name")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-emulation", action="store_true")
     a = p.parse_args(argv)
@@ -120,16 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     load_data(base.data, print)
     seeds = [int(s) for s in a.seeds.split(",")]
     lsh_mus = {float(m) for m in a.with_lsh.split(",") if m}
+    nb_mus = [m for m in a.with_node_bias.split(",") if m]
     variants = [(f"mu={m}", {"moe.locality_weight": m}) for m in a.mus.split(",")]
     variants += [(f"mu={m}+lsh", {"moe.locality_weight": m, "moe.compress": "lsh"}) for m in a.mus.split(",")
                  if float(m) in lsh_mus]
+    variants += [(f"mu={m}+node-bias", {"moe.locality_weight": m, "moe.node_bias": "true"}) for m in nb_mus]
     failure = [(f"E=4,mu={m}", {"moe.num_experts": "4", "moe.locality_weight": m}) for m in ("0", "0.1")]
     failure += [("E=8,mu=0.1", {"moe.locality_weight": "0.1"})]
     results: dict[str, dict] = {}
     cap_rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lshmoe-locmoe-") as tmp:
-        for scenario, nodes, rpn, vs, ss in (("main", 2, 2, variants, seeds),
-                                             ("failure", 4, 1, failure, [int(s) for s in a.failure_seeds.split(",")])):
+        failure_seeds = [int(s) for s in a.failure_seeds.split(",") if s]
+        scenarios = (("main", 2, 2, variants, seeds), ("failure", 4, 1, failure, failure_seeds))
+        for scenario, nodes, rpn, vs, ss in scenarios:
             for seed in ss:
                 for name, over in vs:
                     cfg = apply(base, {**{k: str(v) for k, v in over.items()}, "train.seed": str(seed),
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     [[c["layer"], c["delta"], c["p_delta"], c["ec_min"], c["used_max_over_mean"]] for c in cap_rows])
     print(tbl)
     print(ctbl)
-    png = _plot(rows)
+    png = _plot(rows, a.name)
     where = "emulated nodes (network namespaces, tc tbf " + a.link + ")" if emulate else "loopback"
     body = (f"Router `{a.router}` + locality loss weight mu; main scenario 2 nodes x 2 ranks, failure scenario 4 "
             f"nodes x 1 rank; {where}; {a.steps} steps, 8 sequences/rank; per-run values are means over the last "
@@ -171,18 +176,19 @@ def main(argv: list[str] | None = None) -> int:
             "collectives, forward and backward).\n\n"
             f"{tbl}\n\n![locmoe]({png})\n\n### Capacity lower bound (Theorem 1) on the trained mu=0.01 model\n\n"
             f"{ctbl}\n")
-    write_section("locmoe", "LocMoE: locality-aware routing on emulated nodes", body,
+    title = "LocMoE: locality-aware routing on emulated nodes" + ("" if a.name == "locmoe" else f" ({a.name})")
+    write_section(a.name, title, body,
                   {"rows": rows, "capacity": cap_rows, "args": vars(a)})
     return 0
 
 
-def _plot(rows: list[dict]) -> str:
+def _plot(rows: list[dict], name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in rows if r["variant"].startswith("main/") and "+lsh" not in r["variant"]]
+    main = [r for r in rows if r["variant"].startswith("main/") and "+" not in r["variant"]]
     xs = [float(r["variant"].split("mu=")[1]) for r in main]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     pos = [max(x, 1e-4) for x in xs]
@@ -191,7 +197,15 @@ def _plot(rows: list[dict]) -> str:
             title="bytes on the slow link")
     ax2.errorbar(pos, [r["val_mean"] for r in main], yerr=[r["val_std"] for r in main], marker="o")
     ax2.set(xscale="log", xlabel="mu", ylabel="validation loss", title="quality")
-    return save_plot(fig, "locmoe")
+    for tag, marker in (("+lsh", "s"), ("+node-bias", "^")):
+        extra = [r for r in rows if r["variant"].startswith("main/") and r["variant"].endswith(tag)]
+        if extra:
+            ex = [max(float(r["variant"].split("mu=")[1].split("+")[0]), 1e-4) for r in extra]
+            ax1.plot(ex, [r["inter_mb"] for r in extra], marker=marker, linestyle="none", label=tag[1:])
+            ax2.plot(ex, [r["val_mean"] for r in extra], marker=marker, linestyle="none", label=tag[1:])
+    if any(r["variant"].startswith("main/") and "+" in r["variant"] for r in rows):
+        ax1.legend(fontsize=8)
+    return save_plot(fig, name)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ class InferenceEngine:
         icfg = icfg or InferConfig()
         if cfg.model.arch != "gpt":
             raise ConfigError(f"Lina inference supports model.arch=gpt, not {cfg.model.arch!r}")
+        if cfg.moe.node_bias:
+            raise ConfigError("Lina inference cannot serve a model trained with moe.node_bias: its routing depends "
+                              "on the node a token is on, which replica placement changes")
         self.cfg, self.comm, self.icfg = cfg, comm, icfg
         ecfg = dataclasses.replace(cfg.moe, compress="identity", ep_size=0)
         m = cfg.model

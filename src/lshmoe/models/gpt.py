@@ -67,6 +67,11 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
+def is_node_param(name: str) -> bool:
+    """Per-node parameters: replicated within a node, reduced over the node's ranks only."""
+    return name.endswith("router.node_bias")
+
+
 MoEFactory = Callable[..., nn.Module]  # (moe cfg, d_model, comm, layer_id, *, lsh, seed) -> layer
 
 
@@ -78,6 +83,7 @@ class GPTMoE(nn.Module):
                  moe_factory: MoEFactory = MoELayer, *, lsh: LSHConfig | None = None, seed: int = 0):
         super().__init__()
         self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
+        self.my_node = comm.node_of.get(comm.rank, 0)  # keys the per-node parameters in checkpoints
         D = mcfg.d_model
         self.tok_emb = nn.Embedding(vocab_size, D)
         self.pos_emb = nn.Embedding(mcfg.seq_len, D)

@@ -76,7 +76,8 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         num_local = cfg.num_experts // group.size
         self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, jitter=cfg.jitter,
-                                 normalize_weights=cfg.normalize_weights, gate=cfg.router)
+                                 normalize_weights=cfg.normalize_weights, gate=cfg.router,
+                                 node_bias=cfg.node_bias)
         # Which node hosts each global expert: expert e lives on EP rank e // num_local.
         self.node_of_E = torch.tensor([comm.node_of.get(group.ranks[e // num_local], 0)
                                        for e in range(cfg.num_experts)])

@@ -61,7 +61,7 @@ class TopKRouter(nn.Module):
     experts of at most `node_limit` nodes (moe/locality.py)."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, jitter: float = 0.0,
-                 normalize_weights: bool = True, gate: str = "topk"):
+                 normalize_weights: bool = True, gate: str = "topk", node_bias: bool = False):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.jitter, self.normalize_weights = jitter, normalize_weights
@@ -69,6 +69,8 @@ class TopKRouter(nn.Module):
             self.grap = GrAPGate(d_model, num_experts)
         else:
             self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        # Per-node bias (`is_node_param`): the same on the ranks of one node, different between nodes.
+        self.register_parameter("node_bias", nn.Parameter(torch.zeros(num_experts)) if node_bias else None)
         self.node_of_E: torch.Tensor | None = None
         self.local_E: torch.Tensor | None = None
         self.node_limit = 0
@@ -94,6 +96,8 @@ class TopKRouter(nn.Module):
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
         logits_TE = self.logits(x_TD)
+        if self.node_bias is not None:
+            logits_TE = logits_TE + self.node_bias.to(logits_TE.dtype)
         allowed_TE = None
         if self.node_limit > 0 and self.node_of_E is not None:
             allowed_TE = node_limited_mask(torch.softmax(logits_TE, -1), self.node_of_E.to(logits_TE.device),

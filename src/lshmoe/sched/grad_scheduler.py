@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lshmoe.dist.comm import Comm
-from lshmoe.models.gpt import is_expert_param
+from lshmoe.models.gpt import is_expert_param, is_node_param
 
 POLICIES = ("fair", "priority")
 
@@ -38,7 +38,8 @@ class GradScheduler:
     def __init__(self, model: nn.Module, comm: Comm, policy: str, chunk_bytes: int):
         assert policy in POLICIES, policy
         self.comm, self.policy, self.chunk_bytes = comm, policy, max(1, chunk_bytes)
-        self.params = [p for n, p in model.named_parameters() if p.requires_grad and not is_expert_param(n)]
+        self.params = [p for n, p in model.named_parameters() if p.requires_grad and not is_expert_param(n)
+                       and not is_node_param(n)]  # GradSync reduces those within the node
         self.group = comm.group("grad")
         self._cv = threading.Condition()
         self._queue: collections.deque[tuple[torch.Tensor, str]] = collections.deque()

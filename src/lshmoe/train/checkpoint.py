@@ -39,12 +39,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from lshmoe.config import Config
 from lshmoe.dist.comm import Comm
 from lshmoe.errors import UserError
-from lshmoe.models.gpt import is_expert_param
+from lshmoe.models.gpt import is_expert_param, is_node_param
 
 FORMAT = 1
 # Model config fields that change parameter shapes or their meaning; a checkpoint only loads into the same.
 SHAPE_FIELDS = {"model": ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "mlp_ratio", "norm"),
-                "moe": ("num_experts", "d_expert", "activation")}
+                "moe": ("num_experts", "d_expert", "activation", "node_bias")}
 
 
 class CheckpointError(UserError):
@@ -77,7 +77,12 @@ def state_entries(model: nn.Module, opt: torch.optim.Optimizer, rank: int, extra
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         st = _adam_state(opt, p)
-        if name in firsts:
+        if is_node_param(name):  # one entry per node; the ranks of a node hold identical copies
+            key = f"{name}/node{getattr(model, 'my_node', 0)}"
+            out[f"model/{key}"] = p.data
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                out[f"optim/{key}/{k}"] = st[k]
+        elif name in firsts:
             for g in range(p.shape[0]):
                 key = f"{name}/e{firsts[name] + g}"
                 out[f"model/{key}"] = p.data[g]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lshmoe.dist.comm import Comm
-from lshmoe.models.gpt import is_expert_param
+from lshmoe.models.gpt import is_expert_param, is_node_param
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -41,10 +41,12 @@ class GradSync:
     def __init__(self, model: nn.Module, comm: Comm, bucket_bytes: int = BUCKET_BYTES):
         self.comm = comm
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.dense = [p for n, p in named if not is_expert_param(n)]
+        self.dense = [p for n, p in named if not is_expert_param(n) and not is_node_param(n)]
         self.expert = [p for n, p in named if is_expert_param(n)]
+        self.node = [p for n, p in named if is_node_param(n)]
         self.dense_buckets = _buckets(self.dense, bucket_bytes)
         self.expert_buckets = _buckets(self.expert, bucket_bytes)
+        self.node_buckets = _buckets(self.node, bucket_bytes)
 
     def _reduce(self, buckets: list[list[nn.Parameter]], group_name: str, tag: str) -> None:
         group = self.comm.group(group_name)
@@ -69,6 +71,7 @@ class GradSync:
         if dense:
             self._reduce(self.dense_buckets, "world", "grad.dense")
         self._reduce(self.expert_buckets, "edp", "grad.expert")
+        self._reduce(self.node_buckets, "node", "grad.node")  # empty unless moe.node_bias
 
     def global_norm(self) -> torch.Tensor:
         """L2 norm of the whole model's gradient, identical on every rank."""
@@ -83,6 +86,10 @@ class GradSync:
         dense, expert = sq(self.dense), sq(self.expert)
         # Each EP rank holds different experts: their squares add up over the EP group.
         self.comm.all_reduce(expert, self.comm.group("ep"), "grad.norm")
+        if self.node:  # one copy per node: the squares of every rank, over the ranks of a node
+            node = sq(self.node)
+            self.comm.all_reduce(node, self.comm.group("world"), "grad.norm.node")
+            expert = expert + node / self.comm.group("node").size
         return (dense + expert).sqrt()
 
     def clip(self, max_norm: float) -> float:
@@ -91,7 +98,7 @@ class GradSync:
         total = float(norm)
         if max_norm > 0 and math.isfinite(total) and total > max_norm:
             scale = max_norm / (total + 1e-6)
-            for p in self.dense + self.expert:
+            for p in self.dense + self.expert + self.node:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return total

@@ -190,10 +190,13 @@ class Trainer:
                                                                                     dtype=torch.float64)
         return out
 
+    def _nodes(self) -> int:
+        return max(self.comm.node_of.values(), default=0) + 1
+
     def save_checkpoint(self, step: int) -> Path:
         entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, self._extra_entries(step))
         meta = {"model": ckpt.model_signature(self.cfg, self.data.vocab_size), "world_size": self.comm.world_size,
-                "ep_size": self.comm.group("ep").size, "config": self.cfg.to_dict()}
+                "ep_size": self.comm.group("ep").size, "nodes": self._nodes(), "config": self.cfg.to_dict()}
         kill = (lambda: self._maybe_fault("kill", step)) if self._fault_now("killsave", step) else None
         if kill is not None:
             self.fault = ("kill", self.comm.rank, step)
@@ -203,6 +206,9 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
         ckpt.check_compatible(path, meta, self.cfg, self.data.vocab_size)
+        if self.cfg.moe.node_bias and meta.get("nodes") != self._nodes():
+            raise ckpt.CheckpointError(f"checkpoint {path} holds per-node router biases (moe.node_bias) for "
+                                       f"{meta.get('nodes')} nodes; this run has {self._nodes()} nodes")
         extra = self._extra_entries(0)
         entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, extra)
         missing = ckpt.load(path, entries)
