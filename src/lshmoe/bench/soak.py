@@ -13,8 +13,10 @@ Run: `lshmoe bench soak --steps 3000`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
+from pathlib import Path
 
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, from_dict, set_value
@@ -45,12 +47,21 @@ def _worker(comm, cfg_dict: dict, every: int) -> list[dict]:
     return samples
 
 
+def steady(samples: list[dict], quiet: set[int]) -> list[dict]:
+    """Samples of ordinary training steps: validation and checkpoint steps allocate their own buffers,
+    which the next heap trim returns, so they are left out of the growth measure."""
+    return [s for s in samples if s["step"] not in quiet]
+
+
 def slope_mb_per_kstep(samples: list[dict]) -> float:
     pts = samples[len(samples) // 2:]
     xs, ys = [p["step"] for p in pts], [p["rss_mb"] for p in pts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
+EVAL_EVERY, SAVE_EVERY = 500, 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,42 +71,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--name", default="soak", help="report section name")
+    p.add_argument("--from-json", metavar="PATH", help="re-render the report of a recorded run (its JSON)")
     a = p.parse_args(argv)
+    if a.from_json:
+        rec = json.loads(Path(a.from_json).read_text())
+        report(rec["samples"], rec["args"], rec["command"], rec["machine"])
+        return 0
     cfg = Config()
     cfg.moe.compress = "lsh"
     for item in a.set:
         k, v = item.split("=", 1)
         set_value(cfg, k, v)
-    cfg.train.steps, cfg.train.progress, cfg.train.eval_every = a.steps, False, 500
+    cfg.train.steps, cfg.train.progress, cfg.train.eval_every = a.steps, False, EVAL_EVERY
     with tempfile.TemporaryDirectory(prefix="lshmoe-soak-") as tmp:
-        cfg.train.out_dir, cfg.train.save_every, cfg.train.keep_last = tmp, 1000, 1
+        cfg.train.out_dir, cfg.train.save_every, cfg.train.keep_last = tmp, SAVE_EVERY, 1
         load_data(cfg.data, print)
         per_rank = run_ranks(_worker, a.nproc, cfg.to_dict(), a.every, timeout_s=300, deadline_s=6 * 3600,
                              threads=max(1, (os.cpu_count() or 1) // a.nproc))
+    report(per_rank, vars(a))
+    return 0
+
+
+def report(per_rank: list[list[dict]], args: dict, command: str | None = None, meta: dict | None = None) -> None:
+    steps, name = args["steps"], args.get("name", "soak")
+    quiet = {s for s in range(0, steps + 1) if s and (s % EVAL_EVERY == 0 or s % SAVE_EVERY == 0 or s == steps)}
     rows = []
     for r, samples in enumerate(per_rank):
-        warm = next(s for s in samples if s["step"] >= min(200, a.steps // 4))
-        rows.append({"rank": r, "rss_start_mb": warm["rss_mb"], "rss_end_mb": samples[-1]["rss_mb"],
+        calm = steady(samples, quiet)
+        warm = next(s for s in calm if s["step"] >= min(200, steps // 4))
+        rows.append({"rank": r, "rss_start_mb": warm["rss_mb"], "rss_end_mb": calm[-1]["rss_mb"],
                      "rss_max_mb": max(s["rss_mb"] for s in samples),
-                     "slope_mb_per_1000_steps": slope_mb_per_kstep(samples),
+                     "slope_mb_per_1000_steps": slope_mb_per_kstep(calm),
                      "ledger_open_max": max(s["ledger_open"] for s in samples),
                      "ledger_timeline_max": max(s["ledger_timeline"] for s in samples)})
-    tbl = md_table(["rank", f"RSS at step {warm['step']} (MB)", f"RSS at step {a.steps} (MB)", "max RSS (MB)",
-                    "RSS slope, 2nd half (MB / 1000 steps)", "open ledger records (max)", "ledger timeline (max)"],
+    last = calm[-1]["step"]
+    tbl = md_table(["rank", f"RSS at step {warm['step']} (MB)", f"RSS at step {last} (MB)",
+                    "max RSS, any step (MB)", "RSS slope, 2nd half (MB / 1000 steps)", "open ledger records (max)",
+                    "ledger timeline (max)"],
                    [[r["rank"], r["rss_start_mb"], r["rss_end_mb"], r["rss_max_mb"],
                      f"{r['slope_mb_per_1000_steps']:+.2f}", r["ledger_open_max"], r["ledger_timeline_max"]]
                     for r in rows])
     print(tbl)
-    png = _plot(per_rank, a.name)
-    body = (f"{a.steps} training steps of the default GPT-MoE with LSH-MoE compression on {a.nproc} gloo ranks, "
-            f"through `Trainer.run` (metrics every 10 steps, validation every 500, a checkpoint every 1000); "
-            f"sampled every {a.every} steps on every rank. Open ledger records are counted after each step "
-            "(the ledger is summarised and cleared at every step end; collectives issued by logging and "
-            f"validation wait there for the next step).\n\n{tbl}\n\n![rss]({png})\n")
-    title = "Soak: memory over thousands of steps" + ("" if a.name == "soak" else f" ({a.name})")
-    write_section(a.name, title, body, {"rows": rows, "samples": per_rank,
-                                                                          "args": vars(a)})
-    return 0
+    png = _plot(per_rank, name)
+    body = (f"{steps} training steps of the default GPT-MoE with LSH-MoE compression on {len(per_rank)} gloo ranks, "
+            f"through `Trainer.run` (metrics every 10 steps, validation every {EVAL_EVERY}, a checkpoint every "
+            f"{SAVE_EVERY}, the C heap trimmed every 10 steps); sampled every {args['every']} steps on every rank. "
+            "Start, end and slope use ordinary steps: a sample right after validation or a checkpoint includes "
+            "their buffers (the max column and the spikes in the plot), returned at the next trim. Open ledger "
+            "records are counted after each step (the ledger is summarised and cleared at every step end; "
+            f"collectives issued by logging and validation wait there for the next step).\n\n{tbl}\n\n"
+            f"![rss]({png})\n")
+    title = "Soak: memory over thousands of steps" + ("" if name == "soak" else f" ({name})")
+    write_section(name, title, body, {"rows": rows, "samples": per_rank, "args": args}, command=command, meta=meta)
 
 
 def _plot(per_rank: list[list[dict]], name: str) -> str:
