@@ -88,3 +88,13 @@ def test_analytic_model_by_hand():
     # the paper's closed form: k FLOPs / (24 B) (w-1)/(w h), with bytes made explicit
     assert p.paper_ratio == pytest.approx(2 * 156e12 * 2 / (24 * b_gpu) * 3 / (4 * 1024))
     assert math.isclose(p.paper_ratio, 4 * 16 * (4096 * 2 / 4) * 3 * 1024 * 2 / b_gpu / t_comp, rel_tol=1e-9)
+
+
+def test_soak_growth_ignores_validation_and_checkpoint_spikes():
+    from lshmoe.bench.soak import slope_mb_per_kstep, steady
+
+    flat = [{"step": s, "rss_mb": 400.0 + (150.0 if s % 500 == 0 else 0.0)} for s in range(50, 2001, 50)]
+    calm = steady(flat, {500, 1000, 1500, 2000})
+    assert len(calm) == len(flat) - 4 and slope_mb_per_kstep(calm) == 0.0
+    growing = [{"step": s, "rss_mb": 400.0 + 0.1 * s} for s in range(50, 2001, 50)]
+    assert abs(slope_mb_per_kstep(steady(growing, {1000})) - 100.0) < 1e-6  # 0.1 MB per step
