@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 ORDER = ["summary", "moe_layer", "train_e2e", "lsh_compression", "lsh_overhead", "lsh_choices", "lsh_choices2",
-         "lsh_choices3", "cluster", "cluster_sweep", "quality", "profile", "soak", "scmoe", "scmoe_quality", "locmoe",
-         "lina_train", "lina_infer", "gpu_lsh"]
+         "lsh_choices3", "cluster", "cluster_sweep", "quality", "quality_rate20", "profile", "soak", "scmoe",
+         "scmoe_quality", "locmoe", "locmoe_node_bias", "lina_train", "lina_infer", "gpu_lsh"]
 
 
 def docs_dir() -> Path:
