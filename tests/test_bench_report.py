@@ -98,3 +98,17 @@ def test_soak_growth_ignores_validation_and_checkpoint_spikes():
     assert len(calm) == len(flat) - 4 and slope_mb_per_kstep(calm) == 0.0
     growing = [{"step": s, "rss_mb": 400.0 + 0.1 * s} for s in range(50, 2001, 50)]
     assert abs(slope_mb_per_kstep(steady(growing, {1000})) - 100.0) < 1e-6  # 0.1 MB per step
+
+
+def test_quality_summary_without_a_baseline_variant_uses_the_first():
+    from lshmoe.bench.quality import summarise
+
+    def recs(losses):
+        evals = [{"kind": "eval", "val_loss": v, "train_time_s": 10.0 * (i + 1), "step": 10 * (i + 1)}
+                 for i, v in enumerate(losses)]
+        return evals + [{"kind": "summary", "median_tokens_per_s": 1000.0}]
+
+    runs = {"top2": {0: recs([6.0, 5.5]), 1: recs([6.0, 5.6])}, "scmoe": {0: recs([5.8, 5.4]), 1: recs([5.7, 5.3])}}
+    rows, target = summarise(runs)
+    assert target == 5.6 and rows[0]["delta_pct"] == 0.0 and rows[1]["delta_pct"] < 0
+    assert rows[1]["ttt_reached"] == "2/2" and rows[1]["ttt_speedup"] > 1.0

@@ -57,6 +57,10 @@ def time_to_target(evals: list[dict], target: float) -> float | None:
 
 
 def summarise(runs: dict[str, dict[int, list[dict]]], baseline: str = "baseline") -> tuple[list[dict], float | None]:
+    """Per-variant final losses, tokens/s and time-to-target against `baseline` (the first variant when
+    no variant has that name, e.g. `--variants top2,shared,scmoe-pos2`)."""
+    if baseline not in runs and runs:
+        baseline = next(iter(runs))
     finals = {v: [[r for r in recs if r["kind"] == "eval"][-1]["val_loss"] for recs in seeds.values()]
               for v, seeds in runs.items()}
     target = max(finals[baseline]) if baseline in finals else None
@@ -138,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs[v][seed] = run_job(cfg, a.nodes, a.ranks_per_node, a.link, emulate, Path(tmp) / f"{v}-{seed}")
                 ev = [r for r in runs[v][seed] if r["kind"] == "eval"]
                 print(f"   final val loss {ev[-1]['val_loss']:.4f} after {ev[-1]['train_time_s']:.0f} s", flush=True)
-    rows, target = summarise(runs)
-    tbl = md_table(["variant", "final val loss (mean ± std)", "vs baseline", "per seed", "tokens/s",
+    ref = "baseline" if "baseline" in runs else next(iter(runs))
+    rows, target = summarise(runs, ref)
+    tbl = md_table(["variant", "final val loss (mean ± std)", f"vs {ref}", "per seed", "tokens/s",
                     "reached target", "time-to-target speedup"],
                    [[r["variant"], f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
                      f"{r.get('delta_pct', 0):+.2f}%", ", ".join(f"{x:.3f}" for x in r["val_per_seed"]),
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"{len(seeds)} seeds x {len(names)} variants, {a.steps} steps each ({base.train.batch_size} seqs x "
             f"{base.model.seq_len} tokens per rank per step, same data order per seed), {where}. Validation every "
             f"{a.eval_every} steps on {base.train.eval_batches} batches per rank. Target loss for time-to-target: "
-            f"{target:.4f} (the worst baseline seed's final loss).\n\n{tbl}\n\n![quality]({png})\n\nVariants: "
+            f"{target:.4f} (the worst {ref} seed's final loss).\n\n{tbl}\n\n![quality]({png})\n\nVariants: "
             + "; ".join(f"`{n}` = {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in variants.items()) + "\n")
     title = "Model quality: same tokens, several seeds" + ("" if a.name == "quality" else f" ({a.name})")
     write_section(a.name, title, body,
