@@ -103,11 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(ns: argparse.Namespace) -> C.Config:
     cfg = C.load_yaml(ns.config) if ns.config else C.Config()
-    for item in ns.set:
-        if "=" not in item:
-            raise C.ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        key, value = item.split("=", 1)
-        C.set_value(cfg, key.strip(), value)
+    C.apply_sets(cfg, ns.set)
     for dotted, _, _ in C.leaf_fields():
         if dotted in vars(ns):
             C.set_value(cfg, dotted, getattr(ns, dotted))

@@ -335,6 +335,16 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     setattr(sub, key, coerce(dotted, value, hints[key]))
 
 
+def apply_sets(cfg: Config, items: list[str]) -> Config:
+    """Apply `--set SECTION.KEY=VALUE` items in order; return `cfg`."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value)
+    return cfg
+
+
 def leaf_fields() -> list[tuple[str, dataclasses.Field, Any]]:
     """Every (dotted name, field, type) of the config tree, in declaration order."""
     out = []

@@ -23,7 +23,7 @@ from pathlib import Path
 from lshmoe.bench.netns import check_emulation, rate_bits, run_job_ranks
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.config import Config, set_value
+from lshmoe.config import Config, apply_sets, set_value
 from lshmoe.train.data import load_data
 
 # The benchmark model: the default GPT-MoE with 16 sequences per rank, so the expert all-to-all
@@ -47,10 +47,7 @@ def base_config(sets: list[str]) -> Config:
     cfg = Config()
     for k, v in BENCH_OVERRIDES.items():
         set_value(cfg, k, v)
-    for item in sets:
-        k, v = item.split("=", 1)
-        set_value(cfg, k, v)
-    return cfg
+    return apply_sets(cfg, sets)
 
 
 def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emulate: bool,

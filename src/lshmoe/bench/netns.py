@@ -193,7 +193,7 @@ def run_job_ranks(cmd: list[str], nodes: int, ranks_per_node: int, link: str | N
                   grace_s: float = 30.0) -> int:
     """Run `cmd` as every rank of a nodes x ranks_per_node job, on an emulated cluster (namespaces,
     throttled links) or on loopback with the same topology; return the job's exit status."""
-    from lshmoe.dist.launch import free_port, supervise
+    from lshmoe.dist.launch import loopback_envs, supervise
 
     world = nodes * ranks_per_node
     if emulate:
@@ -201,8 +201,4 @@ def run_job_ranks(cmd: list[str], nodes: int, ranks_per_node: int, link: str | N
             port = 29400 + os.getpid() % 500
             return supervise([cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
                              [cluster.rank_env(r, port) for r in range(world)], grace_s=grace_s)
-    port = free_port()
-    envs = [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % ranks_per_node),
-             "LOCAL_WORLD_SIZE": str(ranks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            for r in range(world)]
-    return supervise([cmd] * world, envs, grace_s=grace_s)
+    return supervise([cmd] * world, loopback_envs(world, ranks_per_node), grace_s=grace_s)

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from lshmoe.bench.report import md_table, save_plot, write_section
-from lshmoe.config import Config, from_dict, set_value
+from lshmoe.config import Config, apply_sets, from_dict
 from lshmoe.dist.spawn import run_ranks
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = Config()
     cfg.moe.compress = "lsh"
-    for item in a.set:
-        k, v = item.split("=", 1)
-        set_value(cfg, k, v)
+    apply_sets(cfg, a.set)
     cfg.train.steps, cfg.train.progress, cfg.train.eval_every = a.steps, False, EVAL_EVERY
     with tempfile.TemporaryDirectory(prefix="lshmoe-soak-") as tmp:
         cfg.train.out_dir, cfg.train.save_every, cfg.train.keep_last = tmp, SAVE_EVERY, 1

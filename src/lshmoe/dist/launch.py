@@ -28,10 +28,16 @@ def free_port() -> int:
 
 def launch(argv: list[str], nproc: int, grace_s: float = 10.0) -> int:
     """Run `python -m lshmoe.cli *argv` on `nproc` local ranks; return the job's exit status."""
+    return supervise([[sys.executable, "-m", "lshmoe.cli", *argv]] * nproc, loopback_envs(nproc, nproc), grace_s)
+
+
+def loopback_envs(world: int, ranks_per_node: int) -> list[dict[str, str]]:
+    """torchrun-style environment of every rank of a job on this machine (rendezvous on a free port);
+    `ranks_per_node` < world makes consecutive ranks emulated nodes for the topology map."""
     port = free_port()
-    envs = [{"RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(nproc),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(nproc)]
-    return supervise([[sys.executable, "-m", "lshmoe.cli", *argv]] * nproc, envs, grace_s)
+    return [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % ranks_per_node),
+             "LOCAL_WORLD_SIZE": str(ranks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            for r in range(world)]
 
 
 def supervise(cmds: list[list[str]], envs: list[dict[str, str]], grace_s: float = 10.0) -> int:

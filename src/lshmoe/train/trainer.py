@@ -330,8 +330,6 @@ def train(cfg: Config) -> TrainResult:
             comm.report_failure(e)
         raise
     finally:
-        if comm.watchdog is not None:
-            comm.watchdog.stop()
         # NOTE: tear the process group down explicitly: left to interpreter exit, gloo's threads can
         # be destroyed while joinable and abort the process ("terminate called without an active exception").
         shutdown()
