@@ -8,8 +8,28 @@ import sys
 import time
 from pathlib import Path
 
-TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--batch-size", "4",
-        "--d-expert", "32", "--eval-every", "0", "--eval-batches", "2", "--progress", "false", "--vocab-size", "300"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--d-expert",
+    "32",
+    "--eval-every",
+    "0",
+    "--eval-batches",
+    "2",
+    "--progress",
+    "false",
+    "--vocab-size",
+    "300",
+]
 
 
 def corpus(tmp: Path) -> Path:
@@ -20,8 +40,9 @@ def corpus(tmp: Path) -> Path:
 
     path = tmp / "corpus.txt"
     if not path.exists():
-        docs = [inspect.getdoc(obj) or "" for mod in (textwrap, j, inspect) for obj in vars(mod).values()
-                if callable(obj)]
+        docs = [
+            inspect.getdoc(obj) or "" for mod in (textwrap, j, inspect) for obj in vars(mod).values() if callable(obj)
+        ]
         path.write_text("\n\n".join(d for d in docs if len(d) > 40))
     return path
 

@@ -19,8 +19,23 @@ def _one_line(rc: int, err: str, *needles: str) -> None:
 
 
 def _train(tmp, *extra, nproc=2):
-    return run(["train", "--nproc", str(nproc), *TINY, "--cache-dir", str(tmp / "cache"), "--num-experts", "4",
-                "--steps", "4", "--out-dir", str(tmp / "out"), *extra])
+    return run(
+        [
+            "train",
+            "--nproc",
+            str(nproc),
+            *TINY,
+            "--cache-dir",
+            str(tmp / "cache"),
+            "--num-experts",
+            "4",
+            "--steps",
+            "4",
+            "--out-dir",
+            str(tmp / "out"),
+            *extra,
+        ]
+    )
 
 
 def test_empty_data_file(tmp_path):

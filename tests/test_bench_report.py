@@ -38,8 +38,11 @@ def test_summary_of_a_recorded_ab_run():
 
 
 def test_time_to_target_interpolates():
-    evals = [{"val_loss": 6.0, "train_time_s": 10.0}, {"val_loss": 5.0, "train_time_s": 20.0},
-             {"val_loss": 4.0, "train_time_s": 30.0}]
+    evals = [
+        {"val_loss": 6.0, "train_time_s": 10.0},
+        {"val_loss": 5.0, "train_time_s": 20.0},
+        {"val_loss": 4.0, "train_time_s": 30.0},
+    ]
     assert quality.time_to_target(evals, 4.5) == pytest.approx(25.0)
     assert quality.time_to_target(evals, 6.5) == pytest.approx(10.0)
     assert quality.time_to_target(evals, 3.0) is None
@@ -47,8 +50,10 @@ def test_time_to_target_interpolates():
 
 def test_quality_summary_on_recorded_curves():
     def run(final, speed):
-        ev = [{"kind": "eval", "step": s, "val_loss": 8 - (8 - final) * s / 100, "train_time_s": s / speed}
-              for s in (25, 50, 75, 100)]
+        ev = [
+            {"kind": "eval", "step": s, "val_loss": 8 - (8 - final) * s / 100, "train_time_s": s / speed}
+            for s in (25, 50, 75, 100)
+        ]
         return ev + [{"kind": "summary", "median_tokens_per_s": speed * 1000}]
 
     runs = {"baseline": {0: run(5.0, 1.0), 1: run(5.2, 1.0)}, "fast": {0: run(5.0, 2.0), 1: run(5.1, 2.0)}}
@@ -70,9 +75,23 @@ def test_report_sections_and_index(tmp_path, monkeypatch):
 
 
 def test_analytic_model_by_hand():
-    m = ClusterModel(nodes=4, gpus_per_node=8, inter_gbit_per_node=200.0, gpu_tflops=312.0, mfu=0.5, hidden=1024,
-                     layers=16, moe_every=2, tokens_per_gpu=4096, top_k=2, bytes_per_elem=2, rate=0.25,
-                     lsh_passes=8, lsh_bw_eff=0.5, hbm_tbps=2.0)
+    m = ClusterModel(
+        nodes=4,
+        gpus_per_node=8,
+        inter_gbit_per_node=200.0,
+        gpu_tflops=312.0,
+        mfu=0.5,
+        hidden=1024,
+        layers=16,
+        moe_every=2,
+        tokens_per_gpu=4096,
+        top_k=2,
+        bytes_per_elem=2,
+        rate=0.25,
+        lsh_passes=8,
+        lsh_bw_eff=0.5,
+        hbm_tbps=2.0,
+    )
     p = project(m)
     b_gpu = 200e9 / 8 / 8  # 3.125 GB/s per GPU
     t_a2a = 4 * 8 * (4096 * 2 / 4) * 3 * 1024 * 2 / b_gpu  # = 0.12885 s
@@ -104,8 +123,10 @@ def test_quality_summary_without_a_baseline_variant_uses_the_first():
     from lshmoe.bench.quality import summarise
 
     def recs(losses):
-        evals = [{"kind": "eval", "val_loss": v, "train_time_s": 10.0 * (i + 1), "step": 10 * (i + 1)}
-                 for i, v in enumerate(losses)]
+        evals = [
+            {"kind": "eval", "val_loss": v, "train_time_s": 10.0 * (i + 1), "step": 10 * (i + 1)}
+            for i, v in enumerate(losses)
+        ]
         return evals + [{"kind": "summary", "median_tokens_per_s": 1000.0}]
 
     runs = {"top2": {0: recs([6.0, 5.5]), 1: recs([6.0, 5.6])}, "scmoe": {0: recs([5.8, 5.4]), 1: recs([5.7, 5.3])}}

@@ -7,23 +7,28 @@ import torch
 from cli_util import corpus
 
 from lshmoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
-from lshmoe.dist.spawn import run_ranks
+from lshmoe.testing import run_ranks
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
 
 def _cfg(tmp, resume="none") -> dict:
-    cfg = Config(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16),
-                 moe=MoEConfig(num_experts=8, d_expert=16),
-                 data=DataConfig(path=str(corpus(tmp)), vocab_size=300, cache_dir=str(tmp / "cache")),
-                 train=TrainConfig(batch_size=2, out_dir=str(tmp / "run"), progress=False, resume=resume))
+    cfg = Config(
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16),
+        moe=MoEConfig(num_experts=8, d_expert=16),
+        data=DataConfig(path=str(corpus(tmp)), vocab_size=300, cache_dir=str(tmp / "cache")),
+        train=TrainConfig(batch_size=2, out_dir=str(tmp / "run"), progress=False, resume=resume),
+    )
     return cfg.to_dict()
 
 
 def _entries(tr: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in ckpt.state_entries(tr.model, tr.opt, tr.comm.rank, {}).items()
-            if k.startswith(("model/", "optim/"))}
+    return {
+        k: v.detach().clone()
+        for k, v in ckpt.state_entries(tr.model, tr.opt, tr.comm.rank, {}).items()
+        if k.startswith(("model/", "optim/"))
+    }
 
 
 def _save_worker(comm, cfg_dict):

@@ -13,10 +13,40 @@ import pytest
 @pytest.mark.slow
 def test_two_rank_cli_run_writes_metrics(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lshmoe", "train", "--nproc", "2", "--steps", "6", "--log-every", "3",
-           "--eval-every", "3", "--eval-batches", "2", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
-           "--seq-len", "32", "--batch-size", "4", "--num-experts", "4", "--d-expert", "32",
-           "--out-dir", str(out), "--progress", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lshmoe",
+        "train",
+        "--nproc",
+        "2",
+        "--steps",
+        "6",
+        "--log-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--d-model",
+        "32",
+        "--n-layers",
+        "2",
+        "--n-heads",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--num-experts",
+        "4",
+        "--d-expert",
+        "32",
+        "--out-dir",
+        str(out),
+        "--progress",
+        "false",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

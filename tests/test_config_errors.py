@@ -21,23 +21,26 @@ def _run(capsys, *argv: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--num-experts", "4", "--top-k", "5"], ["moe.top_k=5", "[1, moe.num_experts=4]"]),
-    (["--num-experts", "6", "--nproc", "4"], ["moe.num_experts=6", "expert-parallel size 4"]),
-    (["--num-experts", "8", "--nproc", "3", "--ep-size", "2"], ["moe.ep_size=2", "world size 3"]),
-    (["--d-model", "0"], ["model.d_model=0", ">= 1"]),
-    (["--n-layers", "-2"], ["model.n_layers=-2", ">= 1"]),
-    (["--steps", "0"], ["train.steps=0", ">= 1"]),
-    (["--nproc", "0"], ["dist.nproc=0", ">= 1"]),
-    (["--capacity-factor", "-1"], ["moe.capacity_factor=-1", "> 0"]),
-    (["--lr", "abc"], ["train.lr", "expected float", "'abc'"]),
-    (["--steps", "1.5"], ["train.steps", "expected int"]),
-    (["--activation", "relu"], ["moe.activation='relu'", "gelu, swiglu"]),
-    (["--d-model", "30", "--n-heads", "4"], ["model.n_heads=4", "model.d_model=30"]),
-    (["--data", "/nonexistent/corpus.txt"], ["--data /nonexistent/corpus.txt", "no such file"]),
-    (["--set", "moe.bogus=1"], ["moe.bogus", "unknown key"]),
-    (["--set", "nosection.x=1"], ["unknown section 'nosection'"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--num-experts", "4", "--top-k", "5"], ["moe.top_k=5", "[1, moe.num_experts=4]"]),
+        (["--num-experts", "6", "--nproc", "4"], ["moe.num_experts=6", "expert-parallel size 4"]),
+        (["--num-experts", "8", "--nproc", "3", "--ep-size", "2"], ["moe.ep_size=2", "world size 3"]),
+        (["--d-model", "0"], ["model.d_model=0", ">= 1"]),
+        (["--n-layers", "-2"], ["model.n_layers=-2", ">= 1"]),
+        (["--steps", "0"], ["train.steps=0", ">= 1"]),
+        (["--nproc", "0"], ["dist.nproc=0", ">= 1"]),
+        (["--capacity-factor", "-1"], ["moe.capacity_factor=-1", "> 0"]),
+        (["--lr", "abc"], ["train.lr", "expected float", "'abc'"]),
+        (["--steps", "1.5"], ["train.steps", "expected int"]),
+        (["--activation", "relu"], ["moe.activation='relu'", "gelu, swiglu"]),
+        (["--d-model", "30", "--n-heads", "4"], ["model.n_heads=4", "model.d_model=30"]),
+        (["--data", "/nonexistent/corpus.txt"], ["--data /nonexistent/corpus.txt", "no such file"]),
+        (["--set", "moe.bogus=1"], ["moe.bogus", "unknown key"]),
+        (["--set", "nosection.x=1"], ["unknown section 'nosection'"]),
+    ],
+)
 def test_cli_rejects_bad_values(capsys, argv, needles):
     err = _run(capsys, "train", *argv, "--steps" if "--steps" not in argv else "--log-every", "1")
     for n in needles:
@@ -49,14 +52,17 @@ def test_unknown_flag(capsys):
     assert "--no-such-flag" in err
 
 
-@pytest.mark.parametrize("text, needles", [
-    ("moe:\n  top_k: 2\n  expertz: 4\n", ["unknown key moe.expertz", "num_experts"]),
-    ("modle:\n  d_model: 64\n", ["unknown section 'modle'"]),
-    ("train:\n  steps: many\n", ["train.steps", "expected int", "'many'"]),
-    ("train: [1, 2\n", ["malformed YAML", "line"]),
-    ("- just\n- a list\n", ["expected a mapping"]),
-    ("model:\n  d_model: true\n", ["model.d_model", "expected int", "True"]),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("moe:\n  top_k: 2\n  expertz: 4\n", ["unknown key moe.expertz", "num_experts"]),
+        ("modle:\n  d_model: 64\n", ["unknown section 'modle'"]),
+        ("train:\n  steps: many\n", ["train.steps", "expected int", "'many'"]),
+        ("train: [1, 2\n", ["malformed YAML", "line"]),
+        ("- just\n- a list\n", ["expected a mapping"]),
+        ("model:\n  d_model: true\n", ["model.d_model", "expected int", "True"]),
+    ],
+)
 def test_yaml_errors(tmp_path, capsys, text, needles):
     f = tmp_path / "c.yaml"
     f.write_text(text)
@@ -94,8 +100,12 @@ def test_none_and_bool_coercion():
 
 def test_console_shows_one_line_not_a_traceback(tmp_path):
     """The real console: a spawned `lshmoe train` with a bad value prints one line and exits 2."""
-    proc = subprocess.run([sys.executable, "-m", "lshmoe", "train", "--nproc", "2", "--num-experts", "3"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lshmoe", "train", "--nproc", "2", "--num-experts", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "moe.num_experts=3" in lines[0], proc.stderr
@@ -103,7 +113,7 @@ def test_console_shows_one_line_not_a_traceback(tmp_path):
 
 
 def test_heap_trim_is_validated_and_runs():
-    from lshmoe.dist.allocator import HeapTrimmer
+    from lshmoe.train.allocator import HeapTrimmer
 
     cfg = C.Config()
     cfg.dist.malloc_trim_every = -1

@@ -12,8 +12,7 @@ import torch
 from conftest import EXACT
 
 from lshmoe.config import Config, ModelConfig, MoEConfig, TrainConfig
-from lshmoe.dist.comm import Comm
-from lshmoe.dist.spawn import run_ranks
+from lshmoe.distributed.comm import Comm
 from lshmoe.infer.dispatch import ReplicaDispatcher
 from lshmoe.infer.engine import InferConfig, InferenceEngine
 from lshmoe.infer.placement import (
@@ -38,6 +37,7 @@ from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import sort_by_expert
 from lshmoe.seeding import generator
+from lshmoe.testing import run_ranks
 
 # ----------------------------------------------------------------------------------- placement planner
 
@@ -117,9 +117,7 @@ def test_even_split_over_replicas_and_device_loads():
 # ----------------------------------------------------------------------------------- path profiles
 
 # 6 profiled tokens, 3 experts, 3 MoE layers (rows: layers, columns: tokens)
-TOP1_LT = torch.tensor([[0, 0, 0, 1, 1, 2],
-                        [1, 1, 2, 0, 0, 0],
-                        [2, 2, 1, 0, 1, 1]])
+TOP1_LT = torch.tensor([[0, 0, 0, 1, 1, 2], [1, 1, 2, 0, 0, 0], [2, 2, 1, 0, 1, 1]])
 
 
 def test_profile_tables():
@@ -143,8 +141,10 @@ def test_popularity_estimate_with_top_k_truncation():
     assert torch.allclose(est, torch.tensor([0.5, 1 / 3, 1 / 6], dtype=torch.float64))
     est1 = estimate_popularity(prof, 1, history, top_k=1)  # token 0 keeps only expert 1
     assert torch.allclose(est1, torch.tensor([0.5, 1 / 3, 0.0], dtype=torch.float64))
-    assert torch.allclose(estimate_popularity(prof, 0, torch.zeros(5, 0, dtype=torch.int64), top_k=3),
-                          torch.tensor([0.5, 1 / 3, 1 / 6], dtype=torch.float64))
+    assert torch.allclose(
+        estimate_popularity(prof, 0, torch.zeros(5, 0, dtype=torch.int64), top_k=3),
+        torch.tensor([0.5, 1 / 3, 1 / 6], dtype=torch.float64),
+    )
 
 
 def test_unseen_path_backs_off_to_its_suffix():
@@ -153,8 +153,9 @@ def test_unseen_path_backs_off_to_its_suffix():
     dist = path_distribution(prof, 2, torch.tensor([[2, 2]]), top_k=3)
     assert torch.allclose(dist, torch.tensor([[0, 1, 0]], dtype=torch.float64))
     # (1, 1): layer 1 = 1 seen twice, going to expert 2 both times
-    assert torch.allclose(path_distribution(prof, 2, torch.tensor([[1, 1]]), top_k=3),
-                          torch.tensor([[0, 0, 1]], dtype=torch.float64))
+    assert torch.allclose(
+        path_distribution(prof, 2, torch.tensor([[1, 1]]), top_k=3), torch.tensor([[0, 0, 1]], dtype=torch.float64)
+    )
 
 
 def test_profile_of_routed_experts_weighs_each_route_one_over_k():
@@ -237,9 +238,14 @@ def _dispatch_worker(comm):
         parts = torch.split(sm.dispatch(rows_ND, meta2), meta2.out_splits)
         outs = [experts(p, c) for p, c in zip(parts, meta2.recv_WE.tolist(), strict=True)]
         out2_ND = sm.combine(torch.cat(outs), meta2)
-    return {"err": (out_ND - ref_ND).abs().max().item() if T else 0.0, "local_counts": meta.local_counts,
-            "shape": tuple(out_ND.shape), "rows": T, "exact_source_major": torch.equal(out2_ND, ref_ND),
-            "recv": meta2.recv_WE}
+    return {
+        "err": (out_ND - ref_ND).abs().max().item() if T else 0.0,
+        "local_counts": meta.local_counts,
+        "shape": tuple(out_ND.shape),
+        "rows": T,
+        "exact_source_major": torch.equal(out2_ND, ref_ND),
+        "recv": meta2.recv_WE,
+    }
 
 
 @pytest.mark.slow
@@ -264,9 +270,11 @@ VOCAB = 64
 
 
 def _model_cfg(top_k: int = 2) -> Config:
-    return Config(model=ModelConfig(d_model=16, n_layers=4, n_heads=2, seq_len=12, moe_every=1),
-                  moe=MoEConfig(num_experts=8, top_k=top_k, d_expert=32),
-                  train=TrainConfig(dtype="float64", seed=5))
+    return Config(
+        model=ModelConfig(d_model=16, n_layers=4, n_heads=2, seq_len=12, moe_every=1),
+        moe=MoEConfig(num_experts=8, top_k=top_k, d_expert=32),
+        train=TrainConfig(dtype="float64", seed=5),
+    )
 
 
 def _skew(model) -> None:

@@ -11,18 +11,29 @@ from lshmoe.infer.metrics import BatchMetrics, percentile, summarise
 
 
 def _batch(placement: str, layer_ms: float, rows: list[int], matched: bool | None, replanned: bool) -> dict:
-    return dataclasses.asdict(BatchMetrics(
-        placement=placement, layer_s=[layer_ms / 1e3] * 2, rows_LW=[rows, rows], compute_s=[layer_ms / 2e3] * 2,
-        compute_mean_s=[layer_ms / 4e3] * 2,
-        batch_s=4 * layer_ms / 1e3, estimate_s=0.0, ce_loss=5.0, matched=[matched] * 2, replanned=[replanned] * 2,
-        replicas_LE=[[2, 1, 1, 1], [2, 1, 1, 1]] if matched is not None else [[1] * 4] * 2))
+    return dataclasses.asdict(
+        BatchMetrics(
+            placement=placement,
+            layer_s=[layer_ms / 1e3] * 2,
+            rows_LW=[rows, rows],
+            compute_s=[layer_ms / 2e3] * 2,
+            compute_mean_s=[layer_ms / 4e3] * 2,
+            batch_s=4 * layer_ms / 1e3,
+            estimate_s=0.0,
+            ce_loss=5.0,
+            matched=[matched] * 2,
+            replanned=[replanned] * 2,
+            replicas_LE=[[2, 1, 1, 1], [2, 1, 1, 1]] if matched is not None else [[1] * 4] * 2,
+        )
+    )
 
 
 def _result(lina_ms: float) -> dict:
-    recs = {"uniform": [_batch("uniform", 10.0 + i, [300, 100, 0, 0], None, False) for i in range(20)],
-            "lina": [_batch("popularity", lina_ms, [100, 100, 100, 100], i % 4 != 0, i % 4 == 0)
-                     for i in range(20)],
-            "lina-routes": [_batch("popularity", 9.0, [120, 100, 100, 80], True, False) for _ in range(20)]}
+    recs = {
+        "uniform": [_batch("uniform", 10.0 + i, [300, 100, 0, 0], None, False) for i in range(20)],
+        "lina": [_batch("popularity", lina_ms, [100, 100, 100, 100], i % 4 != 0, i % 4 == 0) for i in range(20)],
+        "lina-routes": [_batch("popularity", 9.0, [120, 100, 100, 80], True, False) for _ in range(20)],
+    }
     return {"records": recs}
 
 
@@ -49,5 +60,5 @@ def test_summary_tables_and_verdict():
 
 
 def test_sharing_note_says_when_ranks_share_cores():
-    assert "shared cores" in lina_infer.sharing_note(10 ** 6, 1, [0.5, 0.7])
+    assert "shared cores" in lina_infer.sharing_note(10**6, 1, [0.5, 0.7])
     assert "shared cores" not in lina_infer.sharing_note(1, 0, [0.0, 0.0])

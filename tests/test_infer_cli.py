@@ -13,13 +13,50 @@ pytestmark = pytest.mark.slow
 
 def test_infer_scores_a_checkpoint_identically_under_both_placements(tmp_path):
     out = tmp_path / "run"
-    rc, err, _ = run(["train", "--nproc", "2", *TINY, "--n-layers", "3", "--moe-every", "1", "--num-experts", "4",
-                      "--data", str(corpus(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--steps", "6",
-                      "--save-every", "6", "--out-dir", str(out)])
+    rc, err, _ = run(
+        [
+            "train",
+            "--nproc",
+            "2",
+            *TINY,
+            "--n-layers",
+            "3",
+            "--moe-every",
+            "1",
+            "--num-experts",
+            "4",
+            "--data",
+            str(corpus(tmp_path)),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--steps",
+            "6",
+            "--save-every",
+            "6",
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert rc == 0, err
     res = tmp_path / "infer.json"
-    rc, err, _ = run(["infer", "--checkpoint", str(out / "checkpoints"), "--nproc", "2", "--compare",
-                      "--batches", "4", "--profile-batches", "2", "--batch-size", "2", "--out", str(res)])
+    rc, err, _ = run(
+        [
+            "infer",
+            "--checkpoint",
+            str(out / "checkpoints"),
+            "--nproc",
+            "2",
+            "--compare",
+            "--batches",
+            "4",
+            "--profile-batches",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(res),
+        ]
+    )
     assert rc == 0, err
     r = json.loads(res.read_text())
     assert r["world_size"] == 2 and r["identical_batches"] == 4
@@ -30,12 +67,15 @@ def test_infer_scores_a_checkpoint_identically_under_both_placements(tmp_path):
     assert 1.0 <= pop["load_max_mean"] <= 2.0 and 1.0 <= uni["load_max_mean"] <= 2.0
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint /nonexistent/ckpt: no such checkpoint directory"),
-    (["--checkpoint", ".", "--placement", "random"], "--placement 'random': choose one of popularity, uniform"),
-    (["--checkpoint", ".", "--batches", "0"], "--batches 0: must be >= 1"),
-    ([], "the following arguments are required: --checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint /nonexistent/ckpt: no such checkpoint directory"),
+        (["--checkpoint", ".", "--placement", "random"], "--placement 'random': choose one of popularity, uniform"),
+        (["--checkpoint", ".", "--batches", "0"], "--batches 0: must be >= 1"),
+        ([], "the following arguments are required: --checkpoint"),
+    ],
+)
 def test_infer_bad_input_is_one_line(args, needle):
     rc, err, _ = run(["infer", *args])
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err

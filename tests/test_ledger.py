@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lshmoe.config import MoEConfig
-from lshmoe.dist.spawn import run_ranks
 from lshmoe.moe.layer import MoELayer
+from lshmoe.testing import run_ranks
 
 D, E = 8, 4
 ROUTES = {0: [0, 0, 1, 2, 3, 3, 3], 1: [2, 0, 1, 1, 3]}  # expert chosen by each token, per rank
@@ -48,8 +48,13 @@ def test_ledger_bytes_match_fixed_routing():
     for r, res in enumerate(results):
         assert res["routes"] == ROUTES[r], "the construction must fix the routing"
         recs = {(tag, phase): (send, recv, wire) for tag, phase, send, recv, wire in res["records"]}
-        assert set(recs) == {("moe0.counts", "forward"), ("moe0.dispatch", "forward"), ("moe0.combine", "forward"),
-                             ("moe0.combine", "backward"), ("moe0.dispatch", "backward")}
+        assert set(recs) == {
+            ("moe0.counts", "forward"),
+            ("moe0.dispatch", "forward"),
+            ("moe0.combine", "forward"),
+            ("moe0.combine", "backward"),
+            ("moe0.dispatch", "backward"),
+        }
         peer = 1 - r
         # dispatch: rows to each peer; combine: the rows this rank received, sent back.
         send, recv, wire = recs[("moe0.dispatch", "forward")]

@@ -7,7 +7,6 @@ import pytest
 from cli_util import corpus
 
 from lshmoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
-from lshmoe.dist.spawn import run_ranks
 from lshmoe.models.gpt import is_expert_param
 from lshmoe.sched.timeline import (
     Event,
@@ -17,6 +16,7 @@ from lshmoe.sched.timeline import (
     check_no_chunk_in_windows,
     timeline,
 )
+from lshmoe.testing import run_ranks
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
@@ -24,11 +24,20 @@ CHUNK_MB = 0.02  # ~20 KB: many chunks per gradient, so ordering and priority ar
 
 
 def _cfg(tmp, policy, dtype="float64") -> dict:
-    return Config(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, moe_every=1),
-                  moe=MoEConfig(num_experts=4, d_expert=16),
-                  data=DataConfig(path=str(corpus(tmp)), vocab_size=300, cache_dir=str(tmp / "cache")),
-                  train=TrainConfig(batch_size=2, out_dir=str(tmp / "run"), progress=False, dtype=dtype,
-                                    grad_sync=policy, chunk_mb=CHUNK_MB, warmup_steps=0)).to_dict()
+    return Config(
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, moe_every=1),
+        moe=MoEConfig(num_experts=4, d_expert=16),
+        data=DataConfig(path=str(corpus(tmp)), vocab_size=300, cache_dir=str(tmp / "cache")),
+        train=TrainConfig(
+            batch_size=2,
+            out_dir=str(tmp / "run"),
+            progress=False,
+            dtype=dtype,
+            grad_sync=policy,
+            chunk_mb=CHUNK_MB,
+            warmup_steps=0,
+        ),
+    ).to_dict()
 
 
 def _train_worker(comm, cfg_dict, steps):
@@ -80,9 +89,13 @@ def test_priority_invariants_hold_on_recorded_timelines(tmp_path):
 
 def test_checker_finds_violations():
     bwd = "backward"
-    ev = [Event("a2a", "moe1.combine", bwd, 1.0, 2.0, 10), Event("chunk", "grad.chunk.0", bwd, 1.5, 3.0, 8),
-          Event("a2a", "moe1.dispatch", bwd, 4.0, 5.0, 10), Event("chunk", "grad.chunk.1", bwd, 3.5, 3.6, 8),
-          Event("chunk", "grad.chunk.2", bwd, 6.0, 6.5, 8)]
+    ev = [
+        Event("a2a", "moe1.combine", bwd, 1.0, 2.0, 10),
+        Event("chunk", "grad.chunk.0", bwd, 1.5, 3.0, 8),
+        Event("a2a", "moe1.dispatch", bwd, 4.0, 5.0, 10),
+        Event("chunk", "grad.chunk.1", bwd, 3.5, 3.6, 8),
+        Event("chunk", "grad.chunk.2", bwd, 6.0, 6.5, 8),
+    ]
     assert len(check_no_chunk_during_a2a(ev)) == 1  # chunk 0 starts inside the combine all-to-all
     assert len(check_no_chunk_in_windows(ev)) == 2  # chunks 0 and 1 start inside [1.0, 5.0]
     assert check_chunk_bytes(ev, [6], 4, 8) == []  # 24 bytes in chunks of 8: three chunks

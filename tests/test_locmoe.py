@@ -11,7 +11,6 @@ from conftest import EXACT
 from moe_cases import D, init_layer, rank_input
 
 from lshmoe.config import Config, ConfigError, ModelConfig, MoEConfig, validate
-from lshmoe.dist.spawn import run_ranks
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.locality import (
     GrAPGate,
@@ -22,6 +21,7 @@ from lshmoe.moe.locality import (
     node_limited_mask,
 )
 from lshmoe.seeding import generator
+from lshmoe.testing import run_ranks
 
 
 def test_grap_gate_is_orthogonal_and_a_slice_mean():
@@ -66,7 +66,7 @@ def test_node_limited_routing_never_exceeds_g_nodes():
 def test_capacity_bound_matches_closed_forms_and_the_papers_table():
     for x in (0.05, 0.3, 0.8):
         assert betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
-        assert betainc(3.0, 1.0, x) == pytest.approx(x ** 3, rel=1e-12)
+        assert betainc(3.0, 1.0, x) == pytest.approx(x**3, rel=1e-12)
     for d, (p_want, ec_want) in {768: (0.41, 0.15), 2048: (0.17, 0.36), 5120: (0.032, 1.97)}.items():
         p, ec = capacity_lower_bound(0.03, d, 16)
         assert p == pytest.approx(p_want, abs=0.01) and ec == pytest.approx(ec_want, abs=0.02)
@@ -98,15 +98,26 @@ def _hier_worker(comm, cases):
         o = layer(x)
         ((o.y_TD * cot).sum() + 0.1 * o.aux["load_balance"]).backward()
         step = comm.ledger.end_step()
-        out.append({"y": o.y_TD.detach(), "gx": x.grad, "g": {n: p.grad for n, p in layer.named_parameters()},
-                    "inter": step.inter_node_bytes, "local": o.stats.get("rows_local")})
+        out.append(
+            {
+                "y": o.y_TD.detach(),
+                "gx": x.grad,
+                "g": {n: p.grad for n, p in layer.named_parameters()},
+                "inter": step.inter_node_bytes,
+                "local": o.stats.get("rows_local"),
+            }
+        )
     return out
 
 
 @pytest.mark.slow
 def test_hierarchical_equals_flat_at_2_nodes_x_2_ranks():
-    cases = [("flat-top2", "flat", 2), ("hier-top2", "hierarchical", 2), ("flat-top1", "flat", 1),
-             ("hier-top1", "hierarchical", 1)]
+    cases = [
+        ("flat-top2", "flat", 2),
+        ("hier-top2", "hierarchical", 2),
+        ("flat-top1", "flat", 1),
+        ("hier-top1", "hierarchical", 1),
+    ]
     results = run_ranks(_hier_worker, 4, cases, ranks_per_node=2, timeout_s=60)
     for res in results:
         for flat, hier in ((res[0], res[1]), (res[2], res[3])):
@@ -168,9 +179,10 @@ def _node_bias_worker(comm):
     from lshmoe.models.gpt import GPTMoE, is_node_param
     from lshmoe.train.grad_sync import GradSync
 
-    cfg = Config(model=ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=6, moe_every=1),
-                 moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0, node_bias=True,
-                               locality_weight=0.1))
+    cfg = Config(
+        model=ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=6, moe_every=1),
+        moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0, node_bias=True, locality_weight=0.1),
+    )
     model = GPTMoE(cfg.model, cfg.moe, 50, comm).double()
     model.reset_parameters(11)
     ids = torch.randint(0, 50, (2, 7), generator=generator(3, "batch", comm.rank))
@@ -178,8 +190,12 @@ def _node_bias_worker(comm):
     raw = {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)}
     sync = GradSync(model, comm)
     sync.sync()
-    return {"node": model.my_node, "raw": raw, "norm": float(sync.global_norm()),
-            "synced": {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)}}
+    return {
+        "node": model.my_node,
+        "raw": raw,
+        "norm": float(sync.global_norm()),
+        "synced": {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)},
+    }
 
 
 @pytest.mark.slow

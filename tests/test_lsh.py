@@ -14,19 +14,19 @@ from moe_cases import D, init_layer, rank_input
 from lshmoe.compress.hashing import combine_codes, draw_projections, hash_codes
 from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, ConfigError, LSHConfig, MoEConfig, validate
-from lshmoe.dist.comm import Comm
-from lshmoe.dist.spawn import run_ranks
+from lshmoe.distributed.comm import Comm
 from lshmoe.moe.layer import MoELayer
 from lshmoe.seeding import generator
+from lshmoe.testing import run_ranks
 
 FINE = LSHConfig(family="cross_polytope", num_hashes=8, buckets_per_hash=2 * D)  # every row its own bucket
-COARSE = LSHConfig(family="cross_polytope", num_hashes=2, buckets_per_hash=2,
-                   compensation="identity")  # many rows per bucket, the paper's residual compensation
+COARSE = LSHConfig(
+    family="cross_polytope", num_hashes=2, buckets_per_hash=2, compensation="identity"
+)  # many rows per bucket, the paper's residual compensation
 
 
 def _layer(comm, lsh: LSHConfig | None, activation="gelu", E=4, K=2, layer_id=0):
-    cfg = MoEConfig(num_experts=E, top_k=K, d_expert=5, activation=activation,
-                    compress="lsh" if lsh else "identity")
+    cfg = MoEConfig(num_experts=E, top_k=K, d_expert=5, activation=activation, compress="lsh" if lsh else "identity")
     layer = MoELayer(cfg, D, comm, layer_id=layer_id, lsh=lsh, seed=3).double()
     init_layer(layer, cfg)
     return layer
@@ -41,8 +41,9 @@ def _grouped_rows(n_per_expert=(7, 0, 5, 9), seed=0):
 # ----------------------------------------------------------------------------------- hash families
 
 
-@pytest.mark.parametrize("family, b", [("cross_polytope", 2), ("cross_polytope", 6), ("hyperplane", 2),
-                                       ("hyperplane", 8)])
+@pytest.mark.parametrize(
+    "family, b", [("cross_polytope", 2), ("cross_polytope", 6), ("hyperplane", 2), ("hyperplane", 8)]
+)
 def test_hash_codes_range_and_scale_invariance(family, b):
     x, _ = _grouped_rows()
     R = draw_projections(family, D, 5, b, generator(1))
@@ -50,7 +51,7 @@ def test_hash_codes_range_and_scale_invariance(family, b):
     assert codes.shape == (x.shape[0], 5) and int(codes.min()) >= 0 and int(codes.max()) < b
     assert torch.equal(codes, hash_codes(3.7 * x, R, family))
     ids = combine_codes(codes, b)
-    assert int(ids.max()) < b ** 5
+    assert int(ids.max()) < b**5
 
 
 def test_cross_polytope_projections_are_orthonormal():
@@ -63,8 +64,14 @@ def test_cross_polytope_projections_are_orthonormal():
 # ----------------------------------------------------------------------------------- compressor invariants
 
 
-@pytest.mark.parametrize("lsh", [COARSE, LSHConfig(num_hashes=3, buckets_per_hash=4, center=True),
-                                 LSHConfig(family="hyperplane", num_hashes=2, buckets_per_hash=2)])
+@pytest.mark.parametrize(
+    "lsh",
+    [
+        COARSE,
+        LSHConfig(num_hashes=3, buckets_per_hash=4, center=True),
+        LSHConfig(family="hyperplane", num_hashes=2, buckets_per_hash=2),
+    ],
+)
 def test_centroids_are_bucket_means_and_residuals_sum_to_zero(lsh):
     x, counts = _grouped_rows()
     comp = LSHCompressor(lsh, 4, D, layer_id=0, seed=5)
@@ -94,8 +101,9 @@ def test_linear_expert_error_is_W_minus_I_times_residual():
     assert (exact - restored - expected_err).abs().max() <= EXACT
 
 
-@pytest.mark.parametrize("lsh", [COARSE, LSHConfig(num_hashes=1, buckets_per_hash=2, center=True,
-                                                  compensation="identity")])
+@pytest.mark.parametrize(
+    "lsh", [COARSE, LSHConfig(num_hashes=1, buckets_per_hash=2, center=True, compensation="identity")]
+)
 def test_identity_expert_compensation_is_exact_for_any_bucketing(lsh):
     comm = Comm.local()
     lsh_layer = _layer(comm, lsh, activation="identity")
@@ -123,8 +131,7 @@ def test_same_seed_and_step_give_same_buckets():
 def test_rate_target_holds_the_target():
     g = generator(4, "cl")
     centers = torch.randn(12, D, generator=g, dtype=torch.float64)
-    x = centers[torch.randint(0, 12, (400,), generator=g)] + 0.3 * torch.randn(400, D, generator=g,
-                                                                             dtype=torch.float64)
+    x = centers[torch.randint(0, 12, (400,), generator=g)] + 0.3 * torch.randn(400, D, generator=g, dtype=torch.float64)
     counts = torch.tensor([100, 100, 100, 100])
     lsh = LSHConfig(num_hashes=12, buckets_per_hash=2, target="rate", target_value=0.2, ema=0.0)
     comp = LSHCompressor(lsh, 4, D, 0, seed=1)
@@ -137,9 +144,12 @@ def test_rate_target_holds_the_target():
 
 
 def test_lsh_config_validation():
-    for bad, needle in ((dict(buckets_per_hash=3), "even"), (dict(family="hyperplane", buckets_per_hash=6),
-                        "power of two"), (dict(num_hashes=40, buckets_per_hash=4), "62 bits"),
-                        (dict(layers="1,x"), "lsh.layers")):
+    for bad, needle in (
+        (dict(buckets_per_hash=3), "even"),
+        (dict(family="hyperplane", buckets_per_hash=6), "power of two"),
+        (dict(num_hashes=40, buckets_per_hash=4), "62 bits"),
+        (dict(layers="1,x"), "lsh.layers"),
+    ):
         cfg = Config(moe=MoEConfig(compress="lsh"), lsh=LSHConfig(**bad))
         with pytest.raises(ConfigError, match=needle):
             validate(cfg)
@@ -158,8 +168,13 @@ def _two_rank_worker(comm):
         x.requires_grad_(True)
         o = layer(x)
         ((o.y_TD * cot).sum() + 0.1 * o.aux["load_balance"]).backward()
-        res[name] = dict(y=o.y_TD.detach(), gx=x.grad, sent=o.rows_sent, routed=o.rows_routed,
-                         g={n: p.grad for n, p in layer.named_parameters()})
+        res[name] = dict(
+            y=o.y_TD.detach(),
+            gx=x.grad,
+            sent=o.rows_sent,
+            routed=o.rows_routed,
+            g={n: p.grad for n, p in layer.named_parameters()},
+        )
     out["singletons"] = res
 
     # 2) gradcheck through compress, all-to-all, experts and restore (same shapes on both ranks)
@@ -184,8 +199,14 @@ def _two_rank_worker(comm):
         o.y_TD.sum().backward()
         step = comm.ledger.end_step()
         ids = layer.router(xc).topk_ids_TK.view(-1)
-        results[name] = dict(fwd=step.a2a_bytes_fwd, bwd=step.a2a_bytes_bwd, meta=step.a2a_meta_bytes,
-                             ids=ids.tolist(), labels=labels.tolist(), sent=o.rows_sent)
+        results[name] = dict(
+            fwd=step.a2a_bytes_fwd,
+            bwd=step.a2a_bytes_bwd,
+            meta=step.a2a_meta_bytes,
+            ids=ids.tolist(),
+            labels=labels.tolist(),
+            sent=o.rows_sent,
+        )
     out["bytes"] = results
     return out
 
@@ -234,6 +255,7 @@ def test_restore_ops_gradients_match_autograd():
     size = torch.bincount(inv)
     out = torch.randn(4, D, generator=g, dtype=torch.float64, requires_grad=True)
     for alpha in (1.0, 0.35):
+
         def f(a, b, alpha=alpha):
             return restore_compensated(b, segment_mean(a, inv, size), a, inv, alpha)
 

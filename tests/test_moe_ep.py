@@ -12,9 +12,9 @@ from conftest import EXACT
 from moe_cases import D, full_expert_params, init_layer, rank_input, router_weight, starve_router
 
 from lshmoe.config import MoEConfig
-from lshmoe.dist.spawn import run_ranks
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.reference import reference_moe
+from lshmoe.testing import run_ranks
 
 CASES = [
     dict(name="top1-gelu", E=4, K=1, act="gelu", cf=None, tokens=[9, 5, 12, 7], starve=False),
@@ -42,10 +42,18 @@ def _ep_worker(comm, cases):
         o = layer(x)
         loss = (o.y_TD * cot).sum() + 0.3 * o.aux["load_balance"] + 0.2 * o.aux["z_loss"]
         loss.backward()
-        out.append(dict(y=o.y_TD.detach(), gx=x.grad, grouter=layer.router.weight.grad,
-                        gexperts={n: p.grad for n, p in layer.experts.named_parameters()},
-                        first=layer.experts.first_expert, local=layer.experts.num_local,
-                        counts=o.tokens_per_expert_E, dropped=int(o.dropped)))
+        out.append(
+            dict(
+                y=o.y_TD.detach(),
+                gx=x.grad,
+                grouter=layer.router.weight.grad,
+                gexperts={n: p.grad for n, p in layer.experts.named_parameters()},
+                first=layer.experts.first_expert,
+                local=layer.experts.num_local,
+                counts=o.tokens_per_expert_E,
+                dropped=int(o.dropped),
+            )
+        )
     return out
 
 
@@ -83,7 +91,7 @@ def test_expert_parallel_equals_dense_reference(world):
             assert got[r]["dropped"] == len(dropped), (c["name"], r)
             lo, n = got[r]["first"], got[r]["local"]
             for name, g in got[r]["gexperts"].items():
-                perr = (g - g_params[name][lo:lo + n]).abs().max().item()
+                perr = (g - g_params[name][lo : lo + n]).abs().max().item()
                 assert perr <= EXACT, (c["name"], r, name, perr)
         router_sum = sum(res["grouter"] for res in got)
         assert (router_sum - g_gate).abs().max().item() <= EXACT, c["name"]
@@ -103,8 +111,14 @@ def _pipeline_worker(comm, pieces):
         x.requires_grad_(True)
         o = layer(x)
         (o.y_TD * cot).sum().backward()
-        out.append({"y": o.y_TD.detach(), "gx": x.grad, "g": {n: p.grad for n, p in layer.named_parameters()},
-                    "dispatches": sum(1 for r in comm.ledger.records if r.tag == "moe0.dispatch")})
+        out.append(
+            {
+                "y": o.y_TD.detach(),
+                "gx": x.grad,
+                "g": {n: p.grad for n, p in layer.named_parameters()},
+                "dispatches": sum(1 for r in comm.ledger.records if r.tag == "moe0.dispatch"),
+            }
+        )
         comm.ledger.end_step()
     return out
 

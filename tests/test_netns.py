@@ -47,8 +47,10 @@ def test_setup_and_teardown(nodes):
 
 
 def test_teardown_on_ctrl_c():
-    code = ("import time; from lshmoe.bench.netns import EmulatedCluster\n"
-            "with EmulatedCluster(2, 1, '1gbit') as c:\n    print('up', flush=True); time.sleep(60)\n")
+    code = (
+        "import time; from lshmoe.bench.netns import EmulatedCluster\n"
+        "with EmulatedCluster(2, 1, '1gbit') as c:\n    print('up', flush=True); time.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "up"
     mine = {n for n in _netns() if n.startswith(f"lshmoe{proc.pid}")}  # other jobs' namespaces may come and go
@@ -65,8 +67,9 @@ def test_ledger_bytes_match_interface_counters(tmp_path):
     from lshmoe.bench.variants import apply
 
     cfg = base_config(["model.d_model=64", "model.n_layers=2", "train.batch_size=4", "model.seq_len=64"])
-    spec = ABSpec({"baseline": apply(cfg, {}, 4).to_dict()}, rounds=1, warmup_rounds=0, steps_per_round=3,
-                  evaluate=False)
+    spec = ABSpec(
+        {"baseline": apply(cfg, {}, 4).to_dict()}, rounds=1, warmup_rounds=0, steps_per_round=3, evaluate=False
+    )
     res = run_ab(spec, 2, 2, "1gbit", True, tmp_path)["variants"]["baseline"]
     ledger = sum(res["inter_node_bytes"])
     assert ledger > 1e5

@@ -12,8 +12,27 @@ pytestmark = pytest.mark.slow
 
 
 def _train(tmp, out, *extra, nproc=2, steps=8):
-    return run(["train", "--nproc", str(nproc), *TINY, "--data", str(corpus(tmp)), "--cache-dir", str(tmp / "cache"),
-                "--num-experts", "4", "--log-every", "1", "--steps", str(steps), "--out-dir", str(out), *extra])
+    return run(
+        [
+            "train",
+            "--nproc",
+            str(nproc),
+            *TINY,
+            "--data",
+            str(corpus(tmp)),
+            "--cache-dir",
+            str(tmp / "cache"),
+            "--num-experts",
+            "4",
+            "--log-every",
+            "1",
+            "--steps",
+            str(steps),
+            "--out-dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_resume_after_a_killed_run_reproduces_the_uninterrupted_losses_bitwise(tmp_path):
@@ -51,15 +70,27 @@ def test_keep_last(tmp_path):
     rc, err, _ = _train(tmp_path, tmp_path / "k", "--save-every", "2", "--keep-last", "2", nproc=1)
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == [
-        "latest", "step_00000006", "step_00000008"]
+        "latest",
+        "step_00000006",
+        "step_00000008",
+    ]
 
 
-@pytest.mark.parametrize("fault, culprit", [("kill:2:4", "rank 2 stopped responding"),
-                                            ("stall:1:4", "rank 1 stalled")])
+@pytest.mark.parametrize("fault, culprit", [("kill:2:4", "rank 2 stopped responding"), ("stall:1:4", "rank 1 stalled")])
 def test_a_failed_rank_is_named_and_nobody_hangs(tmp_path, fault, culprit):
     timeout = 8
-    rc, err, elapsed = _train(tmp_path, tmp_path / "f", "--fault", fault, "--timeout-s", str(timeout),
-                              "--num-experts", "3", nproc=3, steps=200)
+    rc, err, elapsed = _train(
+        tmp_path,
+        tmp_path / "f",
+        "--fault",
+        fault,
+        "--timeout-s",
+        str(timeout),
+        "--num-experts",
+        "3",
+        nproc=3,
+        steps=200,
+    )
     assert rc != 0, err
     assert culprit in err, err
     assert "Traceback" not in err

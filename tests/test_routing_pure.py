@@ -7,7 +7,7 @@ import math
 import torch
 
 from lshmoe.config import MoEConfig
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
@@ -85,7 +85,7 @@ def test_topk_weights_normalised():
         router.weight.normal_()
     out = router(torch.randn(7, 5))
     assert torch.allclose(out.weights_TK.sum(-1), torch.ones(7))
-    assert (out.topk_ids_TK.unique(dim=-1).shape[-1] == 3)
+    assert out.topk_ids_TK.unique(dim=-1).shape[-1] == 3
 
 
 def test_permute_roundtrip_and_grouping():

@@ -11,18 +11,20 @@ import torch
 from conftest import EXACT
 
 from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
-from lshmoe.dist.comm import Comm
-from lshmoe.dist.spawn import run_ranks
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.blocks import MLP, Block
 from lshmoe.models.scmoe import SharedExpertBlock, ShortcutPair, block_time, eq11_slot
 from lshmoe.seeding import generator
+from lshmoe.testing import run_ranks
 
 D, T = 8, 12
 
 
 def _cfgs(top_k=1, E=4):
-    return (ModelConfig(d_model=D, n_heads=2, n_layers=2, seq_len=T, moe_every=2, mlp_ratio=2.0),
-            MoEConfig(num_experts=E, top_k=top_k, d_expert=6))
+    return (
+        ModelConfig(d_model=D, n_heads=2, n_layers=2, seq_len=T, moe_every=2, mlp_ratio=2.0),
+        MoEConfig(num_experts=E, top_k=top_k, d_expert=6),
+    )
 
 
 def _pair(comm, arch="scmoe", shortcut="pos2", combine="cg1", overlap=False, slot=1, lsh=None, seed=0):
@@ -30,8 +32,21 @@ def _pair(comm, arch="scmoe", shortcut="pos2", combine="cg1", overlap=False, slo
     if lsh is not None:
         e.compress = "lsh"
     torch.manual_seed(seed)
-    p = ShortcutPair(m, e, comm, 1, with_mlp_block=True, arch=arch, shortcut=shortcut, combine=combine,
-                     overlap=overlap, slot=slot, warmup=0, lsh=lsh, seed=seed).double()
+    p = ShortcutPair(
+        m,
+        e,
+        comm,
+        1,
+        with_mlp_block=True,
+        arch=arch,
+        shortcut=shortcut,
+        combine=combine,
+        overlap=overlap,
+        slot=slot,
+        warmup=0,
+        lsh=lsh,
+        seed=seed,
+    ).double()
     g = generator(seed, "pair")
     with torch.no_grad():
         for _, prm in sorted(p.named_parameters()):
@@ -115,16 +130,24 @@ def _overlap_worker(comm, cases):
             y, moe_out = p(x)
             cot = torch.randn(y.shape, generator=generator(4, comm.rank), dtype=torch.float64)
             ((y * cot).sum() + 0.1 * moe_out.aux["load_balance"]).backward()
-            res[name] = {"y": y.detach(), "gx": x.grad, "g": {n: q.grad for n, q in p.named_parameters()
-                                                            if q.grad is not None}}
+            res[name] = {
+                "y": y.detach(),
+                "gx": x.grad,
+                "g": {n: q.grad for n, q in p.named_parameters() if q.grad is not None},
+            }
         out.append(res)
     return out
 
 
 @pytest.mark.slow
 def test_overlapped_equals_sequential_at_world_size_2():
-    cases = [("scmoe", "pos1", False), ("scmoe", "pos2", False), ("scmoe", "pos3", False), ("dgmoe", "pos2", False),
-             ("scmoe", "pos2", True)]
+    cases = [
+        ("scmoe", "pos1", False),
+        ("scmoe", "pos2", False),
+        ("scmoe", "pos3", False),
+        ("dgmoe", "pos2", False),
+        ("scmoe", "pos2", True),
+    ]
     results = run_ranks(_overlap_worker, 2, cases, timeout_s=60)
     for rank_res in results:
         for case, res in zip(cases, rank_res, strict=True):

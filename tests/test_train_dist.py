@@ -13,18 +13,20 @@ import torch
 from conftest import EXACT
 
 from lshmoe.config import Config, ModelConfig, MoEConfig
-from lshmoe.dist.comm import Comm
-from lshmoe.dist.spawn import run_ranks
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE, is_expert_param
 from lshmoe.seeding import generator
+from lshmoe.testing import run_ranks
 from lshmoe.train.grad_sync import GradSync
 
 V, B, S = 50, 2, 6
 
 
 def _cfg() -> Config:
-    return Config(model=ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=S, moe_every=1),
-                  moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0))
+    return Config(
+        model=ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=S, moe_every=1),
+        moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0),
+    )
 
 
 def _batch(rank: int):
@@ -68,6 +70,6 @@ def test_synced_gradients_equal_single_process(world, ep):
             if is_expert_param(name):
                 layer = name.split(".experts.")[0] + ".experts"
                 first = res["firsts"][layer.rsplit(".experts", 1)[0]]
-                want = want[first:first + g.shape[0]]
+                want = want[first : first + g.shape[0]]
             err = (g - want).abs().max().item()
             assert err <= EXACT, (world, ep, name, err)

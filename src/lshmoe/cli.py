@@ -58,8 +58,9 @@ def _flag_names() -> dict[str, list[str]]:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (sections: " + ", ".join(C.SECTIONS) + ")")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config field (repeatable)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)"
+    )
     flags = _flag_names()
     for section in C.SECTIONS:
         grp = p.add_argument_group(f"{section} config")
@@ -71,8 +72,15 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 help_text += f" ({'|'.join(f.metadata['choices'])})"
             help_text += f" [default: {f.default}]"
             is_bool = tp is bool
-            grp.add_argument(*flags[dotted], dest=dotted, default=argparse.SUPPRESS, metavar="V",
-                             nargs="?" if is_bool else None, const="true" if is_bool else None, help=help_text)
+            grp.add_argument(
+                *flags[dotted],
+                dest=dotted,
+                default=argparse.SUPPRESS,
+                metavar="V",
+                nargs="?" if is_bool else None,
+                const="true" if is_bool else None,
+                help=help_text,
+            )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,18 +91,22 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lshmoe", description="Communication-efficient distributed MoE training.")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train a GPT-MoE language model",
-                           description="Train a GPT-MoE on the embedded corpus or --data PATH.")
+    train = sub.add_parser(
+        "train",
+        help="train a GPT-MoE language model",
+        description="Train a GPT-MoE on the embedded corpus or --data PATH.",
+    )
     _add_config_flags(train)
-    bench = sub.add_parser("bench", help="run a benchmark (writes docs/bench/ and docs/benchmarks.md)",
-                           description="Benchmarks: " + ", ".join(f"{k} ({v[1]})" for k, v in BENCHES.items()))
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (writes docs/bench/ and docs/benchmarks.md)",
+        description="Benchmarks: " + ", ".join(f"{k} ({v[1]})" for k, v in BENCHES.items()),
+    )
     bench.add_argument("name", choices=sorted(BENCHES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
-    sim = sub.add_parser("simulate", help="project LSH-MoE speedups on real clusters (analytic model)",
-                         add_help=False)
+    sim = sub.add_parser("simulate", help="project LSH-MoE speedups on real clusters (analytic model)", add_help=False)
     sim.add_argument("args", nargs=argparse.REMAINDER)
-    demo = sub.add_parser("demo", help="side-by-side baseline vs LSH-MoE on an emulated 2-node cluster",
-                          add_help=False)
+    demo = sub.add_parser("demo", help="side-by-side baseline vs LSH-MoE on an emulated 2-node cluster", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER)
     infer = sub.add_parser("infer", help="score a trained checkpoint with Lina's expert placement", add_help=False)
     infer.add_argument("args", nargs=argparse.REMAINDER)
@@ -111,7 +123,7 @@ def config_from_args(ns: argparse.Namespace) -> C.Config:
 
 
 def _under_launcher() -> bool:
-    """True inside a rank started by torchrun or by `lshmoe.dist.launch`."""
+    """True inside a rank started by torchrun or by `lshmoe.distributed.launch`."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -131,7 +143,7 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
 
         train(cfg)
         return 0
-    from lshmoe.dist.launch import launch
+    from lshmoe.distributed.launch import launch
     from lshmoe.train.data import load_data
 
     load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))  # build once, here

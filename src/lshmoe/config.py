@@ -22,8 +22,17 @@ import yaml
 from lshmoe.errors import ConfigError
 
 
-def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None, gt: float | None = None,
-       le: float | None = None, lt: float | None = None, flag: str | None = None) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    flag: str | None = None,
+) -> Any:
     """A config field with its help text and valid range (checked by `validate`)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag}
     return field(default=default, metadata=meta)
@@ -33,19 +42,31 @@ def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None,
 class ModelConfig:
     """The GPT-MoE decoder."""
 
-    arch: str = _f("gpt", "gpt: top-k MoE blocks; shared: + a shared dense expert; scmoe: shortcut-connected "
-                   "MoE (ScMoE); dgmoe: two top-1 passes on the current and preceding representations",
-                   choices=("gpt", "shared", "scmoe", "dgmoe"))
-    shortcut: str = _f("pos2", "ScMoE: the routed experts read the preceding block's output (pos1), its "
-                       "post-attention representation (pos2) or its input (pos3); none = shared-expert MoE",
-                       choices=("pos1", "pos2", "pos3", "none"))
-    combine: str = _f("cg1", "shared/ScMoE: add SE and MoE outputs, or gate the SE by sigmoid(w.z) (cg1) "
-                      "or mix both by softmax(W z) (cg2)", choices=("add", "cg1", "cg2"))
+    arch: str = _f(
+        "gpt",
+        "gpt: top-k MoE blocks; shared: + a shared dense expert; scmoe: shortcut-connected "
+        "MoE (ScMoE); dgmoe: two top-1 passes on the current and preceding representations",
+        choices=("gpt", "shared", "scmoe", "dgmoe"),
+    )
+    shortcut: str = _f(
+        "pos2",
+        "ScMoE: the routed experts read the preceding block's output (pos1), its "
+        "post-attention representation (pos2) or its input (pos3); none = shared-expert MoE",
+        choices=("pos1", "pos2", "pos3", "none"),
+    )
+    combine: str = _f(
+        "cg1",
+        "shared/ScMoE: add SE and MoE outputs, or gate the SE by sigmoid(w.z) (cg1) or mix both by softmax(W z) (cg2)",
+        choices=("add", "cg1", "cg2"),
+    )
     overlap: bool = _f(True, "ScMoE/DGMoE: overlap the all-to-alls with the dense work of the window")
-    expert_slot: int = _f(-1, "ScMoE: position of the expert computation in the window; -1 = chosen by the "
-                          "paper's Eq. 11 from times measured in warm-up steps", ge=-1)
-    slot_warmup: int = _f(5, "ScMoE: synchronous steps that measure op and all-to-all times before overlapping",
-                          ge=0)
+    expert_slot: int = _f(
+        -1,
+        "ScMoE: position of the expert computation in the window; -1 = chosen by the "
+        "paper's Eq. 11 from times measured in warm-up steps",
+        ge=-1,
+    )
+    slot_warmup: int = _f(5, "ScMoE: synchronous steps that measure op and all-to-all times before overlapping", ge=0)
     d_model: int = _f(128, "model (residual stream) width D", ge=1)
     n_layers: int = _f(4, "number of transformer blocks", ge=1)
     n_heads: int = _f(4, "attention heads; must divide d_model", ge=1)
@@ -63,48 +84,89 @@ class MoEConfig:
     num_experts: int = _f(8, "experts per MoE layer E", ge=1)
     top_k: int = _f(2, "experts per token K; 1 <= K <= num_experts", ge=1)
     d_expert: int = _f(256, "hidden width of each expert FFN", ge=1)
-    activation: str = _f("gelu", "expert FFN kind (identity/linear are analysis experts)",
-                         choices=("gelu", "swiglu", "linear", "identity"))
+    activation: str = _f(
+        "gelu",
+        "expert FFN kind (identity/linear are analysis experts)",
+        choices=("gelu", "swiglu", "linear", "identity"),
+    )
     capacity_factor: float | None = _f(None, "tokens per expert = ceil(cf*T*K/E); none = dropless", gt=0)
     jitter: float = _f(0.0, "multiplicative router-input noise U(1-j, 1+j) in training", ge=0, lt=1)
     normalize_weights: bool = _f(True, "renormalise the top-k router probabilities to sum to 1")
     aux_loss_weight: float = _f(0.01, "weight of the Switch/GShard load-balance loss", ge=0)
     z_loss_weight: float = _f(0.001, "weight of the router z-loss", ge=0)
-    compress: str = _f("identity", "all-to-all payload compressor (lsh = LSH-MoE centroids)",
-                       choices=("identity", "lsh"))
+    compress: str = _f(
+        "identity", "all-to-all payload compressor (lsh = LSH-MoE centroids)", choices=("identity", "lsh")
+    )
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
-    router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
-                     "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
-    locality_weight: float = _f(0.0, "weight mu of the locality loss -log(router mass on node-local experts)", ge=0,
-                                flag="locality-weight")
-    node_bias: bool = _f(False, "learnable per-node router bias whose gradient is reduced within the node only, so "
-                         "each node's routing can lean towards its own experts (LocMoE's epsilon_i)",
-                         flag="node-bias")
-    node_limit: int = _f(0, "each token may use experts on at most g nodes (group-limited routing); 0 = no limit",
-                         ge=0, flag="node-limit")
-    a2a_chunks: int = _f(1, "cut each all-to-all into n micro-ops along the tokens so the experts compute one "
-                         "while the next travels (Lina); 1 = off", ge=1)
-    a2a: str = _f("flat", "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
-                  choices=("flat", "hierarchical"), flag="a2a")
+    router: str = _f(
+        "topk",
+        "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
+        "orthogonal slice means + learnable bias)",
+        choices=("topk", "locmoe"),
+    )
+    locality_weight: float = _f(
+        0.0, "weight mu of the locality loss -log(router mass on node-local experts)", ge=0, flag="locality-weight"
+    )
+    node_bias: bool = _f(
+        False,
+        "learnable per-node router bias whose gradient is reduced within the node only, so "
+        "each node's routing can lean towards its own experts (LocMoE's epsilon_i)",
+        flag="node-bias",
+    )
+    node_limit: int = _f(
+        0,
+        "each token may use experts on at most g nodes (group-limited routing); 0 = no limit",
+        ge=0,
+        flag="node-limit",
+    )
+    a2a_chunks: int = _f(
+        1,
+        "cut each all-to-all into n micro-ops along the tokens so the experts compute one "
+        "while the next travels (Lina); 1 = off",
+        ge=1,
+    )
+    a2a: str = _f(
+        "flat",
+        "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
+        choices=("flat", "hierarchical"),
+        flag="a2a",
+    )
 
 
 @dataclass(kw_only=True)
 class LSHConfig:
     """LSH-MoE compression (used when moe.compress=lsh); see docs/lsh.md for how defaults were chosen."""
 
-    family: str = _f("cross_polytope", "hash family: cross-polytope (argmax of [xR; -xR]) or hyperplane (signs)",
-                     choices=("cross_polytope", "hyperplane"), flag="hash-family")
-    num_hashes: int = _f(6, "hash functions L, AND-combined into one bucket id (the maximum in target modes)",
-                         ge=1, le=62, flag="num-hashes")
-    buckets_per_hash: int = _f(4, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)", ge=2,
-                               flag="buckets-per-hash")
+    family: str = _f(
+        "cross_polytope",
+        "hash family: cross-polytope (argmax of [xR; -xR]) or hyperplane (signs)",
+        choices=("cross_polytope", "hyperplane"),
+        flag="hash-family",
+    )
+    num_hashes: int = _f(
+        6,
+        "hash functions L, AND-combined into one bucket id (the maximum in target modes)",
+        ge=1,
+        le=62,
+        flag="num-hashes",
+    )
+    buckets_per_hash: int = _f(
+        4, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)", ge=2, flag="buckets-per-hash"
+    )
     center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
-    compensation: str = _f("none", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, "
-                           "calibrated a = <E(x)-E(c), x-c> / |x-c|^2 fitted by the probe",
-                           choices=("identity", "none", "calibrated"))
+    compensation: str = _f(
+        "none",
+        "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, "
+        "calibrated a = <E(x)-E(c), x-c> / |x-c|^2 fitted by the probe",
+        choices=("identity", "none", "calibrated"),
+    )
     redraw_every: int = _f(1, "draw new random projections every n steps; 0 = once per run", ge=0)
-    target: str = _f("none", "choose L per layer to hold a target: rate = rows sent / rows routed, "
-                     "error = relative restore error", choices=("none", "rate", "error"), flag="lsh-target")
+    target: str = _f(
+        "none",
+        "choose L per layer to hold a target: rate = rows sent / rows routed, error = relative restore error",
+        choices=("none", "rate", "error"),
+        flag="lsh-target",
+    )
     target_value: float = _f(0.2, "the target compression rate or restore-error budget", gt=0, le=1)
     probe_every: int = _f(0, "measure the restore error every n training steps (0 = only when target=error)", ge=0)
     probe_rows: int = _f(128, "rows sampled per layer and rank by the restore-error probe", ge=1)
@@ -123,10 +185,12 @@ class LSHConfig:
 class DataConfig:
     """Training text and tokenizer."""
 
-    path: str | None = _f(None, "text file or directory of text files; none = embedded docstring corpus",
-                          flag="data")
-    corpus: str = _f("stdlib", "embedded corpus: docstrings of the stdlib, or of stdlib + site-packages",
-                     choices=("stdlib", "installed"))
+    path: str | None = _f(None, "text file or directory of text files; none = embedded docstring corpus", flag="data")
+    corpus: str = _f(
+        "stdlib",
+        "embedded corpus: docstrings of the stdlib, or of stdlib + site-packages",
+        choices=("stdlib", "installed"),
+    )
     vocab_size: int = _f(4096, "BPE vocabulary size (byte-level, trained offline)", ge=260, le=65535)
     val_fraction: float = _f(0.05, "fraction of documents held out for validation", gt=0, lt=1)
     cache_dir: str | None = _f(None, "corpus/tokenizer cache; none = $XDG_CACHE_HOME/lshmoe")
@@ -156,12 +220,16 @@ class TrainConfig:
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
     ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
     resume: str = _f("none", "none, auto (latest checkpoint in ckpt_dir if any), or a checkpoint directory")
-    grad_sync: str = _f("sync", "dense gradients: sync = all-reduced after backward; fair = chunks issued as soon as "
-                        "ready (DDP-like, competing with all-to-alls); priority = Lina: chunks yield to all-to-alls",
-                        choices=("sync", "fair", "priority"))
+    grad_sync: str = _f(
+        "sync",
+        "dense gradients: sync = all-reduced after backward; fair = chunks issued as soon as "
+        "ready (DDP-like, competing with all-to-alls); priority = Lina: chunks yield to all-to-alls",
+        choices=("sync", "fair", "priority"),
+    )
     chunk_mb: float = _f(30.0, "size of a gradient all-reduce micro-op (fair/priority), MB", gt=0)
-    nan_policy: str = _f("skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)",
-                         choices=("skip", "stop"))
+    nan_policy: str = _f(
+        "skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)", choices=("skip", "stop")
+    )
 
 
 @dataclass(kw_only=True)
@@ -169,17 +237,23 @@ class DistConfig:
     """Processes and communication."""
 
     nproc: int = _f(1, "ranks to spawn locally (ignored under torchrun)", ge=1)
-    backend: str = _f("auto", "process-group backend; auto = nccl on CUDA, gloo on CPU",
-                      choices=("auto", "gloo", "nccl"))
-    device: str = _f("auto", "compute device; auto = cuda when every rank can have a GPU",
-                     choices=("auto", "cpu", "cuda"))
+    backend: str = _f(
+        "auto", "process-group backend; auto = nccl on CUDA, gloo on CPU", choices=("auto", "gloo", "nccl")
+    )
+    device: str = _f(
+        "auto", "compute device; auto = cuda when every rank can have a GPU", choices=("auto", "cpu", "cuda")
+    )
     timeout_s: float = _f(300.0, "seconds a collective may wait for a peer before failing", gt=0)
     ranks_per_node: int = _f(0, "ranks per node for the topology map; 0 = LOCAL_WORLD_SIZE or all", ge=0)
     threads: int = _f(0, "torch threads per rank; 0 = cores / local ranks", ge=0)
-    heartbeat_s: float = _f(1.0, "peer heartbeat interval; a peer silent for timeout_s is declared failed; 0 = off",
-                            ge=0)
-    malloc_trim_every: int = _f(10, "return the C heap's free pages to the system every N steps, so resident memory "
-                                     "stays flat (glibc); 0 = never", ge=0)
+    heartbeat_s: float = _f(
+        1.0, "peer heartbeat interval; a peer silent for timeout_s is declared failed; 0 = off", ge=0
+    )
+    malloc_trim_every: int = _f(
+        10,
+        "return the C heap's free pages to the system every N steps, so resident memory stays flat (glibc); 0 = never",
+        ge=0,
+    )
     fault: str = _f("", "fault injection for testing: kind:rank:step, kind in kill|stall|nan|killsave")
 
 
@@ -281,8 +355,7 @@ def from_dict(raw: dict[str, Any], base: Config | None = None, source: str = "co
     if raw is None:
         return cfg
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     for section, values in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
@@ -399,8 +472,10 @@ def _validate_lsh(cfg: Config) -> None:
         raise ConfigError(f"lsh.buckets_per_hash={b} must be a power of two for the hyperplane family")
     bits = h.num_hashes * math.log2(b) + math.log2(max(2, cfg.moe.num_experts))
     if bits > 62:
-        raise ConfigError(f"lsh.num_hashes={h.num_hashes} is out of range for buckets_per_hash={b} and "
-                          f"{cfg.moe.num_experts} experts; bucket ids need L*log2(b)+log2(E) <= 62 bits")
+        raise ConfigError(
+            f"lsh.num_hashes={h.num_hashes} is out of range for buckets_per_hash={b} and "
+            f"{cfg.moe.num_experts} experts; bucket ids need L*log2(b)+log2(E) <= 62 bits"
+        )
     try:
         h.layer_ids()
     except ValueError:
@@ -422,29 +497,39 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
     if m.arch in ("scmoe", "dgmoe"):
         if m.moe_every not in (1, 2) or m.n_layers % m.moe_every:
-            raise ConfigError(f"model.moe_every={m.moe_every} with model.arch={m.arch}: must be 1 (every block) or 2 "
-                              f"(Block-MLP + Block-MoE pairs) and divide model.n_layers={m.n_layers}")
+            raise ConfigError(
+                f"model.moe_every={m.moe_every} with model.arch={m.arch}: must be 1 (every block) or 2 "
+                f"(Block-MLP + Block-MoE pairs) and divide model.n_layers={m.n_layers}"
+            )
         if m.moe_every == 1 and m.shortcut != "pos1" and m.arch == "scmoe":
-            raise ConfigError(f"model.shortcut={m.shortcut} with model.moe_every=1: MoE in every block takes "
-                              "the shortcut at pos1")
+            raise ConfigError(
+                f"model.shortcut={m.shortcut} with model.moe_every=1: MoE in every block takes the shortcut at pos1"
+            )
         if m.arch == "dgmoe" and (e.top_k != 1 or m.moe_every != 2):
-            raise ConfigError(f"model.arch=dgmoe needs moe.top_k=1 and model.moe_every=2 (got top_k={e.top_k}, "
-                              f"moe_every={m.moe_every})")
+            raise ConfigError(
+                f"model.arch=dgmoe needs moe.top_k=1 and model.moe_every=2 (got top_k={e.top_k}, "
+                f"moe_every={m.moe_every})"
+            )
     if e.router == "locmoe" and m.d_model % e.num_experts:
-        raise ConfigError(f"moe.router=locmoe needs model.d_model={m.d_model} divisible by moe.num_experts="
-                          f"{e.num_experts} (each expert's gate is the mean of one slice of the width)")
+        raise ConfigError(
+            f"moe.router=locmoe needs model.d_model={m.d_model} divisible by moe.num_experts="
+            f"{e.num_experts} (each expert's gate is the mean of one slice of the width)"
+        )
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
     if m.moe_every > m.n_layers:
         raise ConfigError(
             f"model.moe_every={m.moe_every} is out of range; must be in [1, model.n_layers={m.n_layers}] "
-            "so that the model has at least one MoE block")
+            "so that the model has at least one MoE block"
+        )
     _validate_lsh(cfg)
     if cfg.dist.fault:
         parts = cfg.dist.fault.split(":")
         if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
-            raise ConfigError(f"dist.fault={cfg.dist.fault!r} must be kind:rank:step with kind in "
-                              f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5")
+            raise ConfigError(
+                f"dist.fault={cfg.dist.fault!r} must be kind:rank:step with kind in "
+                f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5"
+            )
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:
@@ -452,10 +537,13 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         if world_size % ep:
             raise ConfigError(f"moe.ep_size={ep} must divide the world size {world_size}")
         if e.a2a == "hierarchical" and ep != world_size:
-            raise ConfigError(f"moe.a2a=hierarchical needs the expert-parallel group to be the world "
-                              f"(moe.ep_size={e.ep_size}, world size {world_size})")
+            raise ConfigError(
+                f"moe.a2a=hierarchical needs the expert-parallel group to be the world "
+                f"(moe.ep_size={e.ep_size}, world size {world_size})"
+            )
         if e.num_experts % ep:
             raise ConfigError(
                 f"moe.num_experts={e.num_experts} is not divisible by the expert-parallel size {ep}; "
-                f"use a multiple of {ep} experts or a different ep_size/--nproc")
+                f"use a multiple of {ep} experts or a different ep_size/--nproc"
+            )
     return cfg

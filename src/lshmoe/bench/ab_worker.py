@@ -24,16 +24,36 @@ from pathlib import Path
 import torch
 
 from lshmoe.config import from_dict
-from lshmoe.dist.setup import init_comm, shutdown
+from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
-PER_STEP = ("step_time_s", "a2a_time_s", "a2a_exposed_s", "exposed_s", "allreduce_time_s", "comm_time_s",
-            "a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes", "rows_routed",
-            "rows_sent", "lsh_s")
+PER_STEP = (
+    "step_time_s",
+    "a2a_time_s",
+    "a2a_exposed_s",
+    "exposed_s",
+    "allreduce_time_s",
+    "comm_time_s",
+    "a2a_bytes",
+    "a2a_bytes_fwd",
+    "a2a_bytes_bwd",
+    "allreduce_bytes",
+    "inter_node_bytes",
+    "rows_routed",
+    "rows_sent",
+    "lsh_s",
+)
 MAX_OVER_RANKS = {"step_time_s"}
-SUM_OVER_RANKS = {"a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd", "allreduce_bytes", "inter_node_bytes",
-                  "rows_routed", "rows_sent"}
+SUM_OVER_RANKS = {
+    "a2a_bytes",
+    "a2a_bytes_fwd",
+    "a2a_bytes_bwd",
+    "allreduce_bytes",
+    "inter_node_bytes",
+    "rows_routed",
+    "rows_sent",
+}
 
 
 def _iface_tx() -> int:
@@ -71,7 +91,7 @@ def run(spec: dict) -> None:
     by_tag: dict[str, list[dict[str, float]]] = {n: [] for n in names}  # this rank's all-to-all seconds per step
     for rnd in range(spec["rounds"] + spec["warmup_rounds"]):
         measured = rnd >= spec["warmup_rounds"]
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             comm.all_reduce(flag, world, "ab.barrier", phase="metrics")
             tx0 = _iface_tx()
             for _ in range(spec["steps_per_round"]):
@@ -82,22 +102,37 @@ def run(spec: dict) -> None:
                 if not measured:
                     continue
                 c = tr.last_comm
-                lsh = sum(st.get("lsh_hash_s", 0.0) + st.get("lsh_cluster_s", 0.0) + st.get("lsh_restore_s", 0.0)
-                          for st in tr.last_layer_stats.values())
-                row = {"step_time_s": values["step_time_s"], "a2a_time_s": c.a2a_time_s,
-                       "a2a_exposed_s": c.a2a_exposed_s, "exposed_s": c.exposed_s,
-                       "allreduce_time_s": c.allreduce_time_s, "comm_time_s": c.comm_time_s,
-                       "a2a_bytes": c.a2a_bytes, "a2a_bytes_fwd": c.a2a_bytes_fwd, "a2a_bytes_bwd": c.a2a_bytes_bwd,
-                       "allreduce_bytes": c.allreduce_bytes, "inter_node_bytes": c.inter_node_bytes,
-                       "rows_routed": values["rows_routed"], "rows_sent": values["rows_sent"], "lsh_s": lsh}
+                lsh = sum(
+                    st.get("lsh_hash_s", 0.0) + st.get("lsh_cluster_s", 0.0) + st.get("lsh_restore_s", 0.0)
+                    for st in tr.last_layer_stats.values()
+                )
+                row = {
+                    "step_time_s": values["step_time_s"],
+                    "a2a_time_s": c.a2a_time_s,
+                    "a2a_exposed_s": c.a2a_exposed_s,
+                    "exposed_s": c.exposed_s,
+                    "allreduce_time_s": c.allreduce_time_s,
+                    "comm_time_s": c.comm_time_s,
+                    "a2a_bytes": c.a2a_bytes,
+                    "a2a_bytes_fwd": c.a2a_bytes_fwd,
+                    "a2a_bytes_bwd": c.a2a_bytes_bwd,
+                    "allreduce_bytes": c.allreduce_bytes,
+                    "inter_node_bytes": c.inter_node_bytes,
+                    "rows_routed": values["rows_routed"],
+                    "rows_sent": values["rows_sent"],
+                    "lsh_s": lsh,
+                }
                 for k in PER_STEP:
                     rec[name][k].append(float(row[k]))
                 by_tag[name].append({k: v for k, v in c.by_tag.items() if not k.startswith("grad.chunk")})
             comm.all_reduce(flag, world, "ab.barrier", phase="metrics")
             if measured and local_first:
                 iface[name] += _iface_tx() - tx0
-    out = {"world_size": comm.world_size, "ranks_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)),
-           "variants": {}}
+    out = {
+        "world_size": comm.world_size,
+        "ranks_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)),
+        "variants": {},
+    }
     for name in names:
         res = {}
         for k in PER_STEP:

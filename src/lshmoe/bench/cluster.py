@@ -29,8 +29,13 @@ from lshmoe.train.data import load_data
 # The benchmark model: the default GPT-MoE with 16 sequences per rank, so the expert all-to-all
 # (which grows with tokens) rather than the dense all-reduce (which grows with parameters) dominates
 # the link, as in the paper's setting.
-BENCH_OVERRIDES = {"train.batch_size": "16", "train.progress": "false", "train.eval_batches": "4",
-                   "dist.threads": "1", "dist.timeout_s": "300"}
+BENCH_OVERRIDES = {
+    "train.batch_size": "16",
+    "train.progress": "false",
+    "train.eval_batches": "4",
+    "dist.threads": "1",
+    "dist.timeout_s": "300",
+}
 
 
 @dataclass
@@ -50,14 +55,23 @@ def base_config(sets: list[str]) -> Config:
     return apply_sets(cfg, sets)
 
 
-def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emulate: bool,
-           out_dir: Path) -> dict:
+def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emulate: bool, out_dir: Path) -> dict:
     """Run one interleaved A/B measurement; return rank 0's result (see ab_worker)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = out_dir / "spec.json", out_dir / "result.json"
-    spec_path.write_text(json.dumps({"variants": spec.variants, "rounds": spec.rounds,
-                                     "warmup_rounds": spec.warmup_rounds, "steps_per_round": spec.steps_per_round,
-                                     "evaluate": spec.evaluate, "impls": spec.impls, "out": str(result_path)}))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "variants": spec.variants,
+                "rounds": spec.rounds,
+                "warmup_rounds": spec.warmup_rounds,
+                "steps_per_round": spec.steps_per_round,
+                "evaluate": spec.evaluate,
+                "impls": spec.impls,
+                "out": str(result_path),
+            }
+        )
+    )
     cmd = [sys.executable, "-m", "lshmoe.bench.ab_worker", str(spec_path)]
     rc = run_job_ranks(cmd, nodes, ranks_per_node, link, emulate)
     if rc != 0:
@@ -78,19 +92,29 @@ def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") ->
         n = max(1, v["measured_steps"])
         r = sum(v["rows_sent"]) / max(1.0, sum(v["rows_routed"]))
         ledger_inter = sum(v["inter_node_bytes"])
-        row = {"variant": name, "step_s": st, "tokens_per_s": tokens_per_step / st,
-               "a2a_bytes_per_step": sum(v["a2a_bytes"]) / n,
-               "a2a_share": median([a / s for a, s in zip(v["a2a_time_s"], v["step_time_s"], strict=True)]),
-               "allreduce_share": median([a / s for a, s in zip(v["allreduce_time_s"], v["step_time_s"], strict=True)]),
-               "comm_share": median([c / s for c, s in zip(v["comm_time_s"], v["step_time_s"], strict=True)]),
-               "compression_rate": r, "lsh_s": median(v["lsh_s"]),
-               "iface_bytes_per_step": v["iface_tx_bytes"] / n, "ledger_inter_bytes_per_step": ledger_inter / n,
-               "iface_over_ledger": v["iface_tx_bytes"] / ledger_inter if ledger_inter else None,
-               "val_loss": v.get("val_loss"),
-               "breakdown_s": {"a2a": median(v["a2a_time_s"]), "allreduce": median(v["allreduce_time_s"]),
-                               "other_comm": max(0.0, median(v["comm_time_s"]) - median(v["a2a_time_s"])
-                                                 - median(v["allreduce_time_s"])),
-                               "compute": max(0.0, st - median(v["comm_time_s"]))}}
+        row = {
+            "variant": name,
+            "step_s": st,
+            "tokens_per_s": tokens_per_step / st,
+            "a2a_bytes_per_step": sum(v["a2a_bytes"]) / n,
+            "a2a_share": median([a / s for a, s in zip(v["a2a_time_s"], v["step_time_s"], strict=True)]),
+            "allreduce_share": median([a / s for a, s in zip(v["allreduce_time_s"], v["step_time_s"], strict=True)]),
+            "comm_share": median([c / s for c, s in zip(v["comm_time_s"], v["step_time_s"], strict=True)]),
+            "compression_rate": r,
+            "lsh_s": median(v["lsh_s"]),
+            "iface_bytes_per_step": v["iface_tx_bytes"] / n,
+            "ledger_inter_bytes_per_step": ledger_inter / n,
+            "iface_over_ledger": v["iface_tx_bytes"] / ledger_inter if ledger_inter else None,
+            "val_loss": v.get("val_loss"),
+            "breakdown_s": {
+                "a2a": median(v["a2a_time_s"]),
+                "allreduce": median(v["allreduce_time_s"]),
+                "other_comm": max(
+                    0.0, median(v["comm_time_s"]) - median(v["a2a_time_s"]) - median(v["allreduce_time_s"])
+                ),
+                "compute": max(0.0, st - median(v["comm_time_s"])),
+            },
+        }
         if base:
             row["speedup"] = t_base / st
             row["amdahl_bound"] = 1.0 / ((1 - f_base) + f_base * r)
@@ -101,14 +125,40 @@ def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") ->
 
 def table(rows: list[dict]) -> str:
     return md_table(
-        ["variant", "step ms", "tokens/s", "a2a MB/step", "iface/ledger", "a2a share f", "comm share",
-         "rate r", "LSH ms", "speedup", "Amdahl bound", "of bound", "val loss"],
-        [[r["variant"], 1000 * r["step_s"], r["tokens_per_s"], r["a2a_bytes_per_step"] / 1e6,
-          f"{r['iface_over_ledger']:.3f}" if r["iface_over_ledger"] else "-", f"{100 * r['a2a_share']:.0f}%",
-          f"{100 * r['comm_share']:.0f}%", f"{100 * r['compression_rate']:.1f}%", 1000 * r["lsh_s"],
-          f"{r['speedup']:.2f}x" if "speedup" in r else "-", f"{r['amdahl_bound']:.2f}x" if "speedup" in r else "-",
-          f"{100 * r['efficiency']:.0f}%" if "speedup" in r else "-",
-          f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"] for r in rows])
+        [
+            "variant",
+            "step ms",
+            "tokens/s",
+            "a2a MB/step",
+            "iface/ledger",
+            "a2a share f",
+            "comm share",
+            "rate r",
+            "LSH ms",
+            "speedup",
+            "Amdahl bound",
+            "of bound",
+            "val loss",
+        ],
+        [
+            [
+                r["variant"],
+                1000 * r["step_s"],
+                r["tokens_per_s"],
+                r["a2a_bytes_per_step"] / 1e6,
+                f"{r['iface_over_ledger']:.3f}" if r["iface_over_ledger"] else "-",
+                f"{100 * r['a2a_share']:.0f}%",
+                f"{100 * r['comm_share']:.0f}%",
+                f"{100 * r['compression_rate']:.1f}%",
+                1000 * r["lsh_s"],
+                f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+                f"{r['amdahl_bound']:.2f}x" if "speedup" in r else "-",
+                f"{100 * r['efficiency']:.0f}%" if "speedup" in r else "-",
+                f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def plot_breakdown(per_link: dict[str, list[dict]], name: str) -> str:
@@ -153,7 +203,7 @@ def plot_speedup(per_link: dict[str, list[dict]], name: str) -> str:
     for variant in [r["variant"] for r in per_link[links[0]] if "speedup" in r and r["variant"] != "baseline"]:
         meas = [next(r for r in per_link[link] if r["variant"] == variant)["speedup"] for link in links]
         bound = [next(r for r in per_link[link] if r["variant"] == variant)["amdahl_bound"] for link in links]
-        line, = ax.plot(xs, meas, marker="o", label=f"{variant} measured")
+        (line,) = ax.plot(xs, meas, marker="o", label=f"{variant} measured")
         ax.plot(xs, bound, ls="--", color=line.get_color(), label=f"{variant} Amdahl bound")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xscale="log", xlabel="inter-node link (Gbit/s, tc tbf)", ylabel="step-time speedup vs baseline")
@@ -188,28 +238,40 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lshmoe-cluster-") as tmp:
         for link in links:
             print(f"== {link}: {a.nodes} nodes x {a.ranks_per_node} ranks, variants {', '.join(variants)}", flush=True)
-            res = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False), a.nodes, a.ranks_per_node,
-                         None if link == "loopback" else link, emulate, Path(tmp) / link)
+            res = run_ab(
+                ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False),
+                a.nodes,
+                a.ranks_per_node,
+                None if link == "loopback" else link,
+                emulate,
+                Path(tmp) / link,
+            )
             raw[link] = res
             per_link[link] = summarise(res, tokens)
             print(table(per_link[link]), flush=True)
     png_b = plot_breakdown(per_link, f"{a.name}_breakdown")
     png_s = plot_speedup(per_link, f"{a.name}_speedup") if emulate and len(links) > 1 else None
-    body = [f"{a.nodes} emulated nodes x {a.ranks_per_node} gloo ranks "
-            f"({'network namespaces, tc tbf on both directions of every inter-node link' if emulate else 'loopback'}),"
-            f" default GPT-MoE with {base.train.batch_size} sequences/rank ({tokens} tokens/step); variants alternate"
-            f" blocks of {a.steps_per_round} steps for {a.rounds} measured rounds after one warm-up round, medians of"
-            " per-step values. a2a MB/step: ledger payload bytes on the wire (forward + backward, all ranks). "
-            "iface/ledger: bytes counted by the nodes' link interfaces (TCP/IP headers and acks included) over the "
-            "ledger's inter-node bytes. f: all-to-all time / step time. Amdahl bound: 1/((1-f)+f*r) with the "
-            "baseline's f and the variant's r.\n"]
+    body = [
+        f"{a.nodes} emulated nodes x {a.ranks_per_node} gloo ranks "
+        f"({'network namespaces, tc tbf on both directions of every inter-node link' if emulate else 'loopback'}),"
+        f" default GPT-MoE with {base.train.batch_size} sequences/rank ({tokens} tokens/step); variants alternate"
+        f" blocks of {a.steps_per_round} steps for {a.rounds} measured rounds after one warm-up round, medians of"
+        " per-step values. a2a MB/step: ledger payload bytes on the wire (forward + backward, all ranks). "
+        "iface/ledger: bytes counted by the nodes' link interfaces (TCP/IP headers and acks included) over the "
+        "ledger's inter-node bytes. f: all-to-all time / step time. Amdahl bound: 1/((1-f)+f*r) with the "
+        "baseline's f and the variant's r.\n"
+    ]
     for link in links:
         body.append(f"### {link}\n\n{table(per_link[link])}\n")
     body.append(f"![breakdown]({png_b})\n")
     if png_s:
         body.append(f"![speedup vs link]({png_s})\n")
-    write_section(a.name, "Emulated cluster: baseline vs LSH-MoE over throttled links", "\n".join(body),
-                  {"per_link": per_link, "raw": raw, "args": vars(a)})
+    write_section(
+        a.name,
+        "Emulated cluster: baseline vs LSH-MoE over throttled links",
+        "\n".join(body),
+        {"per_link": per_link, "raw": raw, "args": vars(a)},
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lshmoe.config import MoEConfig
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.moe.layer import MoEOutput
 
 
@@ -34,8 +34,9 @@ def init_deepspeed() -> None:
 
     if not dist.is_initialized():
         store = tempfile.mktemp(prefix="lshmoe-ds-")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1,
-                                timeout=timedelta(seconds=120))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=0, world_size=1, timeout=timedelta(seconds=120)
+        )
     deepspeed.init_distributed(dist_backend="gloo")
 
 
@@ -48,9 +49,17 @@ class DeepSpeedMoE(nn.Module):
         self.cfg, self.layer_id, self.d_model = cfg, layer_id, d_model
         expert = nn.Sequential(nn.Linear(d_model, cfg.d_expert), nn.GELU(), nn.Linear(cfg.d_expert, d_model))
         cf = cfg.capacity_factor or 1.0
-        self.moe = MoE(hidden_size=d_model, expert=expert, num_experts=cfg.num_experts,
-                       ep_size=comm.group("ep").size, k=cfg.top_k, capacity_factor=cf, eval_capacity_factor=cf,
-                       min_capacity=4, drop_tokens=cfg.capacity_factor is not None)
+        self.moe = MoE(
+            hidden_size=d_model,
+            expert=expert,
+            num_experts=cfg.num_experts,
+            ep_size=comm.group("ep").size,
+            k=cfg.top_k,
+            capacity_factor=cf,
+            eval_capacity_factor=cf,
+            min_capacity=4,
+            drop_tokens=cfg.capacity_factor is not None,
+        )
         self.moe.set_deepspeed_parallelism()
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -60,6 +69,11 @@ class DeepSpeedMoE(nn.Module):
         y, l_aux, exp_counts = self.moe(x_TD)
         E, K = self.cfg.num_experts, self.cfg.top_k
         cap = max(4, math.ceil(K * T / E * (self.cfg.capacity_factor or 1.0)))
-        return MoEOutput(y_TD=y.reshape(shape), aux={"load_balance": l_aux, "z_loss": l_aux * 0},
-                         tokens_per_expert_E=torch.as_tensor(exp_counts).reshape(-1)[:E].long(),
-                         dropped=torch.tensor(0), rows_routed=T * K, rows_sent=E * cap)
+        return MoEOutput(
+            y_TD=y.reshape(shape),
+            aux={"load_balance": l_aux, "z_loss": l_aux * 0},
+            tokens_per_expert_E=torch.as_tensor(exp_counts).reshape(-1)[:E].long(),
+            dropped=torch.tensor(0),
+            rows_routed=T * K,
+            rows_sent=E * cap,
+        )

@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     reason = None if a.no_emulation else check_emulation()
     emulate = not a.no_emulation and reason is None
     if reason:
-        print(f"network emulation unavailable: {reason}; running on loopback instead (communication is nearly free "
-              "there, so expect little speedup)")
+        print(
+            f"network emulation unavailable: {reason}; running on loopback instead (communication is nearly free "
+            "there, so expect little speedup)"
+        )
     base = base_config(a.set)
     variants = dict(parse_variant(v) for v in a.variants.split(","))
     cfgs = {n: apply(base, o, 4).to_dict() for n, o in variants.items()}
@@ -68,8 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training {', '.join(variants)} side by side on {where} ...", flush=True)
     out = Path(a.out)
     with tempfile.TemporaryDirectory(prefix="lshmoe-demo-") as tmp:
-        result = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=True), 2, 2,
-                        a.link if emulate else None, emulate, Path(tmp))
+        result = run_ab(
+            ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=True),
+            2,
+            2,
+            a.link if emulate else None,
+            emulate,
+            Path(tmp),
+        )
     rows = summarise(result, 4 * base.train.batch_size * base.model.seq_len)
     print()
     print(table(rows))

@@ -36,7 +36,7 @@ from lshmoe.bench.netns import check_emulation, run_job_ranks
 from lshmoe.bench.quality import run_job
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, DistConfig, validate
-from lshmoe.dist.setup import init_comm, shutdown
+from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.infer.engine import InferConfig, InferenceEngine
 from lshmoe.infer.metrics import BatchMetrics, summarise
 from lshmoe.infer.profile import build_profile
@@ -44,8 +44,13 @@ from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.data import default_cache_dir, load_data
 
 # The skewed model: every block MoE, no load-balance loss, trained on 2 local ranks.
-TRAIN_OVERRIDES = {"model.moe_every": "1", "moe.aux_loss_weight": "0", "train.batch_size": "8",
-                   "train.eval_every": "0", "train.log_every": "25"}
+TRAIN_OVERRIDES = {
+    "model.moe_every": "1",
+    "moe.aux_loss_weight": "0",
+    "train.batch_size": "8",
+    "train.eval_every": "0",
+    "train.log_every": "25",
+}
 TRAIN_RANKS = 2
 # label -> (placement, what the path profile predicts). "lina" is the paper's method; "lina-routes" profiles
 # the next layer's K routed experts instead of its top-1 (a load-share estimate; see infer/profile.py).
@@ -57,16 +62,20 @@ MODES = tuple(VARIANTS)
 
 
 def train_config(steps: int, sets: list[str]) -> Config:
-    cfg = base_config([*(f"{k}={v}" for k, v in TRAIN_OVERRIDES.items()), f"train.steps={steps}",
-                       f"train.save_every={steps}", *sets])
+    cfg = base_config(
+        [*(f"{k}={v}" for k, v in TRAIN_OVERRIDES.items()), f"train.steps={steps}", f"train.save_every={steps}", *sets]
+    )
     return validate(cfg, TRAIN_RANKS)
 
 
 def trained_checkpoint(cfg: Config, retrain: bool) -> Path:
     """Train the model once per config (cached under the data cache), or reuse the cached checkpoint."""
     sig = {s: dataclasses.asdict(getattr(cfg, s)) for s in ("model", "moe", "data")}
-    sig["train"] = {k: v for k, v in dataclasses.asdict(cfg.train).items()
-                    if k not in ("out_dir", "ckpt_dir", "progress", "log_every", "resume", "keep_last")}
+    sig["train"] = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.train).items()
+        if k not in ("out_dir", "ckpt_dir", "progress", "log_every", "resume", "keep_last")
+    }
     key = hashlib.blake2b(json.dumps(sig, sort_keys=True).encode(), digest_size=8).hexdigest()
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
     root = cache / "lina_infer" / key
@@ -95,11 +104,14 @@ def worker(spec: dict) -> None:
         data = load_data(cfg.data)
         B, S = spec["batch_size"], cfg.model.seq_len
         t0 = time.perf_counter()
-        ids_LTK = eng.record_routes(data.train_batch(i, rank, B, S, cfg.train.seed, dev)[0]
-                                    for i in range(spec["profile_batches"]))
+        ids_LTK = eng.record_routes(
+            data.train_batch(i, rank, B, S, cfg.train.seed, dev)[0] for i in range(spec["profile_batches"])
+        )
         E, l = cfg.moe.num_experts, eng.icfg.path_len
-        profiles = {"top1": build_profile(ids_LTK[:, :, 0], E, l),
-                    "all": build_profile(ids_LTK[:, :, 0], E, l, routes_LTK=ids_LTK)}
+        profiles = {
+            "top1": build_profile(ids_LTK[:, :, 0], E, l),
+            "all": build_profile(ids_LTK[:, :, 0], E, l, routes_LTK=ids_LTK),
+        }
         profile_s = time.perf_counter() - t0
         n, warm = spec["batches"], spec["warmup"]
         rec: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -107,7 +119,7 @@ def worker(spec: dict) -> None:
         for i in range(warm + n):
             x, y = data.val_batch(i % n, rank, world, B, S, dev, n)
             logits = []
-            for label in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:  # rotate the order every batch
+            for label in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:  # rotate the order every batch
                 placement, routes = VARIANTS[label]
                 eng.set_placement(placement)
                 eng.set_profile(profiles[routes])
@@ -120,12 +132,27 @@ def worker(spec: dict) -> None:
             identical += int(i >= warm and bool(same))
         if rank == 0:
             paths = [int(layer[-1].keys_P.numel()) for layer in profiles["top1"].tables]
-            Path(spec["out"]).write_text(json.dumps({
-                "world_size": world, "batches": n, "identical_batches": identical, "profile_s": profile_s,
-                "profile_tokens": int(ids_LTK.shape[1]), "profile_full_paths": paths,
-                "records": rec, "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
-                                          "moe_layers": len(eng.moe_ids), "experts": cfg.moe.num_experts,
-                                          "top_k": cfg.moe.top_k, "d_expert": cfg.moe.d_expert}}))
+            Path(spec["out"]).write_text(
+                json.dumps(
+                    {
+                        "world_size": world,
+                        "batches": n,
+                        "identical_batches": identical,
+                        "profile_s": profile_s,
+                        "profile_tokens": int(ids_LTK.shape[1]),
+                        "profile_full_paths": paths,
+                        "records": rec,
+                        "model": {
+                            "d_model": cfg.model.d_model,
+                            "n_layers": cfg.model.n_layers,
+                            "moe_layers": len(eng.moe_ids),
+                            "experts": cfg.moe.num_experts,
+                            "top_k": cfg.moe.top_k,
+                            "d_expert": cfg.moe.d_expert,
+                        },
+                    }
+                )
+            )
     finally:
         shutdown()
 
@@ -155,21 +182,48 @@ def change(new: float, old: float) -> str:
 
 def tables(s: dict[str, dict]) -> tuple[str, str]:
     u = s["uniform"]
-    head = ["placement", "MoE layer p50 ms", "p95 ms", "p95 vs uniform", "batch p50 ms", "p95 ms", "p95 vs uniform",
-            "load max/mean", "p95", "expert compute p95 ms", "vs uniform", "top-2 accuracy", "re-plan rate"]
+    head = [
+        "placement",
+        "MoE layer p50 ms",
+        "p95 ms",
+        "p95 vs uniform",
+        "batch p50 ms",
+        "p95 ms",
+        "p95 vs uniform",
+        "load max/mean",
+        "p95",
+        "expert compute p95 ms",
+        "vs uniform",
+        "top-2 accuracy",
+        "re-plan rate",
+    ]
     rows = []
     for r in s.values():
         base = r is u
-        rows.append([r["variant"], r["layer_p50_ms"], r["layer_p95_ms"],
-                     "" if base else change(r["layer_p95_ms"], u["layer_p95_ms"]), r["batch_p50_ms"],
-                     r["batch_p95_ms"], "" if base else change(r["batch_p95_ms"], u["batch_p95_ms"]),
-                     r["load_max_mean"], r["load_max_mean_p95"], r["compute_p95_ms"],
-                     "" if base else change(r["compute_p95_ms"], u["compute_p95_ms"]),
-                     "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.0f}%",
-                     "-" if base else f"{100 * r['replan_rate']:.0f}%"])
+        rows.append(
+            [
+                r["variant"],
+                r["layer_p50_ms"],
+                r["layer_p95_ms"],
+                "" if base else change(r["layer_p95_ms"], u["layer_p95_ms"]),
+                r["batch_p50_ms"],
+                r["batch_p95_ms"],
+                "" if base else change(r["batch_p95_ms"], u["batch_p95_ms"]),
+                r["load_max_mean"],
+                r["load_max_mean_p95"],
+                r["compute_p95_ms"],
+                "" if base else change(r["compute_p95_ms"], u["compute_p95_ms"]),
+                "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.0f}%",
+                "-" if base else f"{100 * r['replan_rate']:.0f}%",
+            ]
+        )
     main = md_table(head, rows)
-    per_head = ["MoE layer"] + [f"{m} p95 ms" for m in MODES] + [f"{m} load max/mean" for m in MODES] + [
-        f"{m} accuracy / re-plan / most replicas" for m in MODES[1:]]
+    per_head = (
+        ["MoE layer"]
+        + [f"{m} p95 ms" for m in MODES]
+        + [f"{m} load max/mean" for m in MODES]
+        + [f"{m} accuracy / re-plan / most replicas" for m in MODES[1:]]
+    )
     per_rows = []
     for i, a in enumerate(u["per_layer"]):
         row = [a["layer"]] + [s[m]["per_layer"][i]["p95_ms"] for m in MODES]
@@ -197,8 +251,12 @@ def plot(result: dict, s: dict[str, dict], name: str) -> str:
     L = len(s["uniform"]["per_layer"])
     width = 0.8 / len(MODES)
     for j, mode in enumerate(MODES):
-        ax2.bar([x - 0.4 + width * (j + 0.5) for x in range(L)], [r["load_max_mean"] for r in s[mode]["per_layer"]],
-                width, label=mode)
+        ax2.bar(
+            [x - 0.4 + width * (j + 0.5) for x in range(L)],
+            [r["load_max_mean"] for r in s[mode]["per_layer"]],
+            width,
+            label=mode,
+        )
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set(xticks=list(range(L)), xlabel="MoE layer", ylabel="rows per rank: max / mean", title="load imbalance")
     ax2.legend(fontsize=8)
@@ -208,25 +266,31 @@ def plot(result: dict, s: dict[str, dict], name: str) -> str:
 def verdict(s: dict[str, dict]) -> str:
     u, p = s["uniform"], s["lina"]
     met = "met" if p["layer_p95_ms"] <= 0.65 * u["layer_p95_ms"] else "not met"
-    return (f"Paper target (p95 MoE-layer latency at least 35% below uniform placement): **{met}** by `lina` here "
-            f"(p95 {u['layer_p95_ms']:.1f} -> {p['layer_p95_ms']:.1f} ms, "
-            f"{change(p['layer_p95_ms'], u['layer_p95_ms'])}). Its load max/mean went from {u['load_max_mean']:.2f} "
-            f"to {p['load_max_mean']:.2f}, and the p95 of the busiest rank's expert compute changed by "
-            f"{change(p['compute_p95_ms'], u['compute_p95_ms'])}. Under uniform placement the busiest rank's expert "
-            f"compute is a median {100 * u['compute_share']:.0f}% of a layer call; with it perfectly balanced at no "
-            f"cost the layer p95 would be {u['balanced_p95_ms']:.1f} ms "
-            f"({change(u['balanced_p95_ms'], u['layer_p95_ms'])}), the most any placement can gain here.")
+    return (
+        f"Paper target (p95 MoE-layer latency at least 35% below uniform placement): **{met}** by `lina` here "
+        f"(p95 {u['layer_p95_ms']:.1f} -> {p['layer_p95_ms']:.1f} ms, "
+        f"{change(p['layer_p95_ms'], u['layer_p95_ms'])}). Its load max/mean went from {u['load_max_mean']:.2f} "
+        f"to {p['load_max_mean']:.2f}, and the p95 of the busiest rank's expert compute changed by "
+        f"{change(p['compute_p95_ms'], u['compute_p95_ms'])}. Under uniform placement the busiest rank's expert "
+        f"compute is a median {100 * u['compute_share']:.0f}% of a layer call; with it perfectly balanced at no "
+        f"cost the layer p95 would be {u['balanced_p95_ms']:.1f} ms "
+        f"({change(u['balanced_p95_ms'], u['layer_p95_ms'])}), the most any placement can gain here."
+    )
 
 
 def sharing_note(world: int, threads: int, load: list[float]) -> str:
     """How much of the machine the ranks had: the wall-time gain of balancing needs a core per rank."""
     cores = os.cpu_count() or 1
-    text = (f"The machine's 1-minute load average was {load[0]:.1f} before and {load[1]:.1f} after the run "
-            f"({cores} cores for {world} ranks x {threads} thread(s)).")
+    text = (
+        f"The machine's 1-minute load average was {load[0]:.1f} before and {load[1]:.1f} after the run "
+        f"({cores} cores for {world} ranks x {threads} thread(s))."
+    )
     if cores < world * threads + load[0]:
-        text += (" The ranks shared cores, so a rank that waits for a straggler hands its core to it: balancing the "
-                 "rows cuts the busiest rank's expert CPU time (the expert compute column) but hardly the layer's "
-                 "wall time, while Lina's extra exchange per layer costs milliseconds on a loaded machine.")
+        text += (
+            " The ranks shared cores, so a rank that waits for a straggler hands its core to it: balancing the "
+            "rows cuts the busiest rank's expert CPU time (the expert compute column) but hardly the layer's "
+            "wall time, while Lina's extra exchange per layer costs milliseconds on a loaded machine."
+        )
     return text
 
 
@@ -240,12 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", default="10gbit", help="inter-node link rate (tc tbf)")
     p.add_argument("--batches", type=int, default=60, help="validation batches scored by each placement")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="sequences per rank per batch (a serving batch: the larger, the more the layer is compute)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sequences per rank per batch (a serving batch: the larger, the more the layer is compute)",
+    )
     p.add_argument("--profile-batches", type=int, default=8, help="training batches per rank for the profile")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the model / training config")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the model / training config"
+    )
     p.add_argument("--no-emulation", action="store_true", help="run on loopback (no namespaces, no rate limit)")
     p.add_argument("--name", default="lina_infer", help="report section name")
     a = p.parse_args(argv)
@@ -259,11 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = train_config(a.steps, a.set)
     load_data(cfg.data, print)
     path = trained_checkpoint(cfg, a.retrain)
-    spec = {"checkpoint": str(path), "infer": dataclasses.asdict(InferConfig()), "batches": a.batches,
-            "warmup": a.warmup, "batch_size": a.batch_size, "profile_batches": a.profile_batches,
-            "threads": a.threads}
-    where = (f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} inter-node links" if emulate
-             else f"{a.nodes * a.ranks_per_node} ranks on loopback")
+    spec = {
+        "checkpoint": str(path),
+        "infer": dataclasses.asdict(InferConfig()),
+        "batches": a.batches,
+        "warmup": a.warmup,
+        "batch_size": a.batch_size,
+        "profile_batches": a.profile_batches,
+        "threads": a.threads,
+    }
+    where = (
+        f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} inter-node links"
+        if emulate
+        else f"{a.nodes * a.ranks_per_node} ranks on loopback"
+    )
     print(f"== inference: {where}, {a.batches} batches per placement", flush=True)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lshmoe-lina-") as tmp:
@@ -278,27 +356,33 @@ def main(argv: list[str] | None = None) -> int:
     print(sharing_note(a.nodes * a.ranks_per_node, a.threads, result["load_average"]))
     m = result["model"]
     tokens = a.batch_size * cfg.model.seq_len
-    body = (f"Model: GPT-MoE D={m['d_model']}, {m['n_layers']} blocks all MoE, {m['experts']} experts top-{m['top_k']},"
-            f" expert width {m['d_expert']}, trained {a.steps} steps without the load-balance loss "
-            f"(`moe.aux_loss_weight=0`) so that routing is naturally skewed. Inference on {where}, "
-            f"{a.threads} torch thread(s) per rank, every rank holding every expert; {tokens} tokens per rank per "
-            f"batch. Path profile (l=3) from {a.profile_batches} training batches per rank "
-            f"({result['profile_tokens']} tokens). {result['batches']} validation batches, each scored by every "
-            f"placement in the same processes, rotating which goes first, after {a.warmup} warm-up batches. "
-            f"Variants: `uniform` (expert e on rank e // (E/W)); `lina` (the paper's two-phase placement, profile "
-            f"of the next layer's top-1 expert); `lina-routes` (the same, profiling the next layer's K routed "
-            f"experts, i.e. its load share). Latencies are wall times of the slowest rank; a MoE layer's runs from "
-            f"its gate to its combine and includes Lina's phase-2 exchange (one small all-to-all), the count "
-            f"exchange and both payload all-to-alls (phase 1's path lookup runs before the block and counts in "
-            f"the batch latency only). "
-            f"Load: rows computed per rank, max over mean. Expert compute: CPU time of the busiest rank's expert "
-            f"matmuls, the layer's critical path on devices that do not share cores. Accuracy: phase 1's top-2 "
-            f"experts equal the actual top-2 (as a set). Logits identical across the three placements in "
-            f"{result['identical_batches']}/{result['batches']} batches.\n\n{main_tbl}\n\nPer MoE layer:\n\n"
-            f"{per_tbl}\n\n{verdict(s)} {sharing_note(a.nodes * a.ranks_per_node, a.threads, result['load_average'])}"
-            f"\n\n![lina_infer]({png})\n")
-    write_section(a.name, f"Lina: popularity-driven expert placement for inference ({where})", body,
-                  {"summary": s, "result": result, "args": vars(a)})
+    body = (
+        f"Model: GPT-MoE D={m['d_model']}, {m['n_layers']} blocks all MoE, {m['experts']} experts top-{m['top_k']},"
+        f" expert width {m['d_expert']}, trained {a.steps} steps without the load-balance loss "
+        f"(`moe.aux_loss_weight=0`) so that routing is naturally skewed. Inference on {where}, "
+        f"{a.threads} torch thread(s) per rank, every rank holding every expert; {tokens} tokens per rank per "
+        f"batch. Path profile (l=3) from {a.profile_batches} training batches per rank "
+        f"({result['profile_tokens']} tokens). {result['batches']} validation batches, each scored by every "
+        f"placement in the same processes, rotating which goes first, after {a.warmup} warm-up batches. "
+        f"Variants: `uniform` (expert e on rank e // (E/W)); `lina` (the paper's two-phase placement, profile "
+        f"of the next layer's top-1 expert); `lina-routes` (the same, profiling the next layer's K routed "
+        f"experts, i.e. its load share). Latencies are wall times of the slowest rank; a MoE layer's runs from "
+        f"its gate to its combine and includes Lina's phase-2 exchange (one small all-to-all), the count "
+        f"exchange and both payload all-to-alls (phase 1's path lookup runs before the block and counts in "
+        f"the batch latency only). "
+        f"Load: rows computed per rank, max over mean. Expert compute: CPU time of the busiest rank's expert "
+        f"matmuls, the layer's critical path on devices that do not share cores. Accuracy: phase 1's top-2 "
+        f"experts equal the actual top-2 (as a set). Logits identical across the three placements in "
+        f"{result['identical_batches']}/{result['batches']} batches.\n\n{main_tbl}\n\nPer MoE layer:\n\n"
+        f"{per_tbl}\n\n{verdict(s)} {sharing_note(a.nodes * a.ranks_per_node, a.threads, result['load_average'])}"
+        f"\n\n![lina_infer]({png})\n"
+    )
+    write_section(
+        a.name,
+        f"Lina: popularity-driven expert placement for inference ({where})",
+        body,
+        {"summary": s, "result": result, "args": vars(a)},
+    )
     return 0
 
 

@@ -61,29 +61,58 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = {pol: apply(base, {"train.grad_sync": pol}, 4).to_dict() for pol in ("sync", "fair", "priority")}
     load_data(base.data, print)
     with tempfile.TemporaryDirectory(prefix="lshmoe-lina-") as tmp:
-        res = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False), 2, 2, a.link if emulate else None,
-                     emulate, Path(tmp))
+        res = run_ab(
+            ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False),
+            2,
+            2,
+            a.link if emulate else None,
+            emulate,
+            Path(tmp),
+        )
     rows = {r["variant"]: r for r in summarise(res, 4 * base.train.batch_size * base.model.seq_len, baseline="sync")}
     table_rows = []
     for pol in ("sync", "fair", "priority"):
         sd = slowdowns(res, pol) if pol != "sync" else [1.0]
         rows[pol]["a2a_slowdown_median"] = median(sd)
         rows[pol]["a2a_slowdown_worst"] = max(sd)
-        table_rows.append([pol, 1000 * rows[pol]["step_s"], rows[pol]["tokens_per_s"],
-                           1000 * median(res["variants"][pol]["a2a_time_s"]),
-                           f"{rows[pol]['a2a_slowdown_median']:.2f}x", f"{rows[pol]['a2a_slowdown_worst']:.2f}x",
-                           f"{rows['fair']['step_s'] / rows[pol]['step_s']:.2f}x"])
-    tbl = md_table(["gradient sync", "step ms", "tokens/s", "a2a ms/step", "a2a slowdown (median)",
-                    "a2a slowdown (worst)", "speedup vs fair"], table_rows)
+        table_rows.append(
+            [
+                pol,
+                1000 * rows[pol]["step_s"],
+                rows[pol]["tokens_per_s"],
+                1000 * median(res["variants"][pol]["a2a_time_s"]),
+                f"{rows[pol]['a2a_slowdown_median']:.2f}x",
+                f"{rows[pol]['a2a_slowdown_worst']:.2f}x",
+                f"{rows['fair']['step_s'] / rows[pol]['step_s']:.2f}x",
+            ]
+        )
+    tbl = md_table(
+        [
+            "gradient sync",
+            "step ms",
+            "tokens/s",
+            "a2a ms/step",
+            "a2a slowdown (median)",
+            "a2a slowdown (worst)",
+            "speedup vs fair",
+        ],
+        table_rows,
+    )
     print(tbl)
     png = _plot(res)
     where = f"2 emulated nodes x 2 ranks, {a.link} links" if emulate else "4 ranks on loopback"
-    body = (f"{where}; dense-heavy GPT-MoE ({', '.join(DENSE_HEAVY)}), gradient micro-ops of {a.chunk_mb} MB; "
-            f"{a.rounds} measured rounds of {a.steps_per_round} steps per policy after a warm-up round. "
-            "Slowdown: backward all-to-all duration over its median duration under `sync` (rank 0, every MoE "
-            f"layer, dispatch and combine).\n\n{tbl}\n\n![lina]({png})\n")
-    write_section("lina_train", "Lina: all-to-all priority over the gradient all-reduce", body,
-                  {"rows": rows, "raw": res, "args": vars(a)})
+    body = (
+        f"{where}; dense-heavy GPT-MoE ({', '.join(DENSE_HEAVY)}), gradient micro-ops of {a.chunk_mb} MB; "
+        f"{a.rounds} measured rounds of {a.steps_per_round} steps per policy after a warm-up round. "
+        "Slowdown: backward all-to-all duration over its median duration under `sync` (rank 0, every MoE "
+        f"layer, dispatch and combine).\n\n{tbl}\n\n![lina]({png})\n"
+    )
+    write_section(
+        "lina_train",
+        "Lina: all-to-all priority over the gradient all-reduce",
+        body,
+        {"rows": rows, "raw": res, "args": vars(a)},
+    )
     return 0
 
 
@@ -98,8 +127,11 @@ def _plot(res: dict) -> str:
         sd = sorted(slowdowns(res, pol))
         ax.plot(sd, [(i + 1) / len(sd) for i in range(len(sd))], label=pol)
     ax.axvline(1.0, color="grey", lw=0.8)
-    ax.set(xlabel="backward all-to-all duration / isolated (sync) median", ylabel="CDF",
-           title="all-to-all slowdown under contention")
+    ax.set(
+        xlabel="backward all-to-all duration / isolated (sync) median",
+        ylabel="CDF",
+        title="all-to-all slowdown under contention",
+    )
     ax.legend()
     return save_plot(fig, "lina_train")
 

@@ -32,7 +32,7 @@ from lshmoe.bench.quality import run_job
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.bench.variants import apply
 from lshmoe.config import Config
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.locality import capacity_lower_bound, measured_delta
@@ -42,31 +42,39 @@ from lshmoe.train.data import load_data
 
 def _tail_mean(recs: list[dict], key: str) -> float:
     train = [r for r in recs if r["kind"] == "train"]
-    tail = train[-max(1, len(train) // 4):]
+    tail = train[-max(1, len(train) // 4) :]
     return statistics.mean(r[key] for r in tail)
 
 
 def _layer_mean(recs: list[dict], key: str) -> float:
     train = [r for r in recs if r["kind"] == "train"]
-    tail = train[-max(1, len(train) // 4):]
+    tail = train[-max(1, len(train) // 4) :]
     vals = [v for r in tail for v in (r[key].values() if isinstance(r[key], dict) else [r[key]])]
     return statistics.mean(vals)
 
 
 def _local_fraction(recs: list[dict]) -> float:
     train = [r for r in recs if r["kind"] == "train"]
-    tail = train[-max(1, len(train) // 4):]
-    vals = [lay["rows_local"] / lay["rows_routed"] for r in tail for lay in r["layers"].values()
-            if lay.get("rows_routed") and "rows_local" in lay]
+    tail = train[-max(1, len(train) // 4) :]
+    vals = [
+        lay["rows_local"] / lay["rows_routed"]
+        for r in tail
+        for lay in r["layers"].values()
+        if lay.get("rows_routed") and "rows_local" in lay
+    ]
     return statistics.mean(vals) if vals else 1.0
 
 
 def summarise_run(recs: list[dict]) -> dict:
-    return {"inter_mb": _tail_mean(recs, "inter_node_bytes") / 1e6,
-            "intra_mb": _tail_mean(recs, "intra_node_bytes") / 1e6,
-            "local_fraction": _local_fraction(recs), "load_max_mean": _layer_mean(recs, "load_max_over_mean"),
-            "load_cv": _layer_mean(recs, "load_cv"), "step_s": _tail_mean(recs, "step_time_s"),
-            "val": [r for r in recs if r["kind"] == "eval"][-1]["val_loss"]}
+    return {
+        "inter_mb": _tail_mean(recs, "inter_node_bytes") / 1e6,
+        "intra_mb": _tail_mean(recs, "intra_node_bytes") / 1e6,
+        "local_fraction": _local_fraction(recs),
+        "load_max_mean": _layer_mean(recs, "load_max_over_mean"),
+        "load_cv": _layer_mean(recs, "load_cv"),
+        "step_s": _tail_mean(recs, "step_time_s"),
+        "val": [r for r in recs if r["kind"] == "eval"][-1]["val_loss"],
+    }
 
 
 def capacity_report(cfg: Config, ckpt_path: Path) -> list[dict]:
@@ -79,8 +87,15 @@ def capacity_report(cfg: Config, ckpt_path: Path) -> list[dict]:
     ckpt.load(ckpt_path, {k: v for k, v in entries.items() if k.startswith("model/")})
     model.eval()
     grabbed: dict[int, list] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out: grabbed.setdefault(mod.layer_id, []).append(
-        args[0].reshape(-1, args[0].shape[-1]).detach())) for m in model.modules() if isinstance(m, MoELayer)]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, out: grabbed.setdefault(mod.layer_id, []).append(
+                args[0].reshape(-1, args[0].shape[-1]).detach()
+            )
+        )
+        for m in model.modules()
+        if isinstance(m, MoELayer)
+    ]
     with torch.no_grad():
         for i in range(4):
             x, y = data.val_batch(i, 0, 1, cfg.train.batch_size, cfg.model.seq_len, torch.device("cpu"), 4)
@@ -94,8 +109,15 @@ def capacity_report(cfg: Config, ckpt_path: Path) -> list[dict]:
         delta = measured_delta(x, layer.router.gate_vectors(), chosen)
         p, ec = capacity_lower_bound(max(delta, 0.0), cfg.model.d_model, cfg.moe.num_experts)
         load = torch.bincount(chosen, minlength=cfg.moe.num_experts).double()
-        rows.append({"layer": layer.layer_id, "delta": delta, "p_delta": p, "ec_min": ec,
-                     "used_max_over_mean": float(load.max() / load.mean())})
+        rows.append(
+            {
+                "layer": layer.layer_id,
+                "delta": delta,
+                "p_delta": p,
+                "ec_min": ec,
+                "used_max_over_mean": float(load.max() / load.mean()),
+            }
+        )
     return rows
 
 
@@ -117,15 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     if emulate and (reason := check_emulation()):
         print(f"lshmoe bench locmoe: {reason}; rerun with --no-emulation")
         return 2
-    base = base_config([f"train.steps={a.steps}", "train.eval_every=50", "train.log_every=10",
-                        "train.batch_size=8", f"moe.router={a.router}", *a.set])
+    base = base_config(
+        [
+            f"train.steps={a.steps}",
+            "train.eval_every=50",
+            "train.log_every=10",
+            "train.batch_size=8",
+            f"moe.router={a.router}",
+            *a.set,
+        ]
+    )
     load_data(base.data, print)
     seeds = [int(s) for s in a.seeds.split(",")]
     lsh_mus = {float(m) for m in a.with_lsh.split(",") if m}
     nb_mus = [m for m in a.with_node_bias.split(",") if m]
     variants = [(f"mu={m}", {"moe.locality_weight": m}) for m in a.mus.split(",")]
-    variants += [(f"mu={m}+lsh", {"moe.locality_weight": m, "moe.compress": "lsh"}) for m in a.mus.split(",")
-                 if float(m) in lsh_mus]
+    variants += [
+        (f"mu={m}+lsh", {"moe.locality_weight": m, "moe.compress": "lsh"})
+        for m in a.mus.split(",")
+        if float(m) in lsh_mus
+    ]
     variants += [(f"mu={m}+node-bias", {"moe.locality_weight": m, "moe.node_bias": "true"}) for m in nb_mus]
     failure = [(f"E=4,mu={m}", {"moe.num_experts": "4", "moe.locality_weight": m}) for m in ("0", "0.1")]
     failure += [("E=8,mu=0.1", {"moe.locality_weight": "0.1"})]
@@ -137,13 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         for scenario, nodes, rpn, vs, ss in scenarios:
             for seed in ss:
                 for name, over in vs:
-                    cfg = apply(base, {**{k: str(v) for k, v in over.items()}, "train.seed": str(seed),
-                                       "train.save_every": str(a.steps)}, nodes * rpn)
+                    cfg = apply(
+                        base,
+                        {
+                            **{k: str(v) for k, v in over.items()},
+                            "train.seed": str(seed),
+                            "train.save_every": str(a.steps),
+                        },
+                        nodes * rpn,
+                    )
                     out = Path(tmp) / f"{scenario}-{name}-{seed}"
                     print(f"== {scenario} {name} seed {seed}", flush=True)
                     recs = run_job(cfg, nodes, rpn, a.link, emulate, out)
                     results.setdefault(f"{scenario}/{name}", {"nodes": nodes, "rpn": rpn, "runs": []})["runs"].append(
-                        summarise_run(recs))
+                        summarise_run(recs)
+                    )
                     if scenario == "main" and seed == seeds[0] and name == "mu=0.01":
                         cap_rows = capacity_report(cfg, ckpt.latest(out / "checkpoints"))
     rows = []
@@ -151,34 +192,69 @@ def main(argv: list[str] | None = None) -> int:
         runs = res["runs"]
         agg = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if k != "val"}
         vals = [r["val"] for r in runs]
-        rows.append({"variant": key, **agg, "val_mean": statistics.mean(vals),
-                     "val_std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "seeds": len(runs)})
+        rows.append(
+            {
+                "variant": key,
+                **agg,
+                "val_mean": statistics.mean(vals),
+                "val_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "seeds": len(runs),
+            }
+        )
     for r in rows:
         scen = r["variant"].split("/")[0]
         ref = next((x for x in rows if x["variant"] in (f"{scen}/mu=0", f"{scen}/E=4,mu=0")), None)
         r["inter_vs_mu0"] = r["inter_mb"] / ref["inter_mb"] - 1 if ref and ref["inter_mb"] else 0.0
         r["val_vs_mu0"] = r["val_mean"] / ref["val_mean"] - 1 if ref else 0.0
-    tbl = md_table(["variant", "seeds", "inter-node MB/step", "vs mu=0", "intra-node MB/step", "rows on own node",
-                    "load max/mean", "load CV", "step ms", "val loss", "vs mu=0"],
-                   [[r["variant"], r["seeds"], r["inter_mb"], f"{100 * r['inter_vs_mu0']:+.0f}%", r["intra_mb"],
-                     f"{100 * r['local_fraction']:.0f}%", r["load_max_mean"], r["load_cv"], 1000 * r["step_s"],
-                     f"{r['val_mean']:.4f} ± {r['val_std']:.4f}", f"{100 * r['val_vs_mu0']:+.2f}%"] for r in rows])
-    ctbl = md_table(["layer", "measured delta (median cos)", "p_delta", "ec_min (Theorem 1)",
-                     "capacity used: max/mean load"],
-                    [[c["layer"], c["delta"], c["p_delta"], c["ec_min"], c["used_max_over_mean"]] for c in cap_rows])
+    tbl = md_table(
+        [
+            "variant",
+            "seeds",
+            "inter-node MB/step",
+            "vs mu=0",
+            "intra-node MB/step",
+            "rows on own node",
+            "load max/mean",
+            "load CV",
+            "step ms",
+            "val loss",
+            "vs mu=0",
+        ],
+        [
+            [
+                r["variant"],
+                r["seeds"],
+                r["inter_mb"],
+                f"{100 * r['inter_vs_mu0']:+.0f}%",
+                r["intra_mb"],
+                f"{100 * r['local_fraction']:.0f}%",
+                r["load_max_mean"],
+                r["load_cv"],
+                1000 * r["step_s"],
+                f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+                f"{100 * r['val_vs_mu0']:+.2f}%",
+            ]
+            for r in rows
+        ],
+    )
+    ctbl = md_table(
+        ["layer", "measured delta (median cos)", "p_delta", "ec_min (Theorem 1)", "capacity used: max/mean load"],
+        [[c["layer"], c["delta"], c["p_delta"], c["ec_min"], c["used_max_over_mean"]] for c in cap_rows],
+    )
     print(tbl)
     print(ctbl)
     png = _plot(rows, a.name)
     where = "emulated nodes (network namespaces, tc tbf " + a.link + ")" if emulate else "loopback"
-    body = (f"Router `{a.router}` + locality loss weight mu; main scenario 2 nodes x 2 ranks, failure scenario 4 "
-            f"nodes x 1 rank; {where}; {a.steps} steps, 8 sequences/rank; per-run values are means over the last "
-            "quarter of training, then means over seeds. Bytes are the ledger's per step summed over ranks (all "
-            "collectives, forward and backward).\n\n"
-            f"{tbl}\n\n![locmoe]({png})\n\n### Capacity lower bound (Theorem 1) on the trained mu=0.01 model\n\n"
-            f"{ctbl}\n")
+    body = (
+        f"Router `{a.router}` + locality loss weight mu; main scenario 2 nodes x 2 ranks, failure scenario 4 "
+        f"nodes x 1 rank; {where}; {a.steps} steps, 8 sequences/rank; per-run values are means over the last "
+        "quarter of training, then means over seeds. Bytes are the ledger's per step summed over ranks (all "
+        "collectives, forward and backward).\n\n"
+        f"{tbl}\n\n![locmoe]({png})\n\n### Capacity lower bound (Theorem 1) on the trained mu=0.01 model\n\n"
+        f"{ctbl}\n"
+    )
     title = "LocMoE: locality-aware routing on emulated nodes" + ("" if a.name == "locmoe" else f" ({a.name})")
-    write_section(a.name, title, body,
-                  {"rows": rows, "capacity": cap_rows, "args": vars(a)})
+    write_section(a.name, title, body, {"rows": rows, "capacity": cap_rows, "args": vars(a)})
     return 0
 
 
@@ -193,8 +269,9 @@ def _plot(rows: list[dict], name: str) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     pos = [max(x, 1e-4) for x in xs]
     ax1.plot(pos, [r["inter_mb"] for r in main], marker="o")
-    ax1.set(xscale="log", xlabel="mu (0 plotted at 1e-4)", ylabel="inter-node MB / step",
-            title="bytes on the slow link")
+    ax1.set(
+        xscale="log", xlabel="mu (0 plotted at 1e-4)", ylabel="inter-node MB / step", title="bytes on the slow link"
+    )
     ax2.errorbar(pos, [r["val_mean"] for r in main], yerr=[r["val_std"] for r in main], marker="o")
     ax2.set(xscale="log", xlabel="mu", ylabel="validation loss", title="quality")
     for tag, marker in (("+lsh", "s"), ("+node-bias", "^")):

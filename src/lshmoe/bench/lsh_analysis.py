@@ -33,7 +33,7 @@ import torch
 from lshmoe.bench.report import md_table, median, print_table, save_plot, write_section
 from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, LSHConfig
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.permute import permute_rows, sort_by_expert
@@ -65,8 +65,14 @@ def trained_model(cfg: Config, steps: int) -> tuple[GPTMoE, object]:
 def capture(model: GPTMoE, data, cfg: Config, batches: int) -> dict[int, list[torch.Tensor]]:
     """MoE-layer inputs per layer, one [tokens_per_rank, D] tensor per emulated rank batch."""
     grabbed: dict[int, list[torch.Tensor]] = {}
-    hooks = [layer.register_forward_hook(lambda m, args, out: grabbed.setdefault(m.layer_id, []).append(
-        args[0].reshape(-1, args[0].shape[-1]).clone())) for layer in model.moe_layers]
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, args, out: grabbed.setdefault(m.layer_id, []).append(
+                args[0].reshape(-1, args[0].shape[-1]).clone()
+            )
+        )
+        for layer in model.moe_layers
+    ]
     for i in range(batches):
         x, y = data.val_batch(i, 0, 1, cfg.train.batch_size, cfg.model.seq_len, torch.device("cpu"), batches)
         model(x, y)
@@ -97,9 +103,14 @@ def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig) -> dict
         routed += rows.shape[0]
         sent += payload.shape[0]
     a = min(1.5, max(0.0, cross / sq_dx)) if sq_dx else 0.0  # the calibrated residual scale
-    err_cal = max(0.0, sq_nocomp - 2 * a * cross + a * a * sq_dx) ** 0.5 / sq_exact ** 0.5
-    return {"rate": sent / routed, "err": (sq_err / sq_exact) ** 0.5, "err_nocomp": (sq_nocomp / sq_exact) ** 0.5,
-            "err_calibrated": err_cal, "alpha": a}
+    err_cal = max(0.0, sq_nocomp - 2 * a * cross + a * a * sq_dx) ** 0.5 / sq_exact**0.5
+    return {
+        "rate": sent / routed,
+        "err": (sq_err / sq_exact) ** 0.5,
+        "err_nocomp": (sq_nocomp / sq_exact) ** 0.5,
+        "err_calibrated": err_cal,
+        "alpha": a,
+    }
 
 
 def overhead(layer: MoELayer, x: torch.Tensor, lsh: LSHConfig, reps: int = 15) -> float:
@@ -139,16 +150,36 @@ def main(argv: list[str] | None = None) -> int:
         for L in (2, 4, 6, 8, 10):
             lsh = LSHConfig(family=family, buckets_per_hash=b, num_hashes=L, center=center)
             res = [analyse(layers[i], acts[i], lsh) for i in sorted(layers)]
-            row = {"family": family, "b": b, "center": center, "L": L,
-                   "rate": sum(r["rate"] for r in res) / len(res), "err": sum(r["err"] for r in res) / len(res),
-                   "err_nocomp": sum(r["err_nocomp"] for r in res) / len(res),
-                   "err_calibrated": sum(r["err_calibrated"] for r in res) / len(res),
-                   "alpha": sum(r["alpha"] for r in res) / len(res),
-                   "per_layer": {f"moe{i}": r for i, r in zip(sorted(layers), res, strict=True)}}
+            row = {
+                "family": family,
+                "b": b,
+                "center": center,
+                "L": L,
+                "rate": sum(r["rate"] for r in res) / len(res),
+                "err": sum(r["err"] for r in res) / len(res),
+                "err_nocomp": sum(r["err_nocomp"] for r in res) / len(res),
+                "err_calibrated": sum(r["err_calibrated"] for r in res) / len(res),
+                "alpha": sum(r["alpha"] for r in res) / len(res),
+                "per_layer": {f"moe{i}": r for i, r in zip(sorted(layers), res, strict=True)},
+            }
             sweep.append(row)
-        print_table(["family", "b", "center", "L", "rate", "err", "err no-comp", "err calibrated", "a"],
-                    [[r["family"], r["b"], r["center"], r["L"], r["rate"], r["err"], r["err_nocomp"],
-                      r["err_calibrated"], r["alpha"]] for r in sweep[-5:]])
+        print_table(
+            ["family", "b", "center", "L", "rate", "err", "err no-comp", "err calibrated", "a"],
+            [
+                [
+                    r["family"],
+                    r["b"],
+                    r["center"],
+                    r["L"],
+                    r["rate"],
+                    r["err"],
+                    r["err_nocomp"],
+                    r["err_calibrated"],
+                    r["alpha"],
+                ]
+                for r in sweep[-5:]
+            ],
+        )
 
     # Overhead versus the all-to-all time saved, for the cross-polytope settings.
     D = cfg.model.d_model
@@ -159,16 +190,32 @@ def main(argv: list[str] | None = None) -> int:
         for L in (2, 6, 10):
             lsh = LSHConfig(buckets_per_hash=b, num_hashes=L, center=center)
             t = overhead(layer0, x0, lsh)
-            rate = next(r["rate"] for r in sweep if (r["family"], r["b"], r["center"], r["L"]) ==
-                        ("cross_polytope", b, center, L))
+            rate = next(
+                r["rate"]
+                for r in sweep
+                if (r["family"], r["b"], r["center"], r["L"]) == ("cross_polytope", b, center, L)
+            )
             rows = x0.shape[0] * layer0.top_k
             saved_bytes = rows * (1 - rate) * D * 4 * 4 * (a.world - 1) / a.world  # disp+comb, fwd+bwd
             t_saved = saved_bytes * 8 / (a.link_gbit * 1e9)
-            ovh.append({"b": b, "center": center, "L": L, "rate": rate, "lsh_s": t, "saved_s": t_saved,
-                        "overhead_frac": t / t_saved if t_saved else float("inf")})
-    print_table(["b", "center", "L", "rate", "LSH ms", "a2a ms saved", "overhead"],
-                [[o["b"], o["center"], o["L"], o["rate"], 1000 * o["lsh_s"], 1000 * o["saved_s"], o["overhead_frac"]]
-                 for o in ovh])
+            ovh.append(
+                {
+                    "b": b,
+                    "center": center,
+                    "L": L,
+                    "rate": rate,
+                    "lsh_s": t,
+                    "saved_s": t_saved,
+                    "overhead_frac": t / t_saved if t_saved else float("inf"),
+                }
+            )
+    print_table(
+        ["b", "center", "L", "rate", "LSH ms", "a2a ms saved", "overhead"],
+        [
+            [o["b"], o["center"], o["L"], o["rate"], 1000 * o["lsh_s"], 1000 * o["saved_s"], o["overhead_frac"]]
+            for o in ovh
+        ],
+    )
     _write(a, cfg, sweep, ovh, x0.shape[0] * layer0.top_k)
     return 0
 
@@ -195,27 +242,56 @@ def _plot(sweep: list[dict]) -> str:
 
 def _write(a, cfg: Config, sweep: list[dict], ovh: list[dict], rows: int) -> None:
     png = _plot(sweep)
-    table = md_table(["family", "b", "centred", "L", "rate", "err, identity (paper)", "err, none",
-                      "err, calibrated", "fitted a"],
-                     [["CP" if r["family"] == "cross_polytope" else "HP", r["b"], "yes" if r["center"] else "no",
-                       r["L"], f"{100 * r['rate']:.1f}%", r["err"], r["err_nocomp"], r["err_calibrated"], r["alpha"]]
-                      for r in sweep])
-    otable = md_table(["b", "centred", "L", "rate", "LSH fwd+bwd ms", f"a2a ms saved @ {a.link_gbit:g} Gbit/s",
-                       "overhead / saved"],
-                      [[o["b"], "yes" if o["center"] else "no", o["L"], f"{100 * o['rate']:.1f}%", 1000 * o["lsh_s"],
-                        1000 * o["saved_s"], f"{100 * o['overhead_frac']:.1f}%"] for o in ovh])
-    body = (f"Default GPT-MoE (D={cfg.model.d_model}, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}) trained "
-            f"{a.train_steps} steps without compression; MoE-layer inputs of {a.batches} validation rank batches "
-            f"of {cfg.train.batch_size}x{cfg.model.seq_len} tokens ({rows} routed rows each), hashed per "
-            "(rank, expert) group. Rates and errors are averaged over the MoE layers; errors aggregate all rows "
-            "(root of summed squares). CP = cross-polytope, HP = hyperplane (sign bits).\n\n"
-            f"{table}\n\n![compression vs L]({png})\n\n"
-            f"### Overhead against the all-to-all time saved\n\nCompress + restore forward and backward on one "
-            f"rank's {rows} rows (1 thread, median of 15), against the transfer time of the rows it saves over a "
-            f"{a.link_gbit:g} Gbit/s link (dispatch + combine, forward + backward, the {a.world - 1}/{a.world} of "
-            f"rows that leave a rank of {a.world}).\n\n{otable}\n")
-    write_section("lsh_compression", "LSH-MoE compression rate, restore error and overhead", body,
-                  {"sweep": sweep, "overhead": ovh, "args": vars(a)})
+    table = md_table(
+        ["family", "b", "centred", "L", "rate", "err, identity (paper)", "err, none", "err, calibrated", "fitted a"],
+        [
+            [
+                "CP" if r["family"] == "cross_polytope" else "HP",
+                r["b"],
+                "yes" if r["center"] else "no",
+                r["L"],
+                f"{100 * r['rate']:.1f}%",
+                r["err"],
+                r["err_nocomp"],
+                r["err_calibrated"],
+                r["alpha"],
+            ]
+            for r in sweep
+        ],
+    )
+    otable = md_table(
+        ["b", "centred", "L", "rate", "LSH fwd+bwd ms", f"a2a ms saved @ {a.link_gbit:g} Gbit/s", "overhead / saved"],
+        [
+            [
+                o["b"],
+                "yes" if o["center"] else "no",
+                o["L"],
+                f"{100 * o['rate']:.1f}%",
+                1000 * o["lsh_s"],
+                1000 * o["saved_s"],
+                f"{100 * o['overhead_frac']:.1f}%",
+            ]
+            for o in ovh
+        ],
+    )
+    body = (
+        f"Default GPT-MoE (D={cfg.model.d_model}, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}) trained "
+        f"{a.train_steps} steps without compression; MoE-layer inputs of {a.batches} validation rank batches "
+        f"of {cfg.train.batch_size}x{cfg.model.seq_len} tokens ({rows} routed rows each), hashed per "
+        "(rank, expert) group. Rates and errors are averaged over the MoE layers; errors aggregate all rows "
+        "(root of summed squares). CP = cross-polytope, HP = hyperplane (sign bits).\n\n"
+        f"{table}\n\n![compression vs L]({png})\n\n"
+        f"### Overhead against the all-to-all time saved\n\nCompress + restore forward and backward on one "
+        f"rank's {rows} rows (1 thread, median of 15), against the transfer time of the rows it saves over a "
+        f"{a.link_gbit:g} Gbit/s link (dispatch + combine, forward + backward, the {a.world - 1}/{a.world} of "
+        f"rows that leave a rank of {a.world}).\n\n{otable}\n"
+    )
+    write_section(
+        "lsh_compression",
+        "LSH-MoE compression rate, restore error and overhead",
+        body,
+        {"sweep": sweep, "overhead": ovh, "args": vars(a)},
+    )
 
 
 if __name__ == "__main__":

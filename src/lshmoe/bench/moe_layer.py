@@ -22,8 +22,8 @@ from torch import nn
 from lshmoe.bench.deepspeed_moe import DeepSpeedMoE, have_deepspeed
 from lshmoe.bench.report import md_table, median, print_table, save_plot, write_section
 from lshmoe.config import MoEConfig
-from lshmoe.dist.spawn import run_ranks
 from lshmoe.moe.layer import MoELayer
+from lshmoe.testing import run_ranks
 
 
 @dataclass(kw_only=True)
@@ -49,16 +49,22 @@ def _worker(comm, spec: LayerSpec, with_ds: bool) -> dict[str, list[float]]:
     torch.manual_seed(comm.rank)
     layers: dict[str, nn.Module] = {}
     for name, cf in (("lshmoe", spec.capacity_factor), ("lshmoe-dropless", None)):
-        cfg = MoEConfig(num_experts=spec.num_experts, top_k=spec.top_k, d_expert=spec.d_expert,
-                        activation="gelu", capacity_factor=cf)
+        cfg = MoEConfig(
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            d_expert=spec.d_expert,
+            activation="gelu",
+            capacity_factor=cf,
+        )
         layer = MoELayer(cfg, spec.d_model, comm, layer_id=0)
         with torch.no_grad():
             layer.router.weight.normal_(0, 0.02)
         layer.experts.reset_parameters(0, 0, 0.02, 0.02)
         layers[name] = layer
     if with_ds:
-        cfg = MoEConfig(num_experts=spec.num_experts, top_k=spec.top_k, d_expert=spec.d_expert,
-                        capacity_factor=spec.capacity_factor)
+        cfg = MoEConfig(
+            num_experts=spec.num_experts, top_k=spec.top_k, d_expert=spec.d_expert, capacity_factor=spec.capacity_factor
+        )
         layers["deepspeed"] = DeepSpeedMoE(cfg, spec.d_model, comm, 0)
     x = torch.randn(spec.tokens, spec.d_model, requires_grad=True)
     world = comm.group("world")
@@ -69,7 +75,7 @@ def _worker(comm, spec: LayerSpec, with_ds: bool) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {n: [] for n in layers}
     names = list(layers)
     for rep in range(spec.reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             comm.all_reduce(flag, world, "bench.barrier", phase="metrics")
             t0 = time.perf_counter()
             for _ in range(spec.iters):
@@ -89,15 +95,34 @@ def run(worlds: list[int], top_ks: list[int], spec: LayerSpec, with_ds: bool) ->
             times = run_ranks(_worker, w, s, with_ds, timeout_s=120, threads=max(1, (os.cpu_count() or 1) // w))[0]
             for name, ts in times.items():
                 med = median(ts)
-                rows.append({"world": w, "top_k": k, "impl": name, "median_s": med,
-                             "tokens_per_s": w * s.tokens / med, "times_s": ts})
+                rows.append(
+                    {
+                        "world": w,
+                        "top_k": k,
+                        "impl": name,
+                        "median_s": med,
+                        "tokens_per_s": w * s.tokens / med,
+                        "times_s": ts,
+                    }
+                )
             base = {r["impl"]: r for r in rows if r["world"] == w and r["top_k"] == k}
             if "deepspeed" in base:
                 for r in base.values():
                     r["vs_deepspeed"] = r["tokens_per_s"] / base["deepspeed"]["tokens_per_s"]
-            print_table(["W", "K", "impl", "median ms", "tokens/s", "x DeepSpeed"],
-                        [[r["world"], r["top_k"], r["impl"], 1000 * r["median_s"], r["tokens_per_s"],
-                          r.get("vs_deepspeed", "-")] for r in base.values()])
+            print_table(
+                ["W", "K", "impl", "median ms", "tokens/s", "x DeepSpeed"],
+                [
+                    [
+                        r["world"],
+                        r["top_k"],
+                        r["impl"],
+                        1000 * r["median_s"],
+                        r["tokens_per_s"],
+                        r.get("vs_deepspeed", "-"),
+                    ]
+                    for r in base.values()
+                ],
+            )
     return rows
 
 
@@ -114,8 +139,10 @@ def _plot(rows: list[dict]) -> str:
         worlds = sorted({r["world"] for r in rows})
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
-            ys = [next((r["tokens_per_s"] for r in rows if r["world"] == w and r["top_k"] == k and r["impl"] == impl),
-                       0) for w in worlds]
+            ys = [
+                next((r["tokens_per_s"] for r in rows if r["world"] == w and r["top_k"] == k and r["impl"] == impl), 0)
+                for w in worlds
+            ]
             ax.bar([j + i * width for j in range(len(worlds))], ys, width, label=impl)
         ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
         ax.set_title(f"MoE layer fwd+bwd, top-{k}")
@@ -138,13 +165,27 @@ def main(argv: list[str] | None = None) -> int:
     spec = LayerSpec(tokens=a.tokens, reps=a.reps)
     rows = run([int(w) for w in a.worlds.split(",")], [int(k) for k in a.top_k.split(",")], spec, with_ds)
     png = _plot(rows)
-    table = md_table(["W", "top-k", "implementation", "median ms/iter", "tokens/s", "vs DeepSpeed"],
-                     [[r["world"], r["top_k"], r["impl"], 1000 * r["median_s"], r["tokens_per_s"],
-                       f"{r['vs_deepspeed']:.2f}x" if "vs_deepspeed" in r else "-"] for r in rows])
-    body = (f"MoE layer forward+backward, {spec.tokens} tokens/rank, D={spec.d_model}, F={spec.d_expert}, "
-            f"E={spec.num_experts} GeLU experts sharded over W gloo ranks (EP = W), float32, capacity factor "
-            f"{spec.capacity_factor} (lshmoe also dropless). {spec.reps} interleaved repetitions x {spec.iters} "
-            f"iterations; time = slowest rank; tokens/s counts all ranks.\n\n{table}\n\n![moe layer]({png})\n")
-    write_section("moe_layer", "MoE layer throughput vs DeepSpeed (CPU, gloo)", body,
-                  {"spec": asdict(spec), "rows": rows})
+    table = md_table(
+        ["W", "top-k", "implementation", "median ms/iter", "tokens/s", "vs DeepSpeed"],
+        [
+            [
+                r["world"],
+                r["top_k"],
+                r["impl"],
+                1000 * r["median_s"],
+                r["tokens_per_s"],
+                f"{r['vs_deepspeed']:.2f}x" if "vs_deepspeed" in r else "-",
+            ]
+            for r in rows
+        ],
+    )
+    body = (
+        f"MoE layer forward+backward, {spec.tokens} tokens/rank, D={spec.d_model}, F={spec.d_expert}, "
+        f"E={spec.num_experts} GeLU experts sharded over W gloo ranks (EP = W), float32, capacity factor "
+        f"{spec.capacity_factor} (lshmoe also dropless). {spec.reps} interleaved repetitions x {spec.iters} "
+        f"iterations; time = slowest rank; tokens/s counts all ranks.\n\n{table}\n\n![moe layer]({png})\n"
+    )
+    write_section(
+        "moe_layer", "MoE layer throughput vs DeepSpeed (CPU, gloo)", body, {"spec": asdict(spec), "rows": rows}
+    )
     return 0

@@ -134,8 +134,25 @@ class EmulatedCluster:
             return
         bits = rate_bits(self.link)
         burst = max(128 * 1024, int(bits / 8 / 250))  # at least one 4 ms tick of tokens
-        _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.link,
-             "burst", str(burst), "latency", "100ms")
+        _run(
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            self.link,
+            "burst",
+            str(burst),
+            "latency",
+            "100ms",
+        )
 
     def setup(self) -> None:
         if self.nodes < 2:
@@ -144,16 +161,42 @@ class EmulatedCluster:
             self._add_ns(self.ns(i))
         if self.nodes == 2:
             a, b = self.ns(0), self.ns(1)
-            _run("ip", "link", "add", self.iface(0), "netns", a, "type", "veth", "peer", "name", self.iface(1),
-                 "netns", b)
+            _run(
+                "ip",
+                "link",
+                "add",
+                self.iface(0),
+                "netns",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.iface(1),
+                "netns",
+                b,
+            )
         else:
             self._add_ns(self.switch_ns)
             sw = self.switch_ns
             _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
             _run("ip", "-n", sw, "link", "set", "br0", "up")
             for i in range(self.nodes):
-                _run("ip", "link", "add", self.iface(i), "netns", self.ns(i), "type", "veth", "peer", "name",
-                     f"lb{i}", "netns", sw)
+                _run(
+                    "ip",
+                    "link",
+                    "add",
+                    self.iface(i),
+                    "netns",
+                    self.ns(i),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    f"lb{i}",
+                    "netns",
+                    sw,
+                )
                 _run("ip", "-n", sw, "link", "set", f"lb{i}", "master", "br0")
                 _run("ip", "-n", sw, "link", "set", f"lb{i}", "up")
                 self._limit(sw, f"lb{i}")  # traffic into node i
@@ -181,24 +224,34 @@ class EmulatedCluster:
     def rank_env(self, rank: int, port: int) -> dict[str, str]:
         """torchrun-style environment for a rank of this cluster."""
         node = self.node_of(rank)
-        return {"RANK": str(rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % self.ranks_per_node),
-                "LOCAL_WORLD_SIZE": str(self.ranks_per_node), "MASTER_ADDR": self.addr(0), "MASTER_PORT": str(port),
-                "GLOO_SOCKET_IFNAME": self.iface(node)}
+        return {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(rank % self.ranks_per_node),
+            "LOCAL_WORLD_SIZE": str(self.ranks_per_node),
+            "MASTER_ADDR": self.addr(0),
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": self.iface(node),
+        }
 
     def namespaces(self) -> list[str]:
         return list(self._created)
 
 
-def run_job_ranks(cmd: list[str], nodes: int, ranks_per_node: int, link: str | None, emulate: bool,
-                  grace_s: float = 30.0) -> int:
+def run_job_ranks(
+    cmd: list[str], nodes: int, ranks_per_node: int, link: str | None, emulate: bool, grace_s: float = 30.0
+) -> int:
     """Run `cmd` as every rank of a nodes x ranks_per_node job, on an emulated cluster (namespaces,
     throttled links) or on loopback with the same topology; return the job's exit status."""
-    from lshmoe.dist.launch import loopback_envs, supervise
+    from lshmoe.distributed.launch import loopback_envs, supervise
 
     world = nodes * ranks_per_node
     if emulate:
         with EmulatedCluster(nodes, ranks_per_node, link) as cluster:
             port = 29400 + os.getpid() % 500
-            return supervise([cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
-                             [cluster.rank_env(r, port) for r in range(world)], grace_s=grace_s)
+            return supervise(
+                [cluster.exec_prefix(cluster.node_of(r)) + cmd for r in range(world)],
+                [cluster.rank_env(r, port) for r in range(world)],
+                grace_s=grace_s,
+            )
     return supervise([cmd] * world, loopback_envs(world, ranks_per_node), grace_s=grace_s)

@@ -61,17 +61,27 @@ def summarise(runs: dict[str, dict[int, list[dict]]], baseline: str = "baseline"
     no variant has that name, e.g. `--variants top2,shared,scmoe-pos2`)."""
     if baseline not in runs and runs:
         baseline = next(iter(runs))
-    finals = {v: [[r for r in recs if r["kind"] == "eval"][-1]["val_loss"] for recs in seeds.values()]
-              for v, seeds in runs.items()}
+    finals = {
+        v: [[r for r in recs if r["kind"] == "eval"][-1]["val_loss"] for recs in seeds.values()]
+        for v, seeds in runs.items()
+    }
     target = max(finals[baseline]) if baseline in finals else None
     rows = []
     for v, seeds in runs.items():
         tps = [[r for r in recs if r["kind"] == "summary"][0]["median_tokens_per_s"] for recs in seeds.values()]
-        ttt = [time_to_target([r for r in recs if r["kind"] == "eval"], target) if target else None
-               for recs in seeds.values()]
+        ttt = [
+            time_to_target([r for r in recs if r["kind"] == "eval"], target) if target else None
+            for recs in seeds.values()
+        ]
         mean = statistics.mean(finals[v])
-        row = {"variant": v, "val_mean": mean, "val_std": statistics.stdev(finals[v]) if len(finals[v]) > 1 else 0.0,
-               "val_per_seed": finals[v], "tokens_per_s": median(tps), "time_to_target_s": ttt}
+        row = {
+            "variant": v,
+            "val_mean": mean,
+            "val_std": statistics.stdev(finals[v]) if len(finals[v]) > 1 else 0.0,
+            "val_per_seed": finals[v],
+            "tokens_per_s": median(tps),
+            "time_to_target_s": ttt,
+        }
         if baseline in finals:
             row["delta_pct"] = 100 * (mean / statistics.mean(finals[baseline]) - 1)
         rows.append(row)
@@ -97,11 +107,21 @@ def _plot(runs: dict[str, dict[int, list[dict]]], name: str) -> str:
         color = None
         for i, recs in enumerate(seeds.values()):
             ev = [r for r in recs if r["kind"] == "eval"]
-            line, = axes[0].plot([e["step"] for e in ev], [e["val_loss"] for e in ev], color=color, alpha=0.8,
-                                 label=v if i == 0 else None)
+            (line,) = axes[0].plot(
+                [e["step"] for e in ev],
+                [e["val_loss"] for e in ev],
+                color=color,
+                alpha=0.8,
+                label=v if i == 0 else None,
+            )
             color = line.get_color()
-            axes[1].plot([e["train_time_s"] for e in ev], [e["val_loss"] for e in ev], color=color, alpha=0.8,
-                         label=v if i == 0 else None)
+            axes[1].plot(
+                [e["train_time_s"] for e in ev],
+                [e["val_loss"] for e in ev],
+                color=color,
+                alpha=0.8,
+                label=v if i == 0 else None,
+            )
     axes[0].set(xlabel="step (same tokens for every variant)", ylabel="validation loss")
     axes[1].set(xlabel="training wall time (s, validation excluded)", ylabel="validation loss")
     for ax in axes:
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(variants)
     with tempfile.TemporaryDirectory(prefix="lshmoe-quality-") as tmp:
         for i, seed in enumerate(seeds):
-            for v in names[i % len(names):] + names[:i % len(names)]:
+            for v in names[i % len(names) :] + names[: i % len(names)]:
                 cfg = apply(base, {**variants[v], "train.seed": str(seed)}, world)
                 print(f"== seed {seed} {v}", flush=True)
                 runs[v][seed] = run_job(cfg, a.nodes, a.ranks_per_node, a.link, emulate, Path(tmp) / f"{v}-{seed}")
@@ -144,24 +164,46 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   final val loss {ev[-1]['val_loss']:.4f} after {ev[-1]['train_time_s']:.0f} s", flush=True)
     ref = "baseline" if "baseline" in runs else next(iter(runs))
     rows, target = summarise(runs, ref)
-    tbl = md_table(["variant", "final val loss (mean ± std)", f"vs {ref}", "per seed", "tokens/s",
-                    "reached target", "time-to-target speedup"],
-                   [[r["variant"], f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
-                     f"{r.get('delta_pct', 0):+.2f}%", ", ".join(f"{x:.3f}" for x in r["val_per_seed"]),
-                     r["tokens_per_s"], r["ttt_reached"],
-                     f"{r['ttt_speedup']:.2f}x" if r["ttt_speedup"] else "-"] for r in rows])
+    tbl = md_table(
+        [
+            "variant",
+            "final val loss (mean ± std)",
+            f"vs {ref}",
+            "per seed",
+            "tokens/s",
+            "reached target",
+            "time-to-target speedup",
+        ],
+        [
+            [
+                r["variant"],
+                f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+                f"{r.get('delta_pct', 0):+.2f}%",
+                ", ".join(f"{x:.3f}" for x in r["val_per_seed"]),
+                r["tokens_per_s"],
+                r["ttt_reached"],
+                f"{r['ttt_speedup']:.2f}x" if r["ttt_speedup"] else "-",
+            ]
+            for r in rows
+        ],
+    )
     print(tbl)
     png = _plot(runs, a.name)
-    where = (f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} links" if emulate
-             else f"{world} ranks on loopback")
-    body = (f"{len(seeds)} seeds x {len(names)} variants, {a.steps} steps each ({base.train.batch_size} seqs x "
-            f"{base.model.seq_len} tokens per rank per step, same data order per seed), {where}. Validation every "
-            f"{a.eval_every} steps on {base.train.eval_batches} batches per rank. Target loss for time-to-target: "
-            f"{target:.4f} (the worst {ref} seed's final loss).\n\n{tbl}\n\n![quality]({png})\n\nVariants: "
-            + "; ".join(f"`{n}` = {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in variants.items()) + "\n")
+    where = (
+        f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} links"
+        if emulate
+        else f"{world} ranks on loopback"
+    )
+    body = (
+        f"{len(seeds)} seeds x {len(names)} variants, {a.steps} steps each ({base.train.batch_size} seqs x "
+        f"{base.model.seq_len} tokens per rank per step, same data order per seed), {where}. Validation every "
+        f"{a.eval_every} steps on {base.train.eval_batches} batches per rank. Target loss for time-to-target: "
+        f"{target:.4f} (the worst {ref} seed's final loss).\n\n{tbl}\n\n![quality]({png})\n\nVariants: "
+        + "; ".join(f"`{n}` = {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in variants.items())
+        + "\n"
+    )
     title = "Model quality: same tokens, several seeds" + ("" if a.name == "quality" else f" ({a.name})")
-    write_section(a.name, title, body,
-                  {"rows": rows, "target": target, "runs": runs, "args": vars(a)})
+    write_section(a.name, title, body, {"rows": rows, "target": target, "runs": runs, "args": vars(a)})
     return 0
 
 

@@ -19,9 +19,29 @@ from typing import Any
 
 import torch
 
-ORDER = ["summary", "moe_layer", "train_e2e", "lsh_compression", "lsh_overhead", "lsh_choices", "lsh_choices2",
-         "lsh_choices3", "cluster", "cluster_sweep", "quality", "quality_rate20", "profile", "soak", "scmoe",
-         "scmoe_quality", "locmoe", "locmoe_node_bias", "lina_train", "lina_infer", "gpu_lsh"]
+ORDER = [
+    "summary",
+    "moe_layer",
+    "train_e2e",
+    "lsh_compression",
+    "lsh_overhead",
+    "lsh_choices",
+    "lsh_choices2",
+    "lsh_choices3",
+    "cluster",
+    "cluster_sweep",
+    "quality",
+    "quality_rate20",
+    "profile",
+    "soak",
+    "scmoe",
+    "scmoe_quality",
+    "locmoe",
+    "locmoe_node_bias",
+    "lina_train",
+    "lina_infer",
+    "gpu_lsh",
+]
 
 
 def docs_dir() -> Path:
@@ -39,9 +59,15 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "os": platform.platform(terse=True),
-            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(terse=True),
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -75,15 +101,22 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def write_section(name: str, title: str, body: str, data: dict[str, Any], command: str | None = None,
-                  meta: dict[str, Any] | None = None) -> Path:
+def write_section(
+    name: str,
+    title: str,
+    body: str,
+    data: dict[str, Any],
+    command: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     """Write docs/bench/<name>.{json,md} and rebuild docs/benchmarks.md."""
     meta = meta or machine()
     command = command or command_line()
     out = docs_dir() / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"name": name, "command": command, "machine": meta, **data},
-                                                 indent=1, default=str))
+    (out / f"{name}.json").write_text(
+        json.dumps({"name": name, "command": command, "machine": meta, **data}, indent=1, default=str)
+    )
     md = f"## {title}\n\nCommand: `{command}`  \nMachine: {machine_line(meta)}\n\n{body.strip()}\n"
     (out / f"{name}.md").write_text(md)
     rebuild_report()
@@ -97,9 +130,11 @@ def rebuild_report() -> Path:
         p = out / "bench" / f"{name}.md"
         if p.exists():
             sections.append(p.read_text().replace("](", "](bench/").replace("](bench/http", "](http"))
-    head = ("# lshmoe benchmarks\n\nGenerated from `docs/bench/*.md`; every section names the command that "
-            "produced it and the machine it ran on. Raw numbers are in `docs/bench/*.json`. Times are medians "
-            "of interleaved repetitions unless a section says otherwise.\n\n")
+    head = (
+        "# lshmoe benchmarks\n\nGenerated from `docs/bench/*.md`; every section names the command that "
+        "produced it and the machine it ran on. Raw numbers are in `docs/bench/*.json`. Times are medians "
+        "of interleaved repetitions unless a section says otherwise.\n\n"
+    )
     path = out / "benchmarks.md"
     path.write_text(head + "\n".join(sections))
     return path

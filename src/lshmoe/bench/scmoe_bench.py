@@ -27,8 +27,10 @@ from lshmoe.bench.report import md_table, median, write_section
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.train.data import load_data
 
-DEFAULT = ("top2,top2+lsh,shared,shared+lsh,scmoe-pos1,scmoe-pos1+lsh,scmoe-pos2,scmoe-pos2+lsh,scmoe-pos3,"
-           "scmoe-pos3+lsh,dgmoe")
+DEFAULT = (
+    "top2,top2+lsh,shared,shared+lsh,scmoe-pos1,scmoe-pos1+lsh,scmoe-pos2,scmoe-pos2+lsh,scmoe-pos3,"
+    "scmoe-pos3+lsh,dgmoe"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,31 +51,66 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = {n: apply(base, o, 4).to_dict() for n, o in variants.items()}
     load_data(base.data, print)
     with tempfile.TemporaryDirectory(prefix="lshmoe-scmoe-") as tmp:
-        res = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False), 2, 2, a.link if emulate else None,
-                     emulate, Path(tmp))
+        res = run_ab(
+            ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False),
+            2,
+            2,
+            a.link if emulate else None,
+            emulate,
+            Path(tmp),
+        )
     rows = summarise(res, 4 * base.train.batch_size * base.model.seq_len, baseline="top2")
     for r in rows:
         v = res["variants"][r["variant"]]
         r["a2a_s"] = median(v["a2a_time_s"])
         r["a2a_exposed_s"] = median(v["a2a_exposed_s"])
         r["exposed_frac"] = r["a2a_exposed_s"] / r["a2a_s"] if r["a2a_s"] else 0.0
-    tbl = md_table(["variant", "step ms", "tokens/s", "a2a MB/step", "a2a ms (issue->done)", "a2a ms exposed",
-                    "exposed / a2a", "comm share", "rate r", "speedup vs top-2"],
-                   [[r["variant"], 1000 * r["step_s"], r["tokens_per_s"], r["a2a_bytes_per_step"] / 1e6,
-                     1000 * r["a2a_s"], 1000 * r["a2a_exposed_s"], f"{100 * r['exposed_frac']:.0f}%",
-                     f"{100 * r['comm_share']:.0f}%", f"{100 * r['compression_rate']:.0f}%",
-                     f"{r['speedup']:.2f}x"] for r in rows])
+    tbl = md_table(
+        [
+            "variant",
+            "step ms",
+            "tokens/s",
+            "a2a MB/step",
+            "a2a ms (issue->done)",
+            "a2a ms exposed",
+            "exposed / a2a",
+            "comm share",
+            "rate r",
+            "speedup vs top-2",
+        ],
+        [
+            [
+                r["variant"],
+                1000 * r["step_s"],
+                r["tokens_per_s"],
+                r["a2a_bytes_per_step"] / 1e6,
+                1000 * r["a2a_s"],
+                1000 * r["a2a_exposed_s"],
+                f"{100 * r['exposed_frac']:.0f}%",
+                f"{100 * r['comm_share']:.0f}%",
+                f"{100 * r['compression_rate']:.0f}%",
+                f"{r['speedup']:.2f}x",
+            ]
+            for r in rows
+        ],
+    )
     print(tbl)
     png = plot_breakdown({a.link if emulate else "loopback": rows}, "scmoe_breakdown")
     where = f"2 emulated nodes x 2 ranks, {a.link} links" if emulate else "4 ranks on loopback"
-    body = (f"{where}; default model (4 blocks, D=128, 8 experts, MoE in blocks 1 and 3, so each ScMoE pair is "
-            f"blocks 0-1 and 2-3), {base.train.batch_size} sequences/rank; {a.rounds} measured rounds of "
-            f"{a.steps_per_round} steps per variant after a warm-up round (in which ScMoE measures op times and "
-            "picks its expert slot by Eq. 11). Exposed = time blocked in all-to-all waits (ledger); a2a ms = "
-            "issue to completion, summed over the step's all-to-alls.\n\n"
-            f"{tbl}\n\n![breakdown]({png})\n")
-    write_section("scmoe", "ScMoE / DGMoE: overlap of the all-to-all with dense work", body,
-                  {"rows": rows, "raw": res, "args": vars(a)})
+    body = (
+        f"{where}; default model (4 blocks, D=128, 8 experts, MoE in blocks 1 and 3, so each ScMoE pair is "
+        f"blocks 0-1 and 2-3), {base.train.batch_size} sequences/rank; {a.rounds} measured rounds of "
+        f"{a.steps_per_round} steps per variant after a warm-up round (in which ScMoE measures op times and "
+        "picks its expert slot by Eq. 11). Exposed = time blocked in all-to-all waits (ledger); a2a ms = "
+        "issue to completion, summed over the step's all-to-alls.\n\n"
+        f"{tbl}\n\n![breakdown]({png})\n"
+    )
+    write_section(
+        "scmoe",
+        "ScMoE / DGMoE: overlap of the all-to-all with dense work",
+        body,
+        {"rows": rows, "raw": res, "args": vars(a)},
+    )
     return 0
 
 

@@ -48,8 +48,17 @@ PRESETS = {
     # The paper's A100 cluster (4 servers x 8 A100-40GB, 200 Gb/s of RDMA per server) on GPT-MoE-15B shapes.
     "a100-4x8": ClusterModel(),
     # 64 servers x 8 H100 with one 400 Gb/s NIC per GPU, a 4k-wide 32-layer MoE with MoE every other layer.
-    "h100-64x8": ClusterModel(nodes=64, gpus_per_node=8, inter_gbit_per_node=8 * 400.0, gpu_tflops=989.0,
-                              hidden=4096, layers=32, moe_every=2, tokens_per_gpu=8192, hbm_tbps=3.35),
+    "h100-64x8": ClusterModel(
+        nodes=64,
+        gpus_per_node=8,
+        inter_gbit_per_node=8 * 400.0,
+        gpu_tflops=989.0,
+        hidden=4096,
+        layers=32,
+        moe_every=2,
+        tokens_per_gpu=8192,
+        hbm_tbps=3.35,
+    ),
 }
 
 
@@ -74,9 +83,15 @@ def project(m: ClusterModel) -> Projection:
     t_lsh = l_moe * m.lsh_passes * n * k * h * m.bytes_per_elem / (m.lsh_bw_eff * m.hbm_tbps * 1e12)
     f = t_a2a / (t_a2a + t_comp)
     paper = k * flops * m.bytes_per_elem / (24 * b_gpu) * (w - 1) / (w * h)
-    return Projection(t_a2a_s=t_a2a, t_compute_s=t_comp, a2a_share=f, t_lsh_s=t_lsh,
-                      speedup=(t_a2a + t_comp) / (m.rate * t_a2a + t_comp + t_lsh),
-                      amdahl_bound=1 / ((1 - f) + f * m.rate), paper_ratio=paper)
+    return Projection(
+        t_a2a_s=t_a2a,
+        t_compute_s=t_comp,
+        a2a_share=f,
+        t_lsh_s=t_lsh,
+        speedup=(t_a2a + t_comp) / (m.rate * t_a2a + t_comp + t_lsh),
+        amdahl_bound=1 / ((1 - f) + f * m.rate),
+        paper_ratio=paper,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,18 +102,26 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     presets = [a.preset] if a.preset else sorted(PRESETS)
     for name in presets:
-        m = replace(PRESETS[name], **{f.name: getattr(a, f.name) for f in fields(ClusterModel)
-                                      if getattr(a, f.name) is not None})
+        m = replace(
+            PRESETS[name],
+            **{f.name: getattr(a, f.name) for f in fields(ClusterModel) if getattr(a, f.name) is not None},
+        )
         r = project(m)
         print(f"PROJECTION (analytic model, not a measurement) - preset {name}")
         print("  inputs: " + ", ".join(f"{k}={v}" for k, v in asdict(m).items()))
-        print(f"  per GPU per step: all-to-all {1e3 * r.t_a2a_s:.1f} ms, compute {1e3 * r.t_compute_s:.1f} ms, "
-              f"all-to-all share f = {100 * r.a2a_share:.1f}% (paper's T_a2a/T_compute = {r.paper_ratio:.3f})")
+        print(
+            f"  per GPU per step: all-to-all {1e3 * r.t_a2a_s:.1f} ms, compute {1e3 * r.t_compute_s:.1f} ms, "
+            f"all-to-all share f = {100 * r.a2a_share:.1f}% (paper's T_a2a/T_compute = {r.paper_ratio:.3f})"
+        )
         lit = project(replace(m, inter_gbit_per_node=m.inter_gbit_per_node * m.gpus_per_node))
-        print(f"  (read literally, the paper's formula gives each GPU the node's whole inter-node bandwidth: "
-              f"f = {100 * lit.a2a_share:.1f}%, speedup {lit.speedup:.2f}x)")
-        print(f"  LSH-MoE at r = {m.rate:g}: clustering + restore {1e3 * r.t_lsh_s:.2f} ms, projected speedup "
-              f"{r.speedup:.2f}x, Amdahl bound {r.amdahl_bound:.2f}x\n")
+        print(
+            f"  (read literally, the paper's formula gives each GPU the node's whole inter-node bandwidth: "
+            f"f = {100 * lit.a2a_share:.1f}%, speedup {lit.speedup:.2f}x)"
+        )
+        print(
+            f"  LSH-MoE at r = {m.rate:g}: clustering + restore {1e3 * r.t_lsh_s:.2f} ms, projected speedup "
+            f"{r.speedup:.2f}x, Amdahl bound {r.amdahl_bound:.2f}x\n"
+        )
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, apply_sets, from_dict
-from lshmoe.dist.spawn import run_ranks
+from lshmoe.testing import run_ranks
 from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
@@ -40,8 +40,14 @@ def _worker(comm, cfg_dict: dict, every: int) -> list[dict]:
 
     def sample(step: int) -> None:
         if step % every == 0:
-            samples.append({"step": step, "rss_mb": rss_mb(), "ledger_open": len(comm.ledger.records),
-                            "ledger_timeline": len(comm.ledger.timeline)})
+            samples.append(
+                {
+                    "step": step,
+                    "rss_mb": rss_mb(),
+                    "ledger_open": len(comm.ledger.records),
+                    "ledger_timeline": len(comm.ledger.timeline),
+                }
+            )
 
     tr.run(on_step=sample)
     return samples
@@ -54,7 +60,7 @@ def steady(samples: list[dict], quiet: set[int]) -> list[dict]:
 
 
 def slope_mb_per_kstep(samples: list[dict]) -> float:
-    pts = samples[len(samples) // 2:]
+    pts = samples[len(samples) // 2 :]
     xs, ys = [p["step"] for p in pts], [p["rss_mb"] for p in pts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
@@ -84,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lshmoe-soak-") as tmp:
         cfg.train.out_dir, cfg.train.save_every, cfg.train.keep_last = tmp, SAVE_EVERY, 1
         load_data(cfg.data, print)
-        per_rank = run_ranks(_worker, a.nproc, cfg.to_dict(), a.every, timeout_s=300, deadline_s=6 * 3600,
-                             threads=max(1, (os.cpu_count() or 1) // a.nproc))
+        per_rank = run_ranks(
+            _worker,
+            a.nproc,
+            cfg.to_dict(),
+            a.every,
+            timeout_s=300,
+            deadline_s=6 * 3600,
+            threads=max(1, (os.cpu_count() or 1) // a.nproc),
+        )
     report(per_rank, vars(a))
     return 0
 
@@ -97,28 +110,53 @@ def report(per_rank: list[list[dict]], args: dict, command: str | None = None, m
     for r, samples in enumerate(per_rank):
         calm = steady(samples, quiet)
         warm = next(s for s in calm if s["step"] >= min(200, steps // 4))
-        rows.append({"rank": r, "rss_start_mb": warm["rss_mb"], "rss_end_mb": calm[-1]["rss_mb"],
-                     "rss_max_mb": max(s["rss_mb"] for s in samples),
-                     "slope_mb_per_1000_steps": slope_mb_per_kstep(calm),
-                     "ledger_open_max": max(s["ledger_open"] for s in samples),
-                     "ledger_timeline_max": max(s["ledger_timeline"] for s in samples)})
+        rows.append(
+            {
+                "rank": r,
+                "rss_start_mb": warm["rss_mb"],
+                "rss_end_mb": calm[-1]["rss_mb"],
+                "rss_max_mb": max(s["rss_mb"] for s in samples),
+                "slope_mb_per_1000_steps": slope_mb_per_kstep(calm),
+                "ledger_open_max": max(s["ledger_open"] for s in samples),
+                "ledger_timeline_max": max(s["ledger_timeline"] for s in samples),
+            }
+        )
     last = calm[-1]["step"]
-    tbl = md_table(["rank", f"RSS at step {warm['step']} (MB)", f"RSS at step {last} (MB)",
-                    "max RSS, any step (MB)", "RSS slope, 2nd half (MB / 1000 steps)", "open ledger records (max)",
-                    "ledger timeline (max)"],
-                   [[r["rank"], r["rss_start_mb"], r["rss_end_mb"], r["rss_max_mb"],
-                     f"{r['slope_mb_per_1000_steps']:+.2f}", r["ledger_open_max"], r["ledger_timeline_max"]]
-                    for r in rows])
+    tbl = md_table(
+        [
+            "rank",
+            f"RSS at step {warm['step']} (MB)",
+            f"RSS at step {last} (MB)",
+            "max RSS, any step (MB)",
+            "RSS slope, 2nd half (MB / 1000 steps)",
+            "open ledger records (max)",
+            "ledger timeline (max)",
+        ],
+        [
+            [
+                r["rank"],
+                r["rss_start_mb"],
+                r["rss_end_mb"],
+                r["rss_max_mb"],
+                f"{r['slope_mb_per_1000_steps']:+.2f}",
+                r["ledger_open_max"],
+                r["ledger_timeline_max"],
+            ]
+            for r in rows
+        ],
+    )
     print(tbl)
     png = _plot(per_rank, name)
-    body = (f"{steps} training steps of the default GPT-MoE with LSH-MoE compression on {len(per_rank)} gloo ranks, "
-            f"through `Trainer.run` (metrics every 10 steps, validation every {EVAL_EVERY}, a checkpoint every "
-            f"{SAVE_EVERY}, the C heap trimmed every 10 steps); sampled every {args['every']} steps on every rank. "
-            "Start, end and slope use ordinary steps: a sample right after validation or a checkpoint includes "
-            "their buffers (the max column and the spikes in the plot), returned at the next trim. Open ledger "
-            "records are counted after each step (the ledger is summarised and cleared at every step end; "
-            f"collectives issued by logging and validation wait there for the next step).\n\n{tbl}\n\n"
-            f"![rss]({png})\n")
+    body = (
+        f"{steps} training steps of the default GPT-MoE with LSH-MoE compression on {len(per_rank)} gloo ranks, "
+        f"through `Trainer.run` (metrics every 10 steps, validation every {EVAL_EVERY}, a checkpoint every "
+        f"{SAVE_EVERY}, the C heap trimmed every 10 steps); sampled every {args['every']} steps on every rank. "
+        "Start, end and slope use ordinary steps: a sample right after validation or a checkpoint includes "
+        "their buffers (the max column and the spikes in the plot), returned at the next trim. Open ledger "
+        "records are counted after each step (the ledger is summarised and cleared at every step end; "
+        f"collectives issued by logging and validation wait there for the next step).\n\n{tbl}\n\n"
+        f"![rss]({png})\n"
+    )
     title = "Soak: memory over thousands of steps" + ("" if name == "soak" else f" ({name})")
     write_section(name, title, body, {"rows": rows, "samples": per_rank, "args": args}, command=command, meta=meta)
 

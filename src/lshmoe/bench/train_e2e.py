@@ -48,23 +48,46 @@ def main(argv: list[str] | None = None) -> int:
     tokens_rank = Config().train.batch_size * Config().model.seq_len
     with tempfile.TemporaryDirectory(prefix="lshmoe-e2e-") as tmp:
         for w in [int(x) for x in a.worlds.split(",")]:
-            res = run_ab(ABSpec(variants, a.rounds, 1, a.steps_per_round, evaluate=False, impls=impls), 1, w, None,
-                         False, Path(tmp) / f"w{w}")
+            res = run_ab(
+                ABSpec(variants, a.rounds, 1, a.steps_per_round, evaluate=False, impls=impls),
+                1,
+                w,
+                None,
+                False,
+                Path(tmp) / f"w{w}",
+            )
             for r in summarise(res, w * tokens_rank, baseline="deepspeed cf=1.25" if impls else "lshmoe cf=1.25"):
                 rows.append({"world": w, **r})
-            print_table(["W", "variant", "tokens/s", "step ms", "vs DeepSpeed"],
-                        [[w, r["variant"], r["tokens_per_s"], 1000 * r["step_s"], f"{r.get('speedup', 1):.2f}x"]
-                         for r in rows if r["world"] == w])
+            print_table(
+                ["W", "variant", "tokens/s", "step ms", "vs DeepSpeed"],
+                [
+                    [w, r["variant"], r["tokens_per_s"], 1000 * r["step_s"], f"{r.get('speedup', 1):.2f}x"]
+                    for r in rows
+                    if r["world"] == w
+                ],
+            )
     png = _plot(rows)
-    table = md_table(["W", "MoE layer", "tokens/s", "median step ms", "comm share (ledger)*", "vs DeepSpeed"],
-                     [[r["world"], r["variant"], r["tokens_per_s"], 1000 * r["step_s"],
-                       f"{100 * r['comm_share']:.0f}%" if "lshmoe" in r["variant"] else "n/a",
-                       f"{r['speedup']:.2f}x" if impls else "-"] for r in rows])
-    body = (f"Reference GPT-MoE (default config, {tokens_rank} tokens per rank per step), W gloo ranks on this "
-            f"machine's cores (EP = W); variants alternate blocks of {a.steps_per_round} steps in the same "
-            f"processes for {a.rounds} measured rounds after a warm-up round; medians of per-step times (slowest "
-            f"rank).\n\n{table}\n\n*lshmoe's ledger: all-to-all + gradient all-reduce time / step time; DeepSpeed's "
-            f"collectives bypass the ledger.\n\n![train e2e]({png})\n")
+    table = md_table(
+        ["W", "MoE layer", "tokens/s", "median step ms", "comm share (ledger)*", "vs DeepSpeed"],
+        [
+            [
+                r["world"],
+                r["variant"],
+                r["tokens_per_s"],
+                1000 * r["step_s"],
+                f"{100 * r['comm_share']:.0f}%" if "lshmoe" in r["variant"] else "n/a",
+                f"{r['speedup']:.2f}x" if impls else "-",
+            ]
+            for r in rows
+        ],
+    )
+    body = (
+        f"Reference GPT-MoE (default config, {tokens_rank} tokens per rank per step), W gloo ranks on this "
+        f"machine's cores (EP = W); variants alternate blocks of {a.steps_per_round} steps in the same "
+        f"processes for {a.rounds} measured rounds after a warm-up round; medians of per-step times (slowest "
+        f"rank).\n\n{table}\n\n*lshmoe's ledger: all-to-all + gradient all-reduce time / step time; DeepSpeed's "
+        f"collectives bypass the ledger.\n\n![train e2e]({png})\n"
+    )
     write_section("train_e2e", "End-to-end training throughput (CPU, gloo)", body, {"rows": rows})
     return 0
 

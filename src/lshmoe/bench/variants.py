@@ -32,8 +32,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
         merged: dict[str, str] = {}
         for part in text.split("+"):
             if part not in BUILTIN:
-                raise ConfigError(f"variant {part!r}: unknown; built-in: {', '.join(BUILTIN)} "
-                                  "(combine with +, or name:key=value;...)")
+                raise ConfigError(
+                    f"variant {part!r}: unknown; built-in: {', '.join(BUILTIN)} (combine with +, or name:key=value;...)"
+                )
             merged.update(BUILTIN[part])
         return text, merged
     name, spec = text.split(":", 1)

@@ -47,8 +47,9 @@ class LSHCompressor:
         self.cfg, self.num_experts, self.d_model = cfg, num_experts, d_model
         self.layer_id, self.seed = layer_id, seed
         self.step = 0
-        self.controller = (HashCountController(cfg.target, cfg.target_value, cfg.num_hashes, cfg.ema)
-                           if cfg.target != "none" else None)
+        self.controller = (
+            HashCountController(cfg.target, cfg.target_value, cfg.num_hashes, cfg.ema) if cfg.target != "none" else None
+        )
         self.num_hashes = cfg.num_hashes
         # residual scale a in E(c) + a (x - c): the paper's 1, none's 0, or fitted by the probe (from 0)
         self.alpha = {"identity": 1.0, "none": 0.0, "calibrated": 0.0}[cfg.compensation]
@@ -69,8 +70,9 @@ class LSHCompressor:
         """R_DLP for all L_max hashes of the current step (cached until the key changes)."""
         key = self.projection_key()
         if self._proj is None or self._proj[0] != key or self._proj[1].device != device:
-            R = draw_projections(self.cfg.family, self.d_model, self.cfg.num_hashes, self.cfg.buckets_per_hash,
-                                 generator(*key))
+            R = draw_projections(
+                self.cfg.family, self.d_model, self.cfg.num_hashes, self.cfg.buckets_per_hash, generator(*key)
+            )
             self._proj = (key, R.to(device))
         return self._proj[1]
 
@@ -91,7 +93,7 @@ class LSHCompressor:
 
     def keys(self, full_N: torch.Tensor, expert_N: torch.Tensor, num_hashes: int) -> torch.Tensor:
         """(expert, first-`num_hashes` bucket) as one sortable int64 key."""
-        span = self.cfg.buckets_per_hash ** num_hashes
+        span = self.cfg.buckets_per_hash**num_hashes
         return expert_N * span + torch.remainder(full_N, span)
 
     def _prefix_rates(self, full_N: torch.Tensor, expert_N: torch.Tensor) -> list[float]:
@@ -115,16 +117,25 @@ class LSHCompressor:
             keys_N = self.keys(full_N, expert_N, self.num_hashes)
         t1 = time.perf_counter()
         uniq_M, inverse_N, size_M = torch.unique(keys_N, sorted=True, return_inverse=True, return_counts=True)
-        span = self.cfg.buckets_per_hash ** self.num_hashes
+        span = self.cfg.buckets_per_hash**self.num_hashes
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
         centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
         t2 = time.perf_counter()
-        self.stats = {"lsh_hashes": float(self.num_hashes), "lsh_hash_s": t1 - t0, "lsh_cluster_s": t2 - t1,
-                      "lsh_alpha": self.alpha, "lsh_restore_err": 0.0, "lsh_restore_err_nocomp": 0.0,
-                      "lsh_restore_err_identity": 0.0, "lsh_alpha_fit": 0.0, "lsh_probe_n": 0.0}
+        self.stats = {
+            "lsh_hashes": float(self.num_hashes),
+            "lsh_hash_s": t1 - t0,
+            "lsh_cluster_s": t2 - t1,
+            "lsh_alpha": self.alpha,
+            "lsh_restore_err": 0.0,
+            "lsh_restore_err_nocomp": 0.0,
+            "lsh_restore_err_identity": 0.0,
+            "lsh_alpha_fit": 0.0,
+            "lsh_probe_n": 0.0,
+        }
         # full_N is kept for the restore-error probe (a reference to a tensor that exists anyway)
-        meta = LSHMeta(rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N,
-                       full_codes_N=full_N)
+        meta = LSHMeta(
+            rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
+        )
         return centroids_MD, sent_counts_E, meta
 
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
@@ -152,8 +163,9 @@ class LSHCompressor:
         expert_S = meta.expert_N.index_select(0, idx_S)
         blocks, cands = [x.index_select(0, idx_S)], self.probe_candidates()
         for L in cands:
-            _, inv, size = torch.unique(self.keys(meta.full_codes_N, meta.expert_N, L), return_inverse=True,
-                                        return_counts=True)
+            _, inv, size = torch.unique(
+                self.keys(meta.full_codes_N, meta.expert_N, L), return_inverse=True, return_counts=True
+            )
             cent = x.new_zeros((size.numel(), x.shape[1])).index_add_(0, inv, x) / size.to(x.dtype)[:, None]
             blocks.append(cent.index_select(0, inv.index_select(0, idx_S)))
         rows = torch.cat(blocks)
@@ -184,18 +196,22 @@ class LSHCompressor:
             return
         fits, errs = [], []
         for j in range(len(cands)):
-            s_oo, s_ox, s_xx = s[1 + 3 * j: 4 + 3 * j]
+            s_oo, s_ox, s_xx = s[1 + 3 * j : 4 + 3 * j]
             fit = min(1.5, max(0.0, s_ox / s_xx)) if s_xx > 0 else 0.0
             a = fit if self.cfg.compensation == "calibrated" else self.alpha
             fits.append(fit)
-            errs.append(max(0.0, s_oo - 2 * a * s_ox + a * a * s_xx) ** 0.5 / norm ** 0.5)
+            errs.append(max(0.0, s_oo - 2 * a * s_ox + a * a * s_xx) ** 0.5 / norm**0.5)
         j = cands.index(self.num_hashes) if self.num_hashes in cands else len(cands) - 1
         if self.cfg.compensation == "calibrated":
             ema = self.cfg.ema if self._fitted else 0.0
             self.alpha, self._fitted = ema * self.alpha + (1 - ema) * fits[j], True
         if self.controller is not None and self.cfg.target == "error":
             self.controller.observe_errors(errs)
-        s_oo, s_ox, s_xx = s[1 + 3 * j: 4 + 3 * j]
-        self.stats.update(lsh_restore_err=errs[j], lsh_restore_err_nocomp=(s_oo / norm) ** 0.5,
-                          lsh_restore_err_identity=max(0.0, s_oo - 2 * s_ox + s_xx) ** 0.5 / norm ** 0.5,
-                          lsh_alpha_fit=fits[j], lsh_probe_n=1.0)
+        s_oo, s_ox, s_xx = s[1 + 3 * j : 4 + 3 * j]
+        self.stats.update(
+            lsh_restore_err=errs[j],
+            lsh_restore_err_nocomp=(s_oo / norm) ** 0.5,
+            lsh_restore_err_identity=max(0.0, s_oo - 2 * s_ox + s_xx) ** 0.5 / norm**0.5,
+            lsh_alpha_fit=fits[j],
+            lsh_probe_n=1.0,
+        )

@@ -30,8 +30,9 @@ class _SegmentMean(torch.autograd.Function):
 
 class _Restore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor,
-                alpha: float) -> torch.Tensor:
+    def forward(
+        ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float
+    ) -> torch.Tensor:
         ctx.save_for_backward(inverse_N)
         ctx.m, ctx.alpha = out_MD.shape[0], alpha
         if alpha == 1.0:
@@ -53,7 +54,8 @@ def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tens
     return _SegmentMean.apply(x_ND, inverse_N, size_M)
 
 
-def restore_compensated(out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor,
-                        alpha: float = 1.0) -> torch.Tensor:
+def restore_compensated(
+    out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """E(c_b(n)) + alpha (x_n - c_b(n)) for every row n."""
     return _Restore.apply(out_MD, c_MD, x_ND, inverse_N, float(alpha))

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.dist.autograd import all_to_all
-from lshmoe.dist.comm import Comm, Group
+from lshmoe.distributed.autograd import all_to_all
+from lshmoe.distributed.comm import Comm, Group
 from lshmoe.infer.placement import SPLIT_ALIGN, Placement, send_table
 from lshmoe.moe.dispatch import regroup_index
 
@@ -77,16 +77,27 @@ def send_order(send_WE: torch.Tensor, placement: Placement) -> tuple[torch.Tenso
 class ReplicaDispatcher:
     """Uneven-split all-to-all over `group` to the replicas of each expert (see the module docstring)."""
 
-    def __init__(self, comm: Comm, group: Group, num_experts: int, tag: str,
-                 policy: PlacementPolicy | Placement, *, align: int = SPLIT_ALIGN, source_major: bool = False):
+    def __init__(
+        self,
+        comm: Comm,
+        group: Group,
+        num_experts: int,
+        tag: str,
+        policy: PlacementPolicy | Placement,
+        *,
+        align: int = SPLIT_ALIGN,
+        source_major: bool = False,
+    ):
         self.comm, self.group, self.tag, self.num_experts = comm, group, tag, num_experts
         self.policy, self.align, self.source_major = policy, align, source_major
 
     def placement_for(self, counts_E: torch.Tensor) -> Placement:
         placement = self.policy if isinstance(self.policy, Placement) else self.policy(counts_E)
         if placement.num_devices != self.group.size or placement.num_experts != self.num_experts:
-            raise ValueError(f"placement of {placement.num_experts} experts on {placement.num_devices} devices for "
-                             f"a dispatcher of {self.num_experts} experts over {self.group.size} ranks")
+            raise ValueError(
+                f"placement of {placement.num_experts} experts on {placement.num_devices} devices for "
+                f"a dispatcher of {self.num_experts} experts over {self.group.size} ranks"
+            )
         return placement
 
     def plan(self, counts_E: torch.Tensor) -> ReplicaMeta:
@@ -103,9 +114,17 @@ class ReplicaDispatcher:
                 regroup = ungroup = None
             else:
                 regroup, ungroup = regroup.to(dev), ungroup.to(dev)
-        return ReplicaMeta(in_splits=send_WE.sum(1).tolist(), out_splits=recv_WE.sum(1).tolist(),
-                           local_counts=recv_WE.sum(0).tolist(), regroup_R=regroup, ungroup_R=ungroup,
-                           send_M=send, unsend_M=unsend, placement=placement, recv_WE=recv_WE)
+        return ReplicaMeta(
+            in_splits=send_WE.sum(1).tolist(),
+            out_splits=recv_WE.sum(1).tolist(),
+            local_counts=recv_WE.sum(0).tolist(),
+            regroup_R=regroup,
+            ungroup_R=ungroup,
+            send_M=send,
+            unsend_M=unsend,
+            placement=placement,
+            recv_WE=recv_WE,
+        )
 
     def dispatch(self, payload_MD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
         if meta.send_M is not None:

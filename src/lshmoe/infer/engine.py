@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lshmoe.config import Config, ConfigError, MoEConfig, from_dict
-from lshmoe.dist.comm import Comm, Group
+from lshmoe.distributed.comm import Comm, Group
 from lshmoe.infer.dispatch import ReplicaDispatcher
 from lshmoe.infer.metrics import BatchMetrics
 from lshmoe.infer.profile import DEFAULT_PATH_LEN, PathProfile, build_profile
@@ -67,22 +67,44 @@ def expert_local_view(comm: Comm) -> Comm:
 class LinaMoELayer(MoELayer):
     """`MoELayer` with all experts local and a replica dispatcher over `world`'s world group."""
 
-    def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, lsh=None, seed: int = 0,
-                 world: Comm, scheduler: TwoPhaseScheduler, index_of: dict[int, int]):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        d_model: int,
+        comm: Comm,
+        layer_id: int,
+        *,
+        lsh=None,
+        seed: int = 0,
+        world: Comm,
+        scheduler: TwoPhaseScheduler,
+        index_of: dict[int, int],
+    ):
         super().__init__(cfg, d_model, comm, layer_id, lsh=lsh, seed=seed)
         assert self.experts.num_local == cfg.num_experts, "build with expert_local_view(comm)"
         self.index, self.scheduler = index_of[layer_id], scheduler
         self.compute_s = 0.0
-        self.dispatcher = ReplicaDispatcher(world, world.group("world"), cfg.num_experts, f"moe{layer_id}",
-                                            scheduler.policy(self.index), source_major=True)
+        self.dispatcher = ReplicaDispatcher(
+            world,
+            world.group("world"),
+            cfg.num_experts,
+            f"moe{layer_id}",
+            scheduler.policy(self.index),
+            source_major=True,
+        )
 
     def compute(self, st: MoEState) -> MoEState:
         """Run the experts once per source rank on its rows (arrival order [source][expert]): every
         replica piece is its own matmul, so each row gets the arithmetic of an unreplicated forward."""
         meta = st.dmeta
         c0 = time.process_time()
-        outs = [self.experts(rows, counts) for rows, counts, n in
-                zip(torch.split(st.data, meta.out_splits), meta.recv_WE.tolist(), meta.out_splits, strict=True) if n]
+        outs = [
+            self.experts(rows, counts)
+            for rows, counts, n in zip(
+                torch.split(st.data, meta.out_splits), meta.recv_WE.tolist(), meta.out_splits, strict=True
+            )
+            if n
+        ]
         local_out = torch.cat(outs) if outs else self.experts(st.data, meta.local_counts)
         if local_out.is_cuda:
             torch.cuda.synchronize(local_out.device)
@@ -96,8 +118,9 @@ class LinaMoELayer(MoELayer):
         out = self.finish(st)
         if out.y_TD.is_cuda:
             torch.cuda.synchronize(out.y_TD.device)
-        self.scheduler.routed(self.index, st.route.topk_ids_TK, sum(st.dmeta.local_counts),
-                              time.perf_counter() - t0, self.compute_s)
+        self.scheduler.routed(
+            self.index, st.route.topk_ids_TK, sum(st.dmeta.local_counts), time.perf_counter() - t0, self.compute_s
+        )
         return out
 
 
@@ -109,17 +132,26 @@ class InferenceEngine:
         if cfg.model.arch != "gpt":
             raise ConfigError(f"Lina inference supports model.arch=gpt, not {cfg.model.arch!r}")
         if cfg.moe.node_bias:
-            raise ConfigError("Lina inference cannot serve a model trained with moe.node_bias: its routing depends "
-                              "on the node a token is on, which replica placement changes")
+            raise ConfigError(
+                "Lina inference cannot serve a model trained with moe.node_bias: its routing depends "
+                "on the node a token is on, which replica placement changes"
+            )
         self.cfg, self.comm, self.icfg = cfg, comm, icfg
         ecfg = dataclasses.replace(cfg.moe, compress="identity", ep_size=0)
         m = cfg.model
         moe_ids = [i for i in range(m.n_layers) if (i + 1) % m.moe_every == 0]
-        self.scheduler = TwoPhaseScheduler(comm, ecfg.num_experts, len(moe_ids), placement=icfg.placement,
-                                           estimate_top_k=icfg.estimate_top_k, match_k=icfg.match_k,
-                                           ordered_match=icfg.ordered_match)
-        factory = functools.partial(LinaMoELayer, world=comm, scheduler=self.scheduler,
-                                    index_of={lid: i for i, lid in enumerate(moe_ids)})
+        self.scheduler = TwoPhaseScheduler(
+            comm,
+            ecfg.num_experts,
+            len(moe_ids),
+            placement=icfg.placement,
+            estimate_top_k=icfg.estimate_top_k,
+            match_k=icfg.match_k,
+            ordered_match=icfg.ordered_match,
+        )
+        factory = functools.partial(
+            LinaMoELayer, world=comm, scheduler=self.scheduler, index_of={lid: i for i, lid in enumerate(moe_ids)}
+        )
         self.model = GPTMoE(m, ecfg, vocab_size, expert_local_view(comm), factory, seed=cfg.train.seed)
         self.model.to(device=comm.device, dtype=DTYPES[icfg.dtype or cfg.train.dtype])
         self.model.reset_parameters(cfg.train.seed)
@@ -184,8 +216,12 @@ class InferenceEngine:
         if routes not in ("top1", "all"):
             raise ValueError(f"routes={routes!r}; choose top1 or all")
         ids_LTK = self.record_routes(batches)
-        profile = build_profile(ids_LTK[:, :, 0], self.cfg.moe.num_experts, self.icfg.path_len,
-                                routes_LTK=ids_LTK if routes == "all" else None)
+        profile = build_profile(
+            ids_LTK[:, :, 0],
+            self.cfg.moe.num_experts,
+            self.icfg.path_len,
+            routes_LTK=ids_LTK if routes == "all" else None,
+        )
         self.set_profile(profile)
         return profile
 
@@ -219,15 +255,26 @@ class InferenceEngine:
         L = len(self.moe_ids)
         recs = [self.scheduler.batch.records[i] for i in range(L)]
         loss = float(out.ce_loss) if out.ce_loss is not None else float("nan")
-        mine = torch.tensor([r.seconds for r in recs] + [float(r.rows) for r in recs] + [r.compute_s for r in recs]
-                            + [batch_s, sum(r.estimate_s for r in recs), loss], dtype=torch.float64)
-        all_WV = self.comm.all_gather(mine.to(self.comm.device), self.comm.group("world"), "lina.metrics",
-                                      phase="metrics").cpu()
-        return BatchMetrics(placement=self.scheduler.mode, layer_s=all_WV[:, :L].max(0).values.tolist(),
-                            rows_LW=all_WV[:, L:2 * L].t().to(torch.int64).tolist(),
-                            compute_s=all_WV[:, 2 * L:3 * L].max(0).values.tolist(),
-                            compute_mean_s=all_WV[:, 2 * L:3 * L].mean(0).tolist(),
-                            batch_s=float(all_WV[:, 3 * L].max()), estimate_s=float(all_WV[:, 3 * L + 1].max()),
-                            ce_loss=float(all_WV[:, 3 * L + 2].mean()), matched=[r.matched for r in recs],
-                            replanned=[r.replanned for r in recs],
-                            replicas_LE=[r.placement.replica_counts() for r in recs])
+        mine = torch.tensor(
+            [r.seconds for r in recs]
+            + [float(r.rows) for r in recs]
+            + [r.compute_s for r in recs]
+            + [batch_s, sum(r.estimate_s for r in recs), loss],
+            dtype=torch.float64,
+        )
+        all_WV = self.comm.all_gather(
+            mine.to(self.comm.device), self.comm.group("world"), "lina.metrics", phase="metrics"
+        ).cpu()
+        return BatchMetrics(
+            placement=self.scheduler.mode,
+            layer_s=all_WV[:, :L].max(0).values.tolist(),
+            rows_LW=all_WV[:, L : 2 * L].t().to(torch.int64).tolist(),
+            compute_s=all_WV[:, 2 * L : 3 * L].max(0).values.tolist(),
+            compute_mean_s=all_WV[:, 2 * L : 3 * L].mean(0).tolist(),
+            batch_s=float(all_WV[:, 3 * L].max()),
+            estimate_s=float(all_WV[:, 3 * L + 1].max()),
+            ce_loss=float(all_WV[:, 3 * L + 2].mean()),
+            matched=[r.matched for r in recs],
+            replanned=[r.replanned for r in recs],
+            replicas_LE=[r.placement.replica_counts() for r in recs],
+        )

@@ -61,25 +61,39 @@ def summarise(batches: list[BatchMetrics]) -> dict:
     per_layer = []
     for i in range(L):
         lm = [b.matched[i] for b in batches if b.matched[i] is not None]
-        per_layer.append({"layer": i, "p50_ms": 1e3 * percentile([b.layer_s[i] for b in batches], 50),
-                          "p95_ms": 1e3 * percentile([b.layer_s[i] for b in batches], 95),
-                          "compute_p95_ms": 1e3 * percentile([b.compute_s[i] for b in batches], 95),
-                          "load_max_mean": statistics.mean(b.load_max_over_mean()[i] for b in batches),
-                          "accuracy": sum(lm) / len(lm) if lm else None,
-                          "replan_rate": statistics.mean(float(b.replanned[i]) for b in batches),
-                          "max_replicas": max(max(b.replicas_LE[i]) for b in batches)})
-    return {"placement": batches[0].placement, "batches": len(batches),
-            "layer_p50_ms": 1e3 * percentile(layer, 50), "layer_p95_ms": 1e3 * percentile(layer, 95),
-            "balanced_p95_ms": 1e3 * percentile([t - c + m for b in batches for t, c, m in
-                                                 zip(b.layer_s, b.compute_s, b.compute_mean_s, strict=True)], 95),
-            "compute_share": statistics.median(c / t for b in batches for t, c in zip(b.layer_s, b.compute_s,
-                                                                                      strict=True) if t > 0),
-            "compute_p50_ms": 1e3 * percentile([s for b in batches for s in b.compute_s], 50),
-            "compute_p95_ms": 1e3 * percentile([s for b in batches for s in b.compute_s], 95),
-            "batch_p50_ms": 1e3 * percentile([b.batch_s for b in batches], 50),
-            "batch_p95_ms": 1e3 * percentile([b.batch_s for b in batches], 95),
-            "estimate_ms": 1e3 * statistics.mean(b.estimate_s for b in batches),
-            "load_max_mean": statistics.mean(loads), "load_max_mean_p95": percentile(loads, 95),
-            "accuracy": sum(judged) / len(judged) if judged else None,
-            "replan_rate": statistics.mean(float(r) for b in batches for r in b.replanned),
-            "ce_loss": statistics.mean(b.ce_loss for b in batches), "per_layer": per_layer}
+        per_layer.append(
+            {
+                "layer": i,
+                "p50_ms": 1e3 * percentile([b.layer_s[i] for b in batches], 50),
+                "p95_ms": 1e3 * percentile([b.layer_s[i] for b in batches], 95),
+                "compute_p95_ms": 1e3 * percentile([b.compute_s[i] for b in batches], 95),
+                "load_max_mean": statistics.mean(b.load_max_over_mean()[i] for b in batches),
+                "accuracy": sum(lm) / len(lm) if lm else None,
+                "replan_rate": statistics.mean(float(b.replanned[i]) for b in batches),
+                "max_replicas": max(max(b.replicas_LE[i]) for b in batches),
+            }
+        )
+    return {
+        "placement": batches[0].placement,
+        "batches": len(batches),
+        "layer_p50_ms": 1e3 * percentile(layer, 50),
+        "layer_p95_ms": 1e3 * percentile(layer, 95),
+        "balanced_p95_ms": 1e3
+        * percentile(
+            [t - c + m for b in batches for t, c, m in zip(b.layer_s, b.compute_s, b.compute_mean_s, strict=True)], 95
+        ),
+        "compute_share": statistics.median(
+            c / t for b in batches for t, c in zip(b.layer_s, b.compute_s, strict=True) if t > 0
+        ),
+        "compute_p50_ms": 1e3 * percentile([s for b in batches for s in b.compute_s], 50),
+        "compute_p95_ms": 1e3 * percentile([s for b in batches for s in b.compute_s], 95),
+        "batch_p50_ms": 1e3 * percentile([b.batch_s for b in batches], 50),
+        "batch_p95_ms": 1e3 * percentile([b.batch_s for b in batches], 95),
+        "estimate_ms": 1e3 * statistics.mean(b.estimate_s for b in batches),
+        "load_max_mean": statistics.mean(loads),
+        "load_max_mean_p95": percentile(loads, 95),
+        "accuracy": sum(judged) / len(judged) if judged else None,
+        "replan_rate": statistics.mean(float(r) for b in batches for r in b.replanned),
+        "ce_loss": statistics.mean(b.ce_loss for b in batches),
+        "per_layer": per_layer,
+    }

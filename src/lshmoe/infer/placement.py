@@ -67,8 +67,10 @@ def uniform_placement(num_experts: int, num_devices: int) -> Placement:
     if num_experts % num_devices:
         raise ValueError(f"uniform placement needs the {num_devices} devices to divide the {num_experts} experts")
     per = num_experts // num_devices
-    return Placement(replicas=tuple((e // per,) for e in range(num_experts)),
-                     load_W=tuple(1.0 / num_devices for _ in range(num_devices)))
+    return Placement(
+        replicas=tuple((e // per,) for e in range(num_experts)),
+        load_W=tuple(1.0 / num_devices for _ in range(num_devices)),
+    )
 
 
 def _normalised(popularity_E: torch.Tensor | list[float]) -> list[float]:
@@ -140,5 +142,7 @@ def device_loads(counts_SE: torch.Tensor, placement: Placement, align: int = SPL
     """Rows each device computes when sources with `counts_SE` rows per expert (one row per source,
     or a single [E] source) split them over `placement`'s replicas: int64 [W]."""
     counts_SE = torch.as_tensor(counts_SE).reshape(-1, placement.num_experts)
-    return sum((send_table(c, placement, align).sum(1) for c in counts_SE),
-               start=torch.zeros(placement.num_devices, dtype=torch.int64))
+    return sum(
+        (send_table(c, placement, align).sum(1) for c in counts_SE),
+        start=torch.zeros(placement.num_devices, dtype=torch.int64),
+    )

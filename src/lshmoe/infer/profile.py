@@ -58,7 +58,7 @@ class PathProfile:
 def encode_paths(path_TN: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Integer code of each row's path (column 0 = the oldest layer); an empty path is code 0."""
     T, n = path_TN.shape
-    if num_experts ** n >= 2 ** 62:
+    if num_experts**n >= 2**62:
         raise ValueError(f"paths of {n} layers over {num_experts} experts do not fit an int64 code")
     place_N = num_experts ** torch.arange(n, dtype=torch.int64)
     return (path_TN.to(torch.int64) * place_N).sum(1) if n else torch.zeros(T, dtype=torch.int64)
@@ -69,14 +69,18 @@ def _table(codes_T: torch.Tensor, next_TK: torch.Tensor, num_experts: int) -> Pa
     keys_P, inverse_T = torch.unique(codes_T, sorted=True, return_inverse=True)
     T, K = next_TK.shape
     counts_PE = torch.zeros(keys_P.numel(), num_experts, dtype=torch.float64)
-    counts_PE.index_put_((inverse_T.repeat_interleave(K), next_TK.reshape(-1).to(torch.int64)),
-                         torch.full((T * K,), 1.0 / K, dtype=torch.float64), accumulate=True)
+    counts_PE.index_put_(
+        (inverse_T.repeat_interleave(K), next_TK.reshape(-1).to(torch.int64)),
+        torch.full((T * K,), 1.0 / K, dtype=torch.float64),
+        accumulate=True,
+    )
     tokens_P = torch.bincount(inverse_T, minlength=keys_P.numel())
     return PathTable(keys_P=keys_P, probs_PE=counts_PE / tokens_P[:, None], tokens_P=tokens_P)
 
 
-def build_profile(top1_LT: torch.Tensor, num_experts: int, path_len: int = DEFAULT_PATH_LEN,
-                  routes_LTK: torch.Tensor | None = None) -> PathProfile:
+def build_profile(
+    top1_LT: torch.Tensor, num_experts: int, path_len: int = DEFAULT_PATH_LEN, routes_LTK: torch.Tensor | None = None
+) -> PathProfile:
     """Profile recorded routing: `top1_LT[i, t]` is token t's top-1 expert in MoE layer i (its path);
     the predicted quantity is that top-1 expert, or with `routes_LTK` the token's K routed experts."""
     L, T = top1_LT.shape
@@ -85,9 +89,13 @@ def build_profile(top1_LT: torch.Tensor, num_experts: int, path_len: int = DEFAU
     ids_TL = top1_LT.to(torch.int64).t()
     tables = []
     for i in range(L):
-        next_TK = ids_TL[:, i:i + 1] if routes_LTK is None else routes_LTK[i].to(torch.int64)
-        tables.append(tuple(_table(encode_paths(ids_TL[:, i - n:i], num_experts), next_TK, num_experts)
-                            for n in range(min(path_len, i) + 1)))
+        next_TK = ids_TL[:, i : i + 1] if routes_LTK is None else routes_LTK[i].to(torch.int64)
+        tables.append(
+            tuple(
+                _table(encode_paths(ids_TL[:, i - n : i], num_experts), next_TK, num_experts)
+                for n in range(min(path_len, i) + 1)
+            )
+        )
     return PathProfile(num_experts=num_experts, path_len=path_len, tables=tuple(tables))
 
 
@@ -115,7 +123,7 @@ def path_distribution(profile: PathProfile, layer: int, history_TH: torch.Tensor
         if idx_U.numel() == 0:
             break
         table = tables[n]
-        codes_U = encode_paths(history_TH[idx_U, layer - n:layer], E)
+        codes_U = encode_paths(history_TH[idx_U, layer - n : layer], E)
         pos_U = torch.searchsorted(table.keys_P, codes_U).clamp(max=max(0, table.keys_P.numel() - 1))
         found_U = table.keys_P[pos_U] == codes_U if table.keys_P.numel() else torch.zeros_like(codes_U, dtype=bool)
         hit_U = idx_U[found_U]
@@ -144,14 +152,21 @@ def top_match(estimate_E: torch.Tensor, actual_E: torch.Tensor, k: int = 2, orde
     return est == act if ordered else set(est) == set(act)
 
 
-def layer_accuracy(profile: PathProfile, top1_LT: torch.Tensor, counts_LE: torch.Tensor | None = None,
-                   top_k: int = 2, k: int = 2, ordered: bool = False) -> list[bool]:
+def layer_accuracy(
+    profile: PathProfile,
+    top1_LT: torch.Tensor,
+    counts_LE: torch.Tensor | None = None,
+    top_k: int = 2,
+    k: int = 2,
+    ordered: bool = False,
+) -> list[bool]:
     """Per layer: does the estimate from the recorded paths match the actual top-k experts?
 
     `counts_LE` is each layer's actual load (rows per expert, all K routes); default: the top-1 counts."""
     L = top1_LT.shape[0]
     ids_TL = top1_LT.to(torch.int64).t()
     if counts_LE is None:
-        counts_LE = torch.stack([torch.bincount(top1_LT[i].to(torch.int64), minlength=profile.num_experts)
-                                 for i in range(L)])
+        counts_LE = torch.stack(
+            [torch.bincount(top1_LT[i].to(torch.int64), minlength=profile.num_experts) for i in range(L)]
+        )
     return [top_match(estimate_popularity(profile, i, ids_TL, top_k), counts_LE[i], k, ordered) for i in range(L)]

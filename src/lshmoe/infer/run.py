@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lshmoe.cli import _Parser
 
     p = _Parser(prog="lshmoe infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, or a checkpoints root with a 'latest' pointer")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint directory, or a checkpoints root with a 'latest' pointer"
+    )
     p.add_argument("--nproc", type=int, default=1, help="local ranks (>= 1)")
     p.add_argument("--placement", default="popularity", help="popularity (Lina) or uniform (expert parallel)")
     p.add_argument("--compare", action="store_true", help="score every batch with both placements")
@@ -49,8 +50,14 @@ def check_args(a: argparse.Namespace) -> None:
     """One line per mistake, before any process starts."""
     if a.placement not in PLACEMENTS:
         raise UserError(f"--placement {a.placement!r}: choose one of {', '.join(PLACEMENTS)}")
-    for name, low in (("nproc", 1), ("path_len", 0), ("profile_batches", 1), ("batches", 1), ("batch_size", 1),
-                      ("threads", 1)):
+    for name, low in (
+        ("nproc", 1),
+        ("path_len", 0),
+        ("profile_batches", 1),
+        ("batches", 1),
+        ("batch_size", 1),
+        ("threads", 1),
+    ):
         if getattr(a, name) < low:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= {low}")
 
@@ -65,14 +72,14 @@ def main(argv: list[str]) -> int:
         run_rank(a, path)
         return 0
     ckpt.verify_files(path)
-    from lshmoe.dist.launch import launch
+    from lshmoe.distributed.launch import launch
 
     return launch(["infer", *argv], a.nproc)
 
 
 def run_rank(a: argparse.Namespace, path: Path) -> None:
     from lshmoe.config import DistConfig
-    from lshmoe.dist.setup import init_comm, shutdown
+    from lshmoe.distributed.setup import init_comm, shutdown
     from lshmoe.infer.engine import InferConfig, InferenceEngine
     from lshmoe.infer.metrics import summarise
     from lshmoe.train.data import load_data
@@ -84,8 +91,10 @@ def run_rank(a: argparse.Namespace, path: Path) -> None:
         cfg, dev, rank, world = eng.cfg, comm.device, comm.rank, comm.world_size
         data = load_data(cfg.data, say)
         B, S = a.batch_size, cfg.model.seq_len
-        say(f"{world} rank(s), {len(eng.moe_ids)} MoE layers x {cfg.moe.num_experts} experts from {path}; "
-            f"profiling {a.profile_batches} batches per rank")
+        say(
+            f"{world} rank(s), {len(eng.moe_ids)} MoE layers x {cfg.moe.num_experts} experts from {path}; "
+            f"profiling {a.profile_batches} batches per rank"
+        )
         eng.profile(data.train_batch(i, rank, B, S, cfg.train.seed, dev)[0] for i in range(a.profile_batches))
         modes = list(PLACEMENTS) if a.compare else [a.placement]
         recs: dict[str, list] = {m: [] for m in modes}
@@ -93,7 +102,7 @@ def run_rank(a: argparse.Namespace, path: Path) -> None:
         for i in range(a.batches):
             x, y = data.val_batch(i, rank, world, B, S, dev, a.batches)
             logits = []
-            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
                 eng.set_placement(mode)
                 out, m = eng.score(x, y)
                 logits.append(out.logits_BSV)
@@ -103,9 +112,14 @@ def run_rank(a: argparse.Namespace, path: Path) -> None:
             identical += int(bool(same))
             if (i + 1) % max(1, a.batches // 4) == 0:
                 say(f"batch {i + 1}/{a.batches}")
-        result = {"checkpoint": str(path), "world_size": world, "batches": a.batches, "batch_size": B,
-                  "identical_batches": identical if a.compare else None,
-                  "placements": {m: summarise(r) for m, r in recs.items()}}
+        result = {
+            "checkpoint": str(path),
+            "world_size": world,
+            "batches": a.batches,
+            "batch_size": B,
+            "identical_batches": identical if a.compare else None,
+            "placements": {m: summarise(r) for m, r in recs.items()},
+        }
         if rank == 0:
             _print(result)
             if a.out:
@@ -123,13 +137,17 @@ def _json(o: object) -> object:
 def _print(result: dict) -> None:
     for mode, s in result["placements"].items():
         acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.0f}%"
-        print(f"{mode}: val loss {s['ce_loss']:.4f}, MoE layer p50 {s['layer_p50_ms']:.1f} ms p95 "
-              f"{s['layer_p95_ms']:.1f} ms, batch p95 {s['batch_p95_ms']:.1f} ms, load max/mean "
-              f"{s['load_max_mean']:.2f}, estimate accuracy {acc}, re-planned {100 * s['replan_rate']:.0f}%")
+        print(
+            f"{mode}: val loss {s['ce_loss']:.4f}, MoE layer p50 {s['layer_p50_ms']:.1f} ms p95 "
+            f"{s['layer_p95_ms']:.1f} ms, batch p95 {s['batch_p95_ms']:.1f} ms, load max/mean "
+            f"{s['load_max_mean']:.2f}, estimate accuracy {acc}, re-planned {100 * s['replan_rate']:.0f}%"
+        )
         print("  layer  p50 ms  p95 ms  load max/mean  accuracy  replicas(max)")
         for r in s["per_layer"]:
             acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.0f}%"
-            print(f"  {r['layer']:>5}  {r['p50_ms']:>6.1f}  {r['p95_ms']:>6.1f}  {r['load_max_mean']:>13.2f}  "
-                  f"{acc:>8}  {r['max_replicas']:>13}")
+            print(
+                f"  {r['layer']:>5}  {r['p50_ms']:>6.1f}  {r['p95_ms']:>6.1f}  {r['load_max_mean']:>13.2f}  "
+                f"{acc:>8}  {r['max_replicas']:>13}"
+            )
     if result["identical_batches"] is not None:
         print(f"identical logits under both placements: {result['identical_batches']}/{result['batches']} batches")

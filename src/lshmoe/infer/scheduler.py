@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.infer.dispatch import PlacementPolicy
 from lshmoe.infer.placement import Placement, plan_placement, uniform_placement
 from lshmoe.infer.profile import PathProfile, path_distribution, top_experts, top_match
 
-FIXED_POINT = float(2 ** 20)  # estimate sums travel as integers in units of 2**-20 of a token
+FIXED_POINT = float(2**20)  # estimate sums travel as integers in units of 2**-20 of a token
 PLACEMENTS = ("popularity", "uniform")
 
 
@@ -63,9 +63,18 @@ class BatchState:
 class TwoPhaseScheduler:
     """Placement of every MoE layer for the current forward pass (one instance per model)."""
 
-    def __init__(self, comm: Comm, num_experts: int, num_layers: int, *, placement: str = "popularity",
-                 profile: PathProfile | None = None, estimate_top_k: int = 2, match_k: int = 2,
-                 ordered_match: bool = False):
+    def __init__(
+        self,
+        comm: Comm,
+        num_experts: int,
+        num_layers: int,
+        *,
+        placement: str = "popularity",
+        profile: PathProfile | None = None,
+        estimate_top_k: int = 2,
+        match_k: int = 2,
+        ordered_match: bool = False,
+    ):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement={placement!r}; choose one of {', '.join(PLACEMENTS)}")
         self.comm, self.group = comm, comm.group("world")
@@ -101,9 +110,9 @@ class TwoPhaseScheduler:
         else:  # layer 0: every path is empty
             history_TH = torch.zeros(self.batch.tokens, 0, dtype=torch.int64)
         dist_TE = path_distribution(self.profile, index, history_TH, self.estimate_top_k)
-        self.batch.estimates[index] = torch.cat([torch.round(dist_TE.sum(0) * FIXED_POINT),
-                                                 torch.tensor([float(dist_TE.shape[0])], dtype=torch.float64)]
-                                                ).to(torch.int64)
+        self.batch.estimates[index] = torch.cat(
+            [torch.round(dist_TE.sum(0) * FIXED_POINT), torch.tensor([float(dist_TE.shape[0])], dtype=torch.float64)]
+        ).to(torch.int64)
         self.record(index).estimate_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------ phase 2
@@ -123,7 +132,7 @@ class TwoPhaseScheduler:
         both = torch.cat([self.batch.estimates.pop(index), counts_E.cpu().to(torch.int64)])
         both = self.sum_over_ranks(both, f"lina{index}.popularity")
         est_E = both[:E].to(torch.float64) / FIXED_POINT / max(1, int(both[E]))
-        actual_E = both[E + 1:]
+        actual_E = both[E + 1 :]
         plan = plan_placement(est_E, self.group.size)
         rec.estimate_top = top_experts(est_E, self.match_k)
         rec.actual_top = top_experts(actual_E, self.match_k)

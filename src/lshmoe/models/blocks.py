@@ -29,8 +29,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        o_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                dropout_p=self.dropout if self.training else 0.0)
+        o_BHSd = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(o_BHSd.transpose(1, 2).reshape(B, S, D))
 
 
@@ -47,8 +48,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x)) with an MLP or an MoE."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, norm: str, dropout: float = 0.0,
-                 is_moe: bool | None = None):
+    def __init__(
+        self, d_model: int, n_heads: int, ffn: nn.Module, norm: str, dropout: float = 0.0, is_moe: bool | None = None
+    ):
         super().__init__()
         self.is_moe = isinstance(ffn, MoELayer) if is_moe is None else is_moe
         self.norm1 = make_norm(norm, d_model)

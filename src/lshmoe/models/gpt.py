@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.blocks import MLP, Block, make_norm
 from lshmoe.models.scmoe import SharedExpertBlock, ShortcutPair
 from lshmoe.moe.layer import MoELayer, MoEOutput
@@ -37,26 +37,43 @@ class LMOutput:
     moe: dict[int, MoEOutput]  # per MoE layer id (the index of its block)
 
 
-def build_units(mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, lsh: LSHConfig | None,
-                seed: int) -> list[nn.Module]:
+def build_units(
+    mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, lsh: LSHConfig | None, seed: int
+) -> list[nn.Module]:
     """The model's blocks for `mcfg.arch`; each unit maps x -> (x, MoEOutput or None) and has `layer_id`."""
     D, units = mcfg.d_model, []
     if mcfg.arch in ("scmoe", "dgmoe"):
         pair = mcfg.moe_every == 2
         for i in range(1 if pair else 0, mcfg.n_layers, mcfg.moe_every):
-            units.append(ShortcutPair(mcfg, ecfg, comm, i, with_mlp_block=pair, arch=mcfg.arch,
-                                      shortcut=mcfg.shortcut, combine=mcfg.combine, overlap=mcfg.overlap,
-                                      slot=mcfg.expert_slot, warmup=mcfg.slot_warmup, lsh=lsh, seed=seed))
+            units.append(
+                ShortcutPair(
+                    mcfg,
+                    ecfg,
+                    comm,
+                    i,
+                    with_mlp_block=pair,
+                    arch=mcfg.arch,
+                    shortcut=mcfg.shortcut,
+                    combine=mcfg.combine,
+                    overlap=mcfg.overlap,
+                    slot=mcfg.expert_slot,
+                    warmup=mcfg.slot_warmup,
+                    lsh=lsh,
+                    seed=seed,
+                )
+            )
         return units
     for i in range(mcfg.n_layers):
         if (i + 1) % mcfg.moe_every:
-            unit: nn.Module = Block(D, mcfg.n_heads, MLP(D, int(round(mcfg.mlp_ratio * D))), mcfg.norm,
-                                    mcfg.dropout, is_moe=False)
+            unit: nn.Module = Block(
+                D, mcfg.n_heads, MLP(D, int(round(mcfg.mlp_ratio * D))), mcfg.norm, mcfg.dropout, is_moe=False
+            )
         elif mcfg.arch == "shared":
             unit = SharedExpertBlock(mcfg, ecfg, comm, i, combine=mcfg.combine, lsh=lsh, seed=seed)
         else:
-            unit = Block(D, mcfg.n_heads, moe_factory(ecfg, D, comm, i, lsh=lsh, seed=seed), mcfg.norm,
-                         mcfg.dropout, is_moe=True)
+            unit = Block(
+                D, mcfg.n_heads, moe_factory(ecfg, D, comm, i, lsh=lsh, seed=seed), mcfg.norm, mcfg.dropout, is_moe=True
+            )
         unit.layer_id = i
         units.append(unit)
     return units
@@ -79,8 +96,17 @@ class GPTMoE(nn.Module):
     """`moe_factory(cfg, d_model, comm, layer_id)` builds each MoE layer (default `MoELayer`); it is the
     seam through which benchmarks put a peer system's layer into the same model."""
 
-    def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, vocab_size: int, comm: Comm,
-                 moe_factory: MoEFactory = MoELayer, *, lsh: LSHConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        ecfg: MoEConfig,
+        vocab_size: int,
+        comm: Comm,
+        moe_factory: MoEFactory = MoELayer,
+        *,
+        lsh: LSHConfig | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
         self.my_node = comm.node_of.get(comm.rank, 0)  # keys the per-node parameters in checkpoints
@@ -96,7 +122,8 @@ class GPTMoE(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """Every MoE layer of the model (lshmoe's own layers; a peer's layer is listed too)."""
         return [m for m in self.modules() if isinstance(m, MoELayer)] or [
-            getattr(u, "ffn", u) for u in self.blocks if u.is_moe]
+            getattr(u, "ffn", u) for u in self.blocks if u.is_moe
+        ]
 
     def set_step(self, step: int) -> None:
         """Tell every MoE layer the training step (LSH projections and probes are keyed by it)."""
@@ -135,8 +162,15 @@ class GPTMoE(nn.Module):
         logits = F.linear(self.norm_f(x), self.tok_emb.weight)
         wide = logits if logits.dtype == torch.float64 else logits.float()
         e = self.ecfg
-        aux = sum((e.aux_loss_weight * o.aux["load_balance"] + e.z_loss_weight * o.aux["z_loss"]
-                   + e.locality_weight * o.aux.get("locality", 0.0) for o in moe.values()), start=wide.new_zeros(()))
+        aux = sum(
+            (
+                e.aux_loss_weight * o.aux["load_balance"]
+                + e.z_loss_weight * o.aux["z_loss"]
+                + e.locality_weight * o.aux.get("locality", 0.0)
+                for o in moe.values()
+            ),
+            start=wide.new_zeros(()),
+        )
         ce = loss = None
         if targets_BS is not None:
             ce = F.cross_entropy(wide.view(-1, self.vocab_size), targets_BS.reshape(-1))

@@ -15,7 +15,7 @@ a single Block-MoE whose shortcut is its own input (Pos-1).
 Because the shortcut exists before the dense ops after it, the dispatch all-to-all is issued as soon
 as the gate and permutation are done; the dense ops of the window run while rows travel; the experts
 run at slot K of the window; the combine is issued and waited for only at the end. Backward overlaps
-the same way (lshmoe.dist.async_autograd). K is forced (`--expert-slot`) or chosen after a warm-up of
+the same way (lshmoe.distributed.async_autograd). K is forced (`--expert-slot`) or chosen after a warm-up of
 synchronous steps from the measured op and all-to-all times (the paper's Eq. 11).
 
 DGMoE: two top-1 passes through one gate and expert set, on hA and on hB; a token never gets the same
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.blocks import MLP, CausalSelfAttention, make_norm
 from lshmoe.moe.layer import MoELayer, MoEOutput
 
@@ -78,16 +78,31 @@ class Combiner(nn.Module):
 def merge_outputs(a: MoEOutput, b: MoEOutput, y: torch.Tensor) -> MoEOutput:
     """One layer's two MoE passes (DGMoE) as one output: sums, and the mean of the router losses."""
     stats = {k: a.stats.get(k, 0.0) + b.stats.get(k, 0.0) for k in a.stats.keys() | b.stats.keys()}
-    return MoEOutput(y_TD=y, aux={k: (a.aux[k] + b.aux[k]) / 2 for k in a.aux},
-                     tokens_per_expert_E=a.tokens_per_expert_E + b.tokens_per_expert_E, dropped=a.dropped + b.dropped,
-                     rows_routed=a.rows_routed + b.rows_routed, rows_sent=a.rows_sent + b.rows_sent, stats=stats)
+    return MoEOutput(
+        y_TD=y,
+        aux={k: (a.aux[k] + b.aux[k]) / 2 for k in a.aux},
+        tokens_per_expert_E=a.tokens_per_expert_E + b.tokens_per_expert_E,
+        dropped=a.dropped + b.dropped,
+        rows_routed=a.rows_routed + b.rows_routed,
+        rows_sent=a.rows_sent + b.rows_sent,
+        stats=stats,
+    )
 
 
 class SharedExpertBlock(nn.Module):
     """The shared-expert MoE baseline: a dense shared expert and routed experts on the same input."""
 
-    def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, layer_id: int, *, combine: str,
-                 lsh: LSHConfig | None, seed: int):
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        ecfg: MoEConfig,
+        comm: Comm,
+        layer_id: int,
+        *,
+        combine: str,
+        lsh: LSHConfig | None,
+        seed: int,
+    ):
         super().__init__()
         D = mcfg.d_model
         self.is_moe, self.layer_id = True, layer_id
@@ -106,9 +121,23 @@ class SharedExpertBlock(nn.Module):
 class ShortcutPair(nn.Module):
     """A ScMoE / DGMoE unit (see the module docstring): Block-MLP + Block-MoE, or a Block-MoE alone."""
 
-    def __init__(self, mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, layer_id: int, *, with_mlp_block: bool,
-                 arch: str, shortcut: str, combine: str, overlap: bool, slot: int, warmup: int,
-                 lsh: LSHConfig | None, seed: int):
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        ecfg: MoEConfig,
+        comm: Comm,
+        layer_id: int,
+        *,
+        with_mlp_block: bool,
+        arch: str,
+        shortcut: str,
+        combine: str,
+        overlap: bool,
+        slot: int,
+        warmup: int,
+        lsh: LSHConfig | None,
+        seed: int,
+    ):
         super().__init__()
         D, H = mcfg.d_model, mcfg.n_heads
         self.is_moe, self.arch, self.overlap = True, arch, overlap
@@ -165,7 +194,7 @@ class ShortcutPair(nn.Module):
 
     def _window(self) -> list[str]:
         stages = [s for s in self.stages if s != "se"] if self.arch == "dgmoe" else self.stages
-        return stages[self.available:]
+        return stages[self.available :]
 
     def _overlap_now(self) -> bool:
         return self.overlap and not (self.training and self._measuring())
@@ -190,7 +219,7 @@ class ShortcutPair(nn.Module):
         if self.arch == "dgmoe":
             out = self._forward_dgmoe(st, overlap, k)
         else:
-            for stage in self.stages[:self.available]:
+            for stage in self.stages[: self.available]:
                 self._run(stage, st)
             moe_state = self.moe.begin(self.norm_moe(st[self.shortcut_rep]), overlap=overlap)
             window = self._window()

@@ -20,8 +20,9 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def capacity_keep_mask(topk_ids_TK: torch.Tensor, topk_probs_TK: torch.Tensor, num_experts: int,
-                       capacity: int) -> torch.Tensor:
+def capacity_keep_mask(
+    topk_ids_TK: torch.Tensor, topk_probs_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
     """Boolean [T, K] mask of the assignments each expert keeps under `capacity`."""
     ids_A = topk_ids_TK.reshape(-1)
     probs_A = topk_probs_TK.reshape(-1)

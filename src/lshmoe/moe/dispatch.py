@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.dist.async_autograd import AsyncAllToAll
-from lshmoe.dist.autograd import all_to_all
-from lshmoe.dist.comm import Comm, Group
+from lshmoe.distributed.async_autograd import AsyncAllToAll
+from lshmoe.distributed.autograd import all_to_all
+from lshmoe.distributed.comm import Comm, Group
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,23 +104,27 @@ class AllToAllDispatcher:
         regroup, ungroup = (None, None) if G == 1 else regroup_index(recv_WG)
         if regroup is not None:
             regroup, ungroup = regroup.to(self.comm.device), ungroup.to(self.comm.device)
-        return DispatchMeta(in_splits=send_WG.sum(1).tolist(), out_splits=recv_WG.sum(1).tolist(),
-                            local_counts=recv_WG.sum(0).tolist(), regroup_R=regroup, ungroup_R=ungroup,
-                            send_WG=send_WG, recv_WG=recv_WG)
+        return DispatchMeta(
+            in_splits=send_WG.sum(1).tolist(),
+            out_splits=recv_WG.sum(1).tolist(),
+            local_counts=recv_WG.sum(0).tolist(),
+            regroup_R=regroup,
+            ungroup_R=ungroup,
+            send_WG=send_WG,
+            recv_WG=recv_WG,
+        )
 
     def dispatch(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        recv_RD = all_to_all(payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits,
-                             f"{self.tag}.dispatch")
+        recv_RD = all_to_all(payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, f"{self.tag}.dispatch")
         return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         if meta.ungroup_R is not None:
             out_RD = out_RD.index_select(0, meta.ungroup_R)
-        return all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits,
-                          f"{self.tag}.combine")
+        return all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, f"{self.tag}.combine")
 
     # Asynchronous halves of the same exchanges, for overlap with dense work (ScMoE). Their backward
-    # passes are asynchronous too (see lshmoe.dist.async_autograd).
+    # passes are asynchronous too (see lshmoe.distributed.async_autograd).
 
     def dispatch_start(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> Inflight:
         h = AsyncAllToAll(self.comm, self.group, meta.out_splits, meta.in_splits, f"{self.tag}.dispatch")

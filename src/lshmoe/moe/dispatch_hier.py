@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.dist.autograd import all_to_all
-from lshmoe.dist.comm import Comm, Group
+from lshmoe.distributed.autograd import all_to_all
+from lshmoe.distributed.comm import Comm, Group
 from lshmoe.moe.dispatch import DispatchMeta, Inflight, regroup_index
 
 
@@ -72,8 +72,9 @@ class HierarchicalDispatcher:
 
     def plan(self, counts_E: torch.Tensor) -> HierMeta:
         W, R, N, G = self.group.size, self.R, self.N, self.num_local
-        C_WE = self.comm.all_gather(counts_E.to(device=self.comm.device, dtype=torch.int64), self.group,
-                                    f"{self.tag}.counts").cpu()
+        C_WE = self.comm.all_gather(
+            counts_E.to(device=self.comm.device, dtype=torch.int64), self.group, f"{self.tag}.counts"
+        ).cpu()
         S = C_WE.view(W, W, G).sum(-1).tolist()  # S[src][dst] rows
         me = self.group.index
         n, l = divmod(me, R)
@@ -89,29 +90,54 @@ class HierarchicalDispatcher:
         perm_B = _perm([seg_A[ls * N + m] for m in range(N) for ls in range(R)])
         b_in = [sum(S[rank(n, ls)][rank(m, l)] for ls in range(R)) for m in range(N)]
         b_out = [sum(S[rank(np, ls)][me] for ls in range(R)) for np in range(N)]
-        recv_WG = C_WE[:, me * G:(me + 1) * G]
+        recv_WG = C_WE[:, me * G : (me + 1) * G]
         regroup, ungroup = (None, None) if G == 1 else regroup_index(recv_WG)
         dev = self.comm.device
-        move = (lambda t: None if t is None else t.to(dev))  # noqa: E731
-        return HierMeta(in_splits=[S[me][q] for q in range(W)], out_splits=[S[s][me] for s in range(W)],
-                        local_counts=recv_WG.sum(0).tolist(), regroup_R=move(regroup), ungroup_R=move(ungroup),
-                        send_WG=C_WE[me].view(W, G), recv_WG=recv_WG,
-                        perm_A=perm_A.to(dev), inv_A=_inverse(perm_A).to(dev), a_in=a_in, a_out=a_out,
-                        perm_B=perm_B.to(dev), inv_B=_inverse(perm_B).to(dev), b_in=b_in, b_out=b_out)
+        move = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        return HierMeta(
+            in_splits=[S[me][q] for q in range(W)],
+            out_splits=[S[s][me] for s in range(W)],
+            local_counts=recv_WG.sum(0).tolist(),
+            regroup_R=move(regroup),
+            ungroup_R=move(ungroup),
+            send_WG=C_WE[me].view(W, G),
+            recv_WG=recv_WG,
+            perm_A=perm_A.to(dev),
+            inv_A=_inverse(perm_A).to(dev),
+            a_in=a_in,
+            a_out=a_out,
+            perm_B=perm_B.to(dev),
+            inv_B=_inverse(perm_B).to(dev),
+            b_in=b_in,
+            b_out=b_out,
+        )
 
     def dispatch(self, payload_MD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
-        a = all_to_all(payload_MD.index_select(0, meta.perm_A), self.comm, self.node_group, meta.a_out, meta.a_in,
-                       f"{self.tag}.dispatch.node")
-        b = all_to_all(a.index_select(0, meta.perm_B), self.comm, self.lane_group, meta.b_out, meta.b_in,
-                       f"{self.tag}.dispatch.lane")
+        a = all_to_all(
+            payload_MD.index_select(0, meta.perm_A),
+            self.comm,
+            self.node_group,
+            meta.a_out,
+            meta.a_in,
+            f"{self.tag}.dispatch.node",
+        )
+        b = all_to_all(
+            a.index_select(0, meta.perm_B),
+            self.comm,
+            self.lane_group,
+            meta.b_out,
+            meta.b_in,
+            f"{self.tag}.dispatch.lane",
+        )
         return b if meta.regroup_R is None else b.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
         if meta.ungroup_R is not None:
             out_RD = out_RD.index_select(0, meta.ungroup_R)
         b = all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, f"{self.tag}.combine.lane")
-        a = all_to_all(b.index_select(0, meta.inv_B), self.comm, self.node_group, meta.a_in, meta.a_out,
-                       f"{self.tag}.combine.node")
+        a = all_to_all(
+            b.index_select(0, meta.inv_B), self.comm, self.node_group, meta.a_in, meta.a_out, f"{self.tag}.combine.node"
+        )
         return a.index_select(0, meta.inv_A)
 
     # No asynchronous halves: the overlap API completes each exchange inside its stage.

@@ -16,7 +16,7 @@ from torch import nn
 from lshmoe.compress.base import IDENTITY, Compressor
 from lshmoe.compress.lsh import LSHCompressor, LSHMeta
 from lshmoe.config import ConfigError, LSHConfig, MoEConfig
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
 from lshmoe.moe.dispatch import AllToAllDispatcher, DispatchMeta, Inflight, build_dispatcher
 from lshmoe.moe.experts import GroupedExperts
@@ -68,27 +68,38 @@ def build_compressor(cfg: MoEConfig, lsh: LSHConfig | None, d_model: int, layer_
 class MoELayer(nn.Module):
     """Top-k routed experts, sharded over the `ep` group of `comm`."""
 
-    def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, lsh: LSHConfig | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, lsh: LSHConfig | None = None, seed: int = 0
+    ):
         super().__init__()
         group = comm.group("ep")
         self.cfg, self.layer_id, self.comm, self.ep_group = cfg, layer_id, comm, group
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         num_local = cfg.num_experts // group.size
-        self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, jitter=cfg.jitter,
-                                 normalize_weights=cfg.normalize_weights, gate=cfg.router,
-                                 node_bias=cfg.node_bias)
+        self.router = TopKRouter(
+            d_model,
+            cfg.num_experts,
+            cfg.top_k,
+            jitter=cfg.jitter,
+            normalize_weights=cfg.normalize_weights,
+            gate=cfg.router,
+            node_bias=cfg.node_bias,
+        )
         # Which node hosts each global expert: expert e lives on EP rank e // num_local.
-        self.node_of_E = torch.tensor([comm.node_of.get(group.ranks[e // num_local], 0)
-                                       for e in range(cfg.num_experts)])
+        self.node_of_E = torch.tensor(
+            [comm.node_of.get(group.ranks[e // num_local], 0) for e in range(cfg.num_experts)]
+        )
         self.my_node = comm.node_of.get(comm.rank, 0)
         per_node = cfg.num_experts // (int(self.node_of_E.max()) + 1)
         if cfg.node_limit and cfg.node_limit < int(self.node_of_E.max()) + 1 and cfg.node_limit * per_node < cfg.top_k:
-            raise ConfigError(f"moe.node_limit={cfg.node_limit} nodes hold {cfg.node_limit * per_node} experts, fewer "
-                              f"than moe.top_k={cfg.top_k}; raise node_limit to >= {-(-cfg.top_k // per_node)}")
+            raise ConfigError(
+                f"moe.node_limit={cfg.node_limit} nodes hold {cfg.node_limit * per_node} experts, fewer "
+                f"than moe.top_k={cfg.top_k}; raise node_limit to >= {-(-cfg.top_k // per_node)}"
+            )
         self.router.set_topology(self.node_of_E, self.my_node, cfg.node_limit, locality=cfg.locality_weight > 0)
-        self.experts = GroupedExperts(num_local, d_model, cfg.d_expert, cfg.activation,
-                                      first_expert=group.index * num_local)
+        self.experts = GroupedExperts(
+            num_local, d_model, cfg.d_expert, cfg.activation, first_expert=group.index * num_local
+        )
         self.compressor = build_compressor(cfg, lsh, d_model, layer_id, seed)
         self.dispatcher = build_dispatcher(comm, group, cfg.num_experts, tag=f"moe{layer_id}", kind=cfg.a2a)
         self.lsh = lsh
@@ -122,9 +133,20 @@ class MoELayer(nn.Module):
         rows_ND = permute_rows(x_TD, perm_N, route.topk_ids_TK.shape[-1])
         payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E)
         dmeta = self.dispatcher.plan(sent_counts_E)
-        st = MoEState(shape=shape, x_TD=x_TD, route=route, perm_N=perm_N, counts_E=counts_E, rows=rows_ND.shape[0],
-                      sent_counts_E=sent_counts_E, payload_rows=payload_MD.shape[0], compressor=compressor,
-                      cmeta=cmeta, dmeta=dmeta, overlap=overlap)
+        st = MoEState(
+            shape=shape,
+            x_TD=x_TD,
+            route=route,
+            perm_N=perm_N,
+            counts_E=counts_E,
+            rows=rows_ND.shape[0],
+            sent_counts_E=sent_counts_E,
+            payload_rows=payload_MD.shape[0],
+            compressor=compressor,
+            cmeta=cmeta,
+            dmeta=dmeta,
+            overlap=overlap,
+        )
         if self._pipelined():
             st.data = payload_MD  # dispatched piece by piece in compute()
         elif overlap:
@@ -139,8 +161,16 @@ class MoELayer(nn.Module):
     def compute(self, st: MoEState) -> MoEState:
         """Wait for the dispatch, run the local experts, start the combine."""
         if self._pipelined():
-            st.data = pipelined_exchange(st.data, st.dmeta.send_WG, st.dmeta.recv_WG, self.experts, self.comm,
-                                         self.ep_group, f"moe{self.layer_id}", self.cfg.a2a_chunks)
+            st.data = pipelined_exchange(
+                st.data,
+                st.dmeta.send_WG,
+                st.dmeta.recv_WG,
+                self.experts,
+                self.comm,
+                self.ep_group,
+                f"moe{self.layer_id}",
+                self.cfg.a2a_chunks,
+            )
             st.overlap = False
             return st
         local_rows = self.dispatcher.dispatch_wait(st.inflight, st.dmeta) if st.overlap else st.data
@@ -199,8 +229,9 @@ class MoELayer(nn.Module):
             self.comm.all_reduce(sums, self.comm.group("world"), f"moe{self.layer_id}.probe")
             compressor.probe_update(sums.cpu(), ctx)
 
-    def _stats(self, compressor: Compressor, counts_E: torch.Tensor, sent_E: torch.Tensor,
-               x_TD: torch.Tensor) -> dict[str, float]:
+    def _stats(
+        self, compressor: Compressor, counts_E: torch.Tensor, sent_E: torch.Tensor, x_TD: torch.Tensor
+    ) -> dict[str, float]:
         stats = {"rows_routed": float(counts_E.sum()), "rows_sent": float(sent_E.sum())}
         if int(self.node_of_E.max()) > 0:  # several nodes: how much of the routing stays on this one
             stats["rows_local"] = float(counts_E.cpu()[self.node_of_E == self.my_node].sum())

@@ -38,7 +38,7 @@ class GrAPGate(nn.Module):
         w = torch.zeros(num_experts, d_model)
         span = d_model // num_experts
         for i in range(num_experts):
-            w[i, i * span:(i + 1) * span] = 1.0 / span
+            w[i, i * span : (i + 1) * span] = 1.0 / span
         self.register_buffer("weight", w, persistent=False)  # fixed, not a parameter
         self.bias = nn.Parameter(torch.zeros(num_experts)) if learnable_bias else None
 
@@ -65,7 +65,8 @@ def node_limited_mask(probs_TE: torch.Tensor, node_of_E: torch.Tensor, limit: in
     node_score_TN = torch.full((probs_TE.shape[0], num_nodes), -1.0, dtype=probs_TE.dtype, device=probs_TE.device)
     node_score_TN = node_score_TN.scatter_reduce(1, node_of_E.expand_as(probs_TE), probs_TE, reduce="amax")
     keep_nodes_TN = torch.zeros_like(node_score_TN, dtype=torch.bool).scatter_(
-        1, torch.topk(node_score_TN, limit, dim=-1).indices, True)
+        1, torch.topk(node_score_TN, limit, dim=-1).indices, True
+    )
     return keep_nodes_TN.gather(1, node_of_E.expand(probs_TE.shape[0], -1))
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int,
-                   keep_TK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_expert(
+    topk_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (perm_N, counts_E): kept assignments in expert order, and rows per expert."""
     ids_A = topk_ids_TK.reshape(-1)
     if keep_TK is None:
@@ -29,8 +30,9 @@ def permute_rows(x_TD: torch.Tensor, perm_N: torch.Tensor, top_k: int) -> torch.
     return x_TD.index_select(0, perm_N // top_k)
 
 
-def unpermute_combine(y_ND: torch.Tensor, perm_N: torch.Tensor, weights_TK: torch.Tensor,
-                      num_tokens: int) -> torch.Tensor:
+def unpermute_combine(
+    y_ND: torch.Tensor, perm_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """y_TD[t] = sum over kept (t, k) of weights_TK[t, k] * y_ND[row of (t, k)]."""
     top_k = weights_TK.shape[-1]
     w_N = weights_TK.reshape(-1).index_select(0, perm_N).to(y_ND.dtype)

@@ -6,15 +6,15 @@ one asynchronous all-to-all; the receiver, which knows the same counts, cuts its
 way, so it can regroup piece i by expert and run the experts on it while piece i+1 arrives; the
 piece's combine all-to-all is issued at once and all are waited for at the end. Rows are processed
 independently by the experts, so the result equals the unpipelined layer exactly; the backward of
-every exchange is asynchronous too (lshmoe.dist.async_autograd).
+every exchange is asynchronous too (lshmoe.distributed.async_autograd).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lshmoe.dist.async_autograd import AsyncAllToAll
-from lshmoe.dist.comm import Comm, Group
+from lshmoe.distributed.async_autograd import AsyncAllToAll
+from lshmoe.distributed.comm import Comm, Group
 from lshmoe.moe.dispatch import regroup_index
 
 
@@ -33,8 +33,16 @@ def piece_index(counts_G: torch.Tensor, parts_PG: torch.Tensor, i: int) -> torch
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
 
 
-def pipelined_exchange(payload_MD: torch.Tensor, send_WG: torch.Tensor, recv_WG: torch.Tensor,
-                       experts, comm: Comm, group: Group, tag: str, pieces: int) -> torch.Tensor:
+def pipelined_exchange(
+    payload_MD: torch.Tensor,
+    send_WG: torch.Tensor,
+    recv_WG: torch.Tensor,
+    experts,
+    comm: Comm,
+    group: Group,
+    tag: str,
+    pieces: int,
+) -> torch.Tensor:
     """Dispatch, experts and combine in `pieces` micro-ops; returns the combined rows in payload order."""
     W, G = send_WG.shape
     send_parts = split_counts(send_WG.reshape(-1), pieces)  # [P, W*G]
@@ -45,8 +53,13 @@ def pipelined_exchange(payload_MD: torch.Tensor, send_WG: torch.Tensor, recv_WG:
 
     def start(i: int) -> None:
         idx = piece_index(send_WG.reshape(-1), send_parts, i).to(dev)
-        h = AsyncAllToAll(comm, group, recv_parts[i].view(W, G).sum(1).tolist(),
-                          send_parts[i].view(W, G).sum(1).tolist(), f"{tag}.dispatch")
+        h = AsyncAllToAll(
+            comm,
+            group,
+            recv_parts[i].view(W, G).sum(1).tolist(),
+            send_parts[i].view(W, G).sum(1).tolist(),
+            f"{tag}.dispatch",
+        )
         handles.append((h, h.start(payload_MD.index_select(0, idx))))
         idx_pieces.append(idx)
 
@@ -63,8 +76,9 @@ def pipelined_exchange(payload_MD: torch.Tensor, send_WG: torch.Tensor, recv_WG:
         out = experts(rows, recv_i.sum(0).tolist())
         if ungroup is not None:
             out = out.index_select(0, ungroup.to(dev))
-        c = AsyncAllToAll(comm, group, send_parts[i].view(W, G).sum(1).tolist(), recv_i.sum(1).tolist(),
-                          f"{tag}.combine")
+        c = AsyncAllToAll(
+            comm, group, send_parts[i].view(W, G).sum(1).tolist(), recv_i.sum(1).tolist(), f"{tag}.combine"
+        )
         inflight.append((c, c.start(out)))
     for c, token in inflight:
         out_pieces.append(c.wait(token))

@@ -27,8 +27,9 @@ def expert_ffn(x_D: torch.Tensor, params: dict[str, torch.Tensor], e: int, activ
     return h @ params["w2_GFD"][e]
 
 
-def reference_moe(x_TD: torch.Tensor, gate_ED: torch.Tensor, params: dict[str, torch.Tensor],
-                  cfg: MoEConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[int, int]]]:
+def reference_moe(
+    x_TD: torch.Tensor, gate_ED: torch.Tensor, params: dict[str, torch.Tensor], cfg: MoEConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[int, int]]]:
     """Return (y_TD, unweighted aux losses, list of dropped (token, slot) pairs)."""
     T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
     dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32

@@ -60,8 +60,17 @@ class TopKRouter(nn.Module):
     topology (`set_topology`), the router can add the locality loss and limit every token to the
     experts of at most `node_limit` nodes (moe/locality.py)."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, jitter: float = 0.0,
-                 normalize_weights: bool = True, gate: str = "topk", node_bias: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        jitter: float = 0.0,
+        normalize_weights: bool = True,
+        gate: str = "topk",
+        node_bias: bool = False,
+    ):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.jitter, self.normalize_weights = jitter, normalize_weights
@@ -100,15 +109,22 @@ class TopKRouter(nn.Module):
             logits_TE = logits_TE + self.node_bias.to(logits_TE.dtype)
         allowed_TE = None
         if self.node_limit > 0 and self.node_of_E is not None:
-            allowed_TE = node_limited_mask(torch.softmax(logits_TE, -1), self.node_of_E.to(logits_TE.device),
-                                           self.node_limit)
+            allowed_TE = node_limited_mask(
+                torch.softmax(logits_TE, -1), self.node_of_E.to(logits_TE.device), self.node_limit
+            )
         local_E = None if self.local_E is None else self.local_E.to(logits_TE.device)
         return route(logits_TE, self.top_k, self.normalize_weights, x_TD.dtype, exclude_T, allowed_TE, local_E)
 
 
-def route(logits_TE: torch.Tensor, top_k: int, normalize_weights: bool, out_dtype: torch.dtype,
-          exclude_T: torch.Tensor | None = None, allowed_TE: torch.Tensor | None = None,
-          local_E: torch.Tensor | None = None) -> RouterOutput:
+def route(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    normalize_weights: bool,
+    out_dtype: torch.dtype,
+    exclude_T: torch.Tensor | None = None,
+    allowed_TE: torch.Tensor | None = None,
+    local_E: torch.Tensor | None = None,
+) -> RouterOutput:
     """Softmax top-k routing of precomputed logits (shared by every gate that produces logits).
 
     With `exclude_T`, a token's barred expert cannot be chosen (its next-ranked expert is); with
@@ -117,8 +133,9 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize_weights: bool, out_dtyp
     probs_TE = torch.softmax(logits_TE, dim=-1)
     select_TE = probs_TE if allowed_TE is None else probs_TE.masked_fill(~allowed_TE, -1.0)
     if exclude_T is not None:
-        barred = (exclude_T >= 0)[:, None] & (torch.arange(probs_TE.shape[-1], device=probs_TE.device)[None, :]
-                                              == exclude_T[:, None])
+        barred = (exclude_T >= 0)[:, None] & (
+            torch.arange(probs_TE.shape[-1], device=probs_TE.device)[None, :] == exclude_T[:, None]
+        )
         select_TE = select_TE.masked_fill(barred, -1.0)
     topk_ids_TK = torch.topk(select_TE, top_k, dim=-1).indices
     topk_probs_TK = probs_TE.gather(-1, topk_ids_TK)
@@ -128,5 +145,6 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize_weights: bool, out_dtyp
     aux = {"load_balance": load_balance_loss(probs_TE, topk_ids_TK), "z_loss": z_loss(logits_TE)}
     if local_E is not None:
         aux["locality"] = locality_loss(probs_TE, local_E)
-    return RouterOutput(topk_ids_TK=topk_ids_TK, topk_probs_TK=topk_probs_TK.detach(),
-                        weights_TK=weights_TK.to(out_dtype), aux=aux)
+    return RouterOutput(
+        topk_ids_TK=topk_ids_TK, topk_probs_TK=topk_probs_TK.detach(), weights_TK=weights_TK.to(out_dtype), aux=aux
+    )

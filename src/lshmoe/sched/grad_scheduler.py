@@ -28,7 +28,7 @@ import threading
 import torch
 from torch import nn
 
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import is_expert_param, is_node_param
 
 POLICIES = ("fair", "priority")
@@ -38,8 +38,11 @@ class GradScheduler:
     def __init__(self, model: nn.Module, comm: Comm, policy: str, chunk_bytes: int):
         assert policy in POLICIES, policy
         self.comm, self.policy, self.chunk_bytes = comm, policy, max(1, chunk_bytes)
-        self.params = [p for n, p in model.named_parameters() if p.requires_grad and not is_expert_param(n)
-                       and not is_node_param(n)]  # GradSync reduces those within the node
+        self.params = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and not is_expert_param(n) and not is_node_param(n)
+        ]  # GradSync reduces those within the node
         self.group = comm.group("grad")
         self._cv = threading.Condition()
         self._queue: collections.deque[tuple[torch.Tensor, str]] = collections.deque()
@@ -70,7 +73,7 @@ class GradScheduler:
         per = max(1, self.chunk_bytes // flat.element_size())
         with self._cv:
             for start in range(0, flat.numel(), per):
-                self._queue.append((flat[start:start + per], f"grad.chunk.{self._seq}"))
+                self._queue.append((flat[start : start + per], f"grad.chunk.{self._seq}"))
                 self._seq += 1
                 self._pending += 1
             self._cv.notify_all()
@@ -129,8 +132,10 @@ class GradScheduler:
             raise self._error
         missing = [p for p in self.params if id(p) not in self._ready]
         if missing:
-            raise RuntimeError(f"{len(missing)} dense parameters got no gradient this step; the scheduler needs "
-                               "every rank to reduce the same gradients")
+            raise RuntimeError(
+                f"{len(missing)} dense parameters got no gradient this step; the scheduler needs "
+                "every rank to reduce the same gradients"
+            )
         self._ready.clear()
         scale = 1.0 / self.comm.world_size
         for p in self.params:

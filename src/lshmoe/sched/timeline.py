@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lshmoe.dist.ledger import CommRecord
+from lshmoe.distributed.ledger import CommRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +66,12 @@ def check_no_chunk_during_a2a(events: list[Event]) -> list[str]:
 
 def check_no_chunk_in_windows(events: list[Event]) -> list[str]:
     wins = backward_windows(events)
-    return [f"{c.tag} started inside a backward MoE window [{s:.6f}, {t:.6f}]"
-            for c in (e for e in events if e.kind == "chunk") for s, t in wins if s < c.start < t]
+    return [
+        f"{c.tag} started inside a backward MoE window [{s:.6f}, {t:.6f}]"
+        for c in (e for e in events if e.kind == "chunk")
+        for s, t in wins
+        if s < c.start < t
+    ]
 
 
 def check_chunk_bytes(events: list[Event], grad_numels: list[int], element_size: int, chunk_bytes: int) -> list[str]:

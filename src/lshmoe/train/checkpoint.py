@@ -37,14 +37,16 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lshmoe.config import Config
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.errors import UserError
 from lshmoe.models.gpt import is_expert_param, is_node_param
 
 FORMAT = 1
 # Model config fields that change parameter shapes or their meaning; a checkpoint only loads into the same.
-SHAPE_FIELDS = {"model": ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "mlp_ratio", "norm"),
-                "moe": ("num_experts", "d_expert", "activation", "node_bias")}
+SHAPE_FIELDS = {
+    "model": ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "mlp_ratio", "norm"),
+    "moe": ("num_experts", "d_expert", "activation", "node_bias"),
+}
 
 
 class CheckpointError(UserError):
@@ -70,8 +72,9 @@ def _adam_state(opt: torch.optim.Optimizer, p: nn.Parameter) -> dict[str, torch.
     return st
 
 
-def state_entries(model: nn.Module, opt: torch.optim.Optimizer, rank: int, extra: dict[str, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
+def state_entries(
+    model: nn.Module, opt: torch.optim.Optimizer, rank: int, extra: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Flat key -> tensor view of everything a checkpoint holds for this rank."""
     firsts = _expert_layout(model)
     out: dict[str, torch.Tensor] = {}
@@ -186,8 +189,10 @@ def check_compatible(path: Path, meta: dict[str, Any], cfg: Config, vocab_size: 
         if vocab_size is None and k.startswith("data."):
             continue
         if want.get(k) != v:
-            raise CheckpointError(f"checkpoint {path} was saved with {k}={v}, this run has {k}={want.get(k)}; "
-                                  "use the checkpoint's model config")
+            raise CheckpointError(
+                f"checkpoint {path} was saved with {k}={v}, this run has {k}={want.get(k)}; "
+                "use the checkpoint's model config"
+            )
 
 
 # ------------------------------------------------------------------------------------------ save/load
@@ -197,8 +202,15 @@ def _barrier(comm: Comm) -> None:
     comm.all_reduce(torch.zeros(1, device=comm.device), comm.group("world"), "ckpt.barrier", phase="setup")
 
 
-def save(root: Path, step: int, entries: dict[str, torch.Tensor], meta: dict[str, Any], comm: Comm, keep_last: int,
-         before_commit: Callable[[], None] | None = None) -> Path:
+def save(
+    root: Path,
+    step: int,
+    entries: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    comm: Comm,
+    keep_last: int,
+    before_commit: Callable[[], None] | None = None,
+) -> Path:
     """Write a checkpoint atomically (see the module docstring); return its directory."""
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -213,8 +225,9 @@ def save(root: Path, step: int, entries: dict[str, torch.Tensor], meta: dict[str
         before_commit()
     _barrier(comm)
     if comm.rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "step": step, "time": time.time()},
-                                                  indent=1))
+        (tmp / "meta.json").write_text(
+            json.dumps({**meta, "format": FORMAT, "step": step, "time": time.time()}, indent=1)
+        )
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -247,8 +260,10 @@ def load(path: Path, entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     missing = {k: v for k, v in entries.items() if k not in have}
     model_missing = [k for k in missing if k.startswith("model/")]
     if model_missing:
-        raise CheckpointError(f"checkpoint {path} lacks {len(model_missing)} model tensors (e.g. {model_missing[0]}); "
-                              "it is from a different model")
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(model_missing)} model tensors (e.g. {model_missing[0]}); "
+            "it is from a different model"
+        )
     try:
         dcp.load(wanted, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - truncated or damaged shard files

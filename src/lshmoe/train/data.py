@@ -42,18 +42,22 @@ class TokenData:
     def check_seq_len(self, seq_len: int) -> None:
         for name, ids in (("training", self.train_ids), ("validation", self.val_ids)):
             if ids.numel() < seq_len + 2:
-                raise DataError(f"the {name} split has {ids.numel()} tokens, fewer than model.seq_len+2="
-                                f"{seq_len + 2}; give more text or a smaller seq_len")
+                raise DataError(
+                    f"the {name} split has {ids.numel()} tokens, fewer than model.seq_len+2="
+                    f"{seq_len + 2}; give more text or a smaller seq_len"
+                )
 
-    def train_batch(self, step: int, rank: int, batch: int, seq_len: int, seed: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(
+        self, step: int, rank: int, batch: int, seq_len: int, seed: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows for (step, rank): inputs and next-token targets, [batch, seq_len] int64."""
         g = generator(seed, "batch", step, rank)
         starts = torch.randint(0, self.train_ids.numel() - seq_len - 1, (batch,), generator=g)
         return self._windows(self.train_ids, starts, seq_len, device)
 
-    def val_batch(self, index: int, rank: int, world: int, batch: int, seq_len: int,
-                  device: torch.device, num_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def val_batch(
+        self, index: int, rank: int, world: int, batch: int, seq_len: int, device: torch.device, num_batches: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed, evenly spaced validation windows; together the ranks cover distinct windows."""
         total = num_batches * world * batch
         span = self.val_ids.numel() - seq_len - 1
@@ -62,8 +66,9 @@ class TokenData:
         return self._windows(self.val_ids, starts, seq_len, device)
 
     @staticmethod
-    def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(
+        ids: torch.Tensor, starts: torch.Tensor, seq_len: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         offs = starts[:, None] + torch.arange(seq_len + 1)[None, :]
         w = ids[offs].long()
         return w[:, :-1].to(device), w[:, 1:].to(device)
@@ -81,8 +86,9 @@ def _is_val(doc: str, fraction: float) -> bool:
 
 def _cache_key(cfg: DataConfig) -> str:
     src = fingerprint(cfg.corpus, cfg.path)
-    raw = json.dumps([FORMAT, src, cfg.path and str(Path(cfg.path).resolve()), cfg.corpus, cfg.vocab_size,
-                      cfg.val_fraction])
+    raw = json.dumps(
+        [FORMAT, src, cfg.path and str(Path(cfg.path).resolve()), cfg.corpus, cfg.vocab_size, cfg.val_fraction]
+    )
     return hashlib.blake2b(raw.encode(), digest_size=10).hexdigest()
 
 
@@ -102,12 +108,19 @@ def _build(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     tok.save(str(tmp / "tokenizer.json"))
     torch.save({"train": encode_docs(tok, train_docs), "val": encode_docs(tok, val_docs)}, tmp / "ids.pt")
-    meta = {"source": source, "docs_train": len(train_docs), "docs_val": len(val_docs),
-            "chars": sum(map(len, docs)), "vocab_size": tok.get_vocab_size()}
+    meta = {
+        "source": source,
+        "docs_train": len(train_docs),
+        "docs_val": len(val_docs),
+        "chars": sum(map(len, docs)),
+        "vocab_size": tok.get_vocab_size(),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out)
-    log(f"built {meta['docs_train']}+{meta['docs_val']} documents, {meta['chars'] / 1e6:.1f} M chars, "
-        f"vocab {meta['vocab_size']} in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"built {meta['docs_train']}+{meta['docs_val']} documents, {meta['chars'] / 1e6:.1f} M chars, "
+        f"vocab {meta['vocab_size']} in {time.perf_counter() - t0:.1f} s"
+    )
 
 
 def load_data(cfg: DataConfig, log: Callable[[str], None] = lambda s: None) -> TokenData:
@@ -122,5 +135,10 @@ def load_data(cfg: DataConfig, log: Callable[[str], None] = lambda s: None) -> T
             _build(cfg, out, log)
     ids = torch.load(out / "ids.pt")
     meta = json.loads((out / "meta.json").read_text())
-    return TokenData(train_ids=ids["train"], val_ids=ids["val"], vocab_size=meta["vocab_size"],
-                     tokenizer_path=out / "tokenizer.json", source=meta["source"])
+    return TokenData(
+        train_ids=ids["train"],
+        val_ids=ids["val"],
+        vocab_size=meta["vocab_size"],
+        tokenizer_path=out / "tokenizer.json",
+        source=meta["source"],
+    )

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from lshmoe.dist.comm import Comm
+from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import is_expert_param, is_node_param
 
 BUCKET_BYTES = 25 * 2**20
@@ -60,7 +60,7 @@ class GradSync:
                 self.comm.all_reduce(flat, group, f"{tag}.{i}")
                 offset = 0
                 for p in bucket:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
                     offset += p.numel()
             for p in bucket:
                 p.grad.mul_(scale)
@@ -75,12 +75,18 @@ class GradSync:
 
     def global_norm(self) -> torch.Tensor:
         """L2 norm of the whole model's gradient, identical on every rank."""
+
         def sq(params: list[nn.Parameter]) -> torch.Tensor:
             acc = torch.zeros((), dtype=torch.float64, device=self.comm.device)
             for p in params:
                 if p.grad is not None:
-                    acc += torch.linalg.vector_norm(p.grad, dtype=torch.float64 if p.dtype == torch.float64
-                                                    else torch.float32).double().square()
+                    acc += (
+                        torch.linalg.vector_norm(
+                            p.grad, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
+                        )
+                        .double()
+                        .square()
+                    )
             return acc
 
         dense, expert = sq(self.dense), sq(self.expert)

@@ -27,15 +27,41 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lshmoe.dist.comm import Comm
-from lshmoe.dist.ledger import StepComm
+from lshmoe.distributed.comm import Comm
+from lshmoe.distributed.ledger import StepComm
 
-SCALARS = ("loss", "ce_loss", "aux_loss", "step_time_s", "a2a_bytes", "a2a_bytes_fwd", "a2a_bytes_bwd",
-           "a2a_meta_bytes", "allreduce_bytes", "inter_node_bytes", "intra_node_bytes", "a2a_time_s",
-           "a2a_exposed_s", "allreduce_time_s", "comm_time_s",
-           "rows_routed", "rows_sent", "dropped_tokens", "grad_norm")
-MEAN_OVER_RANKS = {"loss", "ce_loss", "aux_loss", "step_time_s", "a2a_time_s", "a2a_exposed_s", "allreduce_time_s",
-                   "comm_time_s", "grad_norm"}
+SCALARS = (
+    "loss",
+    "ce_loss",
+    "aux_loss",
+    "step_time_s",
+    "a2a_bytes",
+    "a2a_bytes_fwd",
+    "a2a_bytes_bwd",
+    "a2a_meta_bytes",
+    "allreduce_bytes",
+    "inter_node_bytes",
+    "intra_node_bytes",
+    "a2a_time_s",
+    "a2a_exposed_s",
+    "allreduce_time_s",
+    "comm_time_s",
+    "rows_routed",
+    "rows_sent",
+    "dropped_tokens",
+    "grad_norm",
+)
+MEAN_OVER_RANKS = {
+    "loss",
+    "ce_loss",
+    "aux_loss",
+    "step_time_s",
+    "a2a_time_s",
+    "a2a_exposed_s",
+    "allreduce_time_s",
+    "comm_time_s",
+    "grad_norm",
+}
 
 
 class IntervalStats:
@@ -51,20 +77,32 @@ class IntervalStats:
         self.load = torch.zeros(len(self.moe_layers), self.num_experts, dtype=torch.float64)
         self.layer_sums: dict[int, dict[str, float]] = {}
 
-    def add(self, values: dict[str, float], comm_step: StepComm, load_LE: torch.Tensor,
-            layer_stats: dict[int, dict[str, float]] | None = None) -> None:
+    def add(
+        self,
+        values: dict[str, float],
+        comm_step: StepComm,
+        load_LE: torch.Tensor,
+        layer_stats: dict[int, dict[str, float]] | None = None,
+    ) -> None:
         self.steps += 1
         for layer, stats in (layer_stats or {}).items():
             acc = self.layer_sums.setdefault(layer, {})
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
         merged = dict(values)
-        merged.update(a2a_bytes=comm_step.a2a_bytes, a2a_bytes_fwd=comm_step.a2a_bytes_fwd,
-                      a2a_bytes_bwd=comm_step.a2a_bytes_bwd, a2a_meta_bytes=comm_step.a2a_meta_bytes,
-                      allreduce_bytes=comm_step.allreduce_bytes, a2a_time_s=comm_step.a2a_time_s,
-                      a2a_exposed_s=comm_step.a2a_exposed_s, inter_node_bytes=comm_step.inter_node_bytes,
-                      intra_node_bytes=comm_step.intra_node_bytes,
-                      allreduce_time_s=comm_step.allreduce_time_s, comm_time_s=comm_step.comm_time_s)
+        merged.update(
+            a2a_bytes=comm_step.a2a_bytes,
+            a2a_bytes_fwd=comm_step.a2a_bytes_fwd,
+            a2a_bytes_bwd=comm_step.a2a_bytes_bwd,
+            a2a_meta_bytes=comm_step.a2a_meta_bytes,
+            allreduce_bytes=comm_step.allreduce_bytes,
+            a2a_time_s=comm_step.a2a_time_s,
+            a2a_exposed_s=comm_step.a2a_exposed_s,
+            inter_node_bytes=comm_step.inter_node_bytes,
+            intra_node_bytes=comm_step.intra_node_bytes,
+            allreduce_time_s=comm_step.allreduce_time_s,
+            comm_time_s=comm_step.comm_time_s,
+        )
         for k in SCALARS:
             self.sums[k] += float(merged.get(k, 0.0))
         self.load += load_LE.double()
@@ -73,9 +111,13 @@ class IntervalStats:
         """All-reduce the interval over the world and return the cross-rank record (every rank)."""
         # Every rank has the same layers and stat keys (they follow from the config), so the vectors align.
         layer_keys = [(layer, k) for layer in sorted(self.layer_sums) for k in sorted(self.layer_sums[layer])]
-        vec = torch.tensor([self.sums[k] for k in SCALARS] + self.load.reshape(-1).tolist()
-                           + [self.layer_sums[layer][k] for layer, k in layer_keys],
-                           dtype=torch.float64, device=comm.device)
+        vec = torch.tensor(
+            [self.sums[k] for k in SCALARS]
+            + self.load.reshape(-1).tolist()
+            + [self.layer_sums[layer][k] for layer, k in layer_keys],
+            dtype=torch.float64,
+            device=comm.device,
+        )
         comm.all_reduce(vec, comm.group("world"), "metrics", phase="metrics")
         vec = vec.cpu()
         W, n = comm.world_size, max(1, self.steps)
@@ -83,15 +125,18 @@ class IntervalStats:
         for i, k in enumerate(SCALARS):
             rec[k] = float(vec[i]) / n / (W if k in MEAN_OVER_RANKS else 1)
         n_load = len(self.moe_layers) * self.num_experts
-        load = vec[len(SCALARS):len(SCALARS) + n_load].view(len(self.moe_layers), self.num_experts) / n
-        rec["expert_load"] = {f"moe{layer}": [round(v, 2) for v in load[i].tolist()]
-                              for i, layer in enumerate(self.moe_layers)}
+        load = vec[len(SCALARS) : len(SCALARS) + n_load].view(len(self.moe_layers), self.num_experts) / n
+        rec["expert_load"] = {
+            f"moe{layer}": [round(v, 2) for v in load[i].tolist()] for i, layer in enumerate(self.moe_layers)
+        }
         mean = load.mean(1).clamp_min(1e-12)
-        rec["load_max_over_mean"] = {f"moe{layer}": float(load[i].max() / mean[i])
-                                     for i, layer in enumerate(self.moe_layers)}
-        rec["load_cv"] = {f"moe{layer}": float(load[i].std(unbiased=False) / mean[i])
-                          for i, layer in enumerate(self.moe_layers)}
-        summed = dict(zip(layer_keys, vec[len(SCALARS) + n_load:].tolist(), strict=True))
+        rec["load_max_over_mean"] = {
+            f"moe{layer}": float(load[i].max() / mean[i]) for i, layer in enumerate(self.moe_layers)
+        }
+        rec["load_cv"] = {
+            f"moe{layer}": float(load[i].std(unbiased=False) / mean[i]) for i, layer in enumerate(self.moe_layers)
+        }
+        summed = dict(zip(layer_keys, vec[len(SCALARS) + n_load :].tolist(), strict=True))
         rec["layers"] = _layer_record(summed, steps=n, world=W)
         st = rec["step_time_s"]
         rec["tokens_per_s"] = W * tokens_per_rank_step / st if st > 0 else 0.0
@@ -151,8 +196,11 @@ class Progress:
     """A tqdm bar on rank 0 (stderr); silent elsewhere or when disabled."""
 
     def __init__(self, total: int, enabled: bool, desc: str = "train", initial: int = 0):
-        self.bar = (tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
-                    if enabled else None)
+        self.bar = (
+            tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+            if enabled
+            else None
+        )
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         if self.bar is not None:

@@ -31,14 +31,14 @@ import torch
 
 from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, validate
-from lshmoe.dist.allocator import HeapTrimmer
-from lshmoe.dist.comm import Comm
-from lshmoe.dist.setup import init_comm, shutdown
+from lshmoe.distributed.comm import Comm
+from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.errors import NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
+from lshmoe.train.allocator import HeapTrimmer
 from lshmoe.train.data import TokenData, load_data
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
@@ -99,8 +99,9 @@ class Trainer:
         self._maybe_fault("kill", step)
         self._maybe_fault("stall", step)
         t0 = time.perf_counter()
-        x, y = self.data.train_batch(step, self.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed,
-                                     self.comm.device)
+        x, y = self.data.train_batch(
+            step, self.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed, self.comm.device
+        )
         set_lr(self.opt, lr_at(step, tc))
         self.model.set_step(step)
         with ledger.in_phase("forward"):
@@ -126,9 +127,11 @@ class Trainer:
         step_time = time.perf_counter() - t0
         load = torch.stack([out.moe[i].tokens_per_expert_E.cpu() for i in self.moe_ids])
         values = {
-            "loss": float(out.loss.detach()), "ce_loss": float(out.ce_loss.detach()),
+            "loss": float(out.loss.detach()),
+            "ce_loss": float(out.ce_loss.detach()),
             "aux_loss": float(out.aux_loss.detach()),
-            "step_time_s": step_time, "grad_norm": grad_norm,
+            "step_time_s": step_time,
+            "grad_norm": grad_norm,
             "rows_routed": sum(o.rows_routed for o in out.moe.values()),
             "rows_sent": sum(o.rows_sent for o in out.moe.values()),
             "dropped_tokens": sum(int(o.dropped) for o in out.moe.values()),
@@ -152,8 +155,11 @@ class Trainer:
         idx = torch.tensor([bad], dtype=torch.int64, device=self.comm.device)
         self.comm.all_reduce(idx, self.comm.group("world"), "nan.culprit", op="min")
         i = int(idx)
-        what = "the loss" if i == -1 else (f"the gradient of {self.param_names[i]}" if i < NO_BAD_PARAM
-                                           else "the synchronised gradients")
+        what = (
+            "the loss"
+            if i == -1
+            else (f"the gradient of {self.param_names[i]}" if i < NO_BAD_PARAM else "the synchronised gradients")
+        )
         self.skipped += 1
         if self.cfg.train.nan_policy == "stop":
             self.opt.zero_grad(set_to_none=True)
@@ -180,14 +186,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def _extra_entries(self, step: int) -> dict[str, torch.Tensor]:
-        out = {"trainer/step": torch.tensor(step), "trainer/train_time_s": torch.tensor(self.train_time),
-               "trainer/skipped_steps": torch.tensor(self.skipped)}
+        out = {
+            "trainer/step": torch.tensor(step),
+            "trainer/train_time_s": torch.tensor(self.train_time),
+            "trainer/skipped_steps": torch.tensor(self.skipped),
+        }
         for layer in self.model.moe_layers:
             comp = getattr(layer, "compressor", None)
             if isinstance(comp, LSHCompressor) and comp.controller is not None:
                 st = comp.controller.state_dict()
-                out[f"lsh/rank{self.comm.rank}/moe{layer.layer_id}"] = torch.tensor([st["rate"], st["error"]],
-                                                                                    dtype=torch.float64)
+                out[f"lsh/rank{self.comm.rank}/moe{layer.layer_id}"] = torch.tensor(
+                    [st["rate"], st["error"]], dtype=torch.float64
+                )
         return out
 
     def _nodes(self) -> int:
@@ -195,20 +205,28 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, self._extra_entries(step))
-        meta = {"model": ckpt.model_signature(self.cfg, self.data.vocab_size), "world_size": self.comm.world_size,
-                "ep_size": self.comm.group("ep").size, "nodes": self._nodes(), "config": self.cfg.to_dict()}
+        meta = {
+            "model": ckpt.model_signature(self.cfg, self.data.vocab_size),
+            "world_size": self.comm.world_size,
+            "ep_size": self.comm.group("ep").size,
+            "nodes": self._nodes(),
+            "config": self.cfg.to_dict(),
+        }
         kill = (lambda: self._maybe_fault("kill", step)) if self._fault_now("killsave", step) else None
         if kill is not None:
             self.fault = ("kill", self.comm.rank, step)
-        return ckpt.save(ckpt.checkpoint_root(self.cfg), step, entries, meta, self.comm, self.cfg.train.keep_last,
-                         before_commit=kill)
+        return ckpt.save(
+            ckpt.checkpoint_root(self.cfg), step, entries, meta, self.comm, self.cfg.train.keep_last, before_commit=kill
+        )
 
     def load_checkpoint(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
         ckpt.check_compatible(path, meta, self.cfg, self.data.vocab_size)
         if self.cfg.moe.node_bias and meta.get("nodes") != self._nodes():
-            raise ckpt.CheckpointError(f"checkpoint {path} holds per-node router biases (moe.node_bias) for "
-                                       f"{meta.get('nodes')} nodes; this run has {self._nodes()} nodes")
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} holds per-node router biases (moe.node_bias) for "
+                f"{meta.get('nodes')} nodes; this run has {self._nodes()} nodes"
+            )
         extra = self._extra_entries(0)
         entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, extra)
         missing = ckpt.load(path, entries)
@@ -223,8 +241,11 @@ class Trainer:
             if key in entries and key not in missing:
                 rate, err = entries[key].tolist()
                 layer.compressor.controller.load_state_dict({"rate": rate, "error": err})
-        _log(self.comm.rank, f"resumed from {path} at step {self.start_step} "
-                             f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})")
+        _log(
+            self.comm.rank,
+            f"resumed from {path} at step {self.start_step} "
+            f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})",
+        )
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -236,8 +257,9 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=comm.device)
         with comm.ledger.in_phase("eval"):
             for i in range(tc.eval_batches):
-                x, y = self.data.val_batch(i, comm.rank, comm.world_size, tc.batch_size, self.cfg.model.seq_len,
-                                           comm.device, tc.eval_batches)
+                x, y = self.data.val_batch(
+                    i, comm.rank, comm.world_size, tc.batch_size, self.cfg.model.seq_len, comm.device, tc.eval_batches
+                )
                 total += self.model(x, y).ce_loss.double()
             comm.all_reduce(total, comm.group("world"), "eval.loss")
         self.model.train()
@@ -250,12 +272,22 @@ class Trainer:
         tc, comm = self.cfg.train, self.comm
         n_params = sum(p.numel() for p in self.model.parameters())
         moe = self.cfg.moe
-        _log(comm.rank, f"{comm.world_size} rank(s) on {comm.device}, model {n_params / 1e6:.2f} M params/rank, "
-                        f"{len(self.moe_ids)} MoE layers x {moe.num_experts} experts (top-{moe.top_k}), "
-                        f"{comm.world_size * self.tokens_per_rank_step} tokens/step")
-        self.writer.write({"kind": "config" if self.start_step == 0 else "resume", "step": self.start_step,
-                           "world_size": comm.world_size, "config": self.cfg.to_dict(), "params_per_rank": n_params,
-                           "data": self.data.source})
+        _log(
+            comm.rank,
+            f"{comm.world_size} rank(s) on {comm.device}, model {n_params / 1e6:.2f} M params/rank, "
+            f"{len(self.moe_ids)} MoE layers x {moe.num_experts} experts (top-{moe.top_k}), "
+            f"{comm.world_size * self.tokens_per_rank_step} tokens/step",
+        )
+        self.writer.write(
+            {
+                "kind": "config" if self.start_step == 0 else "resume",
+                "step": self.start_step,
+                "world_size": comm.world_size,
+                "config": self.cfg.to_dict(),
+                "params_per_rank": n_params,
+                "data": self.data.source,
+            }
+        )
         progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress, initial=self.start_step)
         result = TrainResult(final_val_loss=float("nan"), out_dir=str(self.out_dir))
         step_times: collections.deque[float] = collections.deque(maxlen=10_000)
@@ -269,17 +301,26 @@ class Trainer:
                 postfix: dict[str, Any] = {}
                 if (step + 1) % tc.log_every == 0 or last:
                     rec = self.stats.reduce(comm, self.tokens_per_rank_step)
-                    rec.update(kind="train", step=step + 1, lr=lr_at(step, tc), train_time_s=self.train_time,
-                               skipped_steps=self.skipped)
+                    rec.update(
+                        kind="train",
+                        step=step + 1,
+                        lr=lr_at(step, tc),
+                        train_time_s=self.train_time,
+                        skipped_steps=self.skipped,
+                    )
                     self.writer.write(rec)
                     result.records.append(rec)
-                    postfix = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
-                               "comm": f"{100 * rec['comm_share']:.0f}%"}
+                    postfix = {
+                        "loss": f"{rec['loss']:.3f}",
+                        "tok/s": f"{rec['tokens_per_s']:.0f}",
+                        "comm": f"{100 * rec['comm_share']:.0f}%",
+                    }
                 if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
                     val = self.evaluate()
                     result.val_losses.append((step + 1, val))
-                    self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val,
-                                       "train_time_s": self.train_time})
+                    self.writer.write(
+                        {"kind": "eval", "step": step + 1, "val_loss": val, "train_time_s": self.train_time}
+                    )
                     postfix["val"] = f"{val:.3f}"
                 if tc.save_every and ((step + 1) % tc.save_every == 0 or last):
                     self.save_checkpoint(step + 1)
@@ -295,18 +336,28 @@ class Trainer:
             _log(comm.rank, f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
         result.final_val_loss, result.skipped_steps = val, self.skipped
         if step_times:
-            warm = list(step_times)[min(len(step_times) - 1, 2):]  # the first steps include one-off warm-up
+            warm = list(step_times)[min(len(step_times) - 1, 2) :]  # the first steps include one-off warm-up
             result.median_step_time_s = statistics.median(warm)
             result.median_tokens_per_s = comm.world_size * self.tokens_per_rank_step / result.median_step_time_s
-        summary = {"kind": "summary", "final_val_loss": val, "val_losses": result.val_losses,
-                   "median_step_time_s": result.median_step_time_s, "median_tokens_per_s": result.median_tokens_per_s,
-                   "steps": tc.steps, "world_size": comm.world_size, "skipped_steps": self.skipped}
+        summary = {
+            "kind": "summary",
+            "final_val_loss": val,
+            "val_losses": result.val_losses,
+            "median_step_time_s": result.median_step_time_s,
+            "median_tokens_per_s": result.median_tokens_per_s,
+            "steps": tc.steps,
+            "world_size": comm.world_size,
+            "skipped_steps": self.skipped,
+        }
         self.writer.write(summary)
         self.writer.close()
         if comm.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        _log(comm.rank, f"done: val loss {val:.4f}, {result.median_tokens_per_s:.0f} tokens/s "
-                        f"(median step {1000 * result.median_step_time_s:.0f} ms); metrics in {self.out_dir}")
+        _log(
+            comm.rank,
+            f"done: val loss {val:.4f}, {result.median_tokens_per_s:.0f} tokens/s "
+            f"(median step {1000 * result.median_step_time_s:.0f} ms); metrics in {self.out_dir}",
+        )
         return result
 
 

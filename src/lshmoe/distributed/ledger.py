@@ -1,6 +1,6 @@
 """The communication ledger: one record per collective, summarised per step.
 
-Every collective issued through `lshmoe.dist.comm.Comm` appends a `CommRecord` here: the op, the
+Every collective issued through `lshmoe.distributed.comm.Comm` appends a `CommRecord` here: the op, the
 group, the phase (forward / backward / optimizer / eval / metrics), the tag of the caller
 (e.g. `moe1.dispatch`), the bytes sent to and received from each peer, and the wall-clock interval
 from issue to completion. `end_step()` folds the step's records into a `StepComm` summary and clears
@@ -142,13 +142,31 @@ class CommLedger:
         finally:
             self.phase = prev
 
-    def open(self, op: str, tag: str, group: str, peers: tuple[int, ...], self_index: int,
-             send_bytes: tuple[int, ...], recv_bytes: tuple[int, ...], phase: str | None = None,
-             nbytes: int = 0) -> CommRecord:
+    def open(
+        self,
+        op: str,
+        tag: str,
+        group: str,
+        peers: tuple[int, ...],
+        self_index: int,
+        send_bytes: tuple[int, ...],
+        recv_bytes: tuple[int, ...],
+        phase: str | None = None,
+        nbytes: int = 0,
+    ) -> CommRecord:
         """Start a record; the caller sets `end` when the collective completes."""
-        rec = CommRecord(op=op, tag=tag, group=group, phase=phase or self.phase, peers=peers,
-                         self_index=self_index, send_bytes=send_bytes, recv_bytes=recv_bytes,
-                         start=time.perf_counter(), nbytes=nbytes)
+        rec = CommRecord(
+            op=op,
+            tag=tag,
+            group=group,
+            phase=phase or self.phase,
+            peers=peers,
+            self_index=self_index,
+            send_bytes=send_bytes,
+            recv_bytes=recv_bytes,
+            start=time.perf_counter(),
+            nbytes=nbytes,
+        )
         self._records.append(rec)
         if self._keep_timeline:
             self.timeline.append(rec)

@@ -1,6 +1,6 @@
 """Process-group initialisation from torchrun-style environment variables.
 
-Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (set by torchrun or by `lshmoe.dist.launch`),
+Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (set by torchrun or by `lshmoe.distributed.launch`),
 initialises the default process group with a finite timeout (so a dead peer fails a collective
 instead of hanging it), builds the world / expert-parallel / expert-data-parallel groups once, in
 the same order on every rank, and returns the rank's `Comm`.
@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from lshmoe.config import DistConfig
-from lshmoe.dist.comm import Comm, Group
-from lshmoe.dist.ledger import CommLedger
-from lshmoe.dist.topology import Topology, edp_groups, ep_groups
-from lshmoe.dist.watchdog import Watchdog
+from lshmoe.distributed.comm import Comm, Group
+from lshmoe.distributed.ledger import CommLedger
+from lshmoe.distributed.topology import Topology, edp_groups, ep_groups
+from lshmoe.distributed.watchdog import Watchdog
 from lshmoe.errors import ConfigError
 
 
@@ -36,8 +36,12 @@ class RankEnv:
     def from_environ(cls) -> RankEnv:
         env = os.environ
         world = int(env.get("WORLD_SIZE", "1"))
-        return cls(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")),
-                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))))
+        return cls(
+            rank=int(env.get("RANK", "0")),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        )
 
 
 def pick_device(cfg: DistConfig, env: RankEnv) -> torch.device:
@@ -82,12 +86,17 @@ def init_comm(cfg: DistConfig, ep_size: int = 0, timeline: int = 0) -> Comm:
         comm.ledger = CommLedger(0, topo.node_map(), timeline)
         return comm
     if not dist.is_initialized():
-        dist.init_process_group(backend=pick_backend(cfg, device), timeout=timedelta(seconds=cfg.timeout_s),
-                                rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(
+            backend=pick_backend(cfg, device),
+            timeout=timedelta(seconds=cfg.timeout_s),
+            rank=env.rank,
+            world_size=env.world_size,
+        )
     comm = build_comm(env.rank, env.world_size, ep, topo, device, timeline)
     if cfg.heartbeat_s > 0 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        comm.watchdog = Watchdog(env.rank, env.world_size, lambda: comm.seq, cfg.heartbeat_s,
-                                 dead_after_s=cfg.timeout_s).start()
+        comm.watchdog = Watchdog(
+            env.rank, env.world_size, lambda: comm.seq, cfg.heartbeat_s, dead_after_s=cfg.timeout_s
+        ).start()
         _WATCHDOGS.append(comm.watchdog)
     return comm
 
@@ -95,17 +104,21 @@ def init_comm(cfg: DistConfig, ep_size: int = 0, timeline: int = 0) -> Comm:
 _WATCHDOGS: list[Watchdog] = []  # started by init_comm; shutdown() stops and joins them
 
 
-def build_comm(rank: int, world_size: int, ep_size: int, topo: Topology, device: torch.device,
-               timeline: int = 0) -> Comm:
+def build_comm(
+    rank: int, world_size: int, ep_size: int, topo: Topology, device: torch.device, timeline: int = 0
+) -> Comm:
     """Create the groups (every rank calls new_group for every group, in the same order)."""
     groups: dict[str, Group] = {"world": Group("world", tuple(range(world_size)), rank, dist.group.WORLD)}
     rpn = topo.ranks_per_node
-    layouts = (("ep", ep_groups(world_size, ep_size)), ("edp", edp_groups(world_size, ep_size)),
-               ("node", [topo.node_ranks(n) for n in range(topo.num_nodes)]),  # ranks sharing a node
-               ("lane", [tuple(range(i, world_size, rpn)) for i in range(rpn)]),  # same local index, every node
-               # the world again, as its own process group: gradient all-reduces issued from the
-               # scheduler thread never interleave with the model's collectives on one group
-               ("grad", [tuple(range(world_size))]))
+    layouts = (
+        ("ep", ep_groups(world_size, ep_size)),
+        ("edp", edp_groups(world_size, ep_size)),
+        ("node", [topo.node_ranks(n) for n in range(topo.num_nodes)]),  # ranks sharing a node
+        ("lane", [tuple(range(i, world_size, rpn)) for i in range(rpn)]),  # same local index, every node
+        # the world again, as its own process group: gradient all-reduces issued from the
+        # scheduler thread never interleave with the model's collectives on one group
+        ("grad", [tuple(range(world_size))]),
+    )
     for name, layout in layouts:
         for ranks in layout:
             if len(ranks) == world_size and name != "grad":

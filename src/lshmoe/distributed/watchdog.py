@@ -31,13 +31,24 @@ EXIT_PEER_FAILED = 3
 
 
 class Watchdog:
-    def __init__(self, rank: int, world_size: int, seq: Callable[[], int], interval_s: float, dead_after_s: float,
-                 store: dist.Store | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        seq: Callable[[], int],
+        interval_s: float,
+        dead_after_s: float,
+        store: dist.Store | None = None,
+    ):
         self.rank, self.world_size, self.seq = rank, world_size, seq
         self.interval_s, self.dead_after_s = interval_s, dead_after_s
-        self.store = store or dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                            world_size, is_master=False,
-                                            timeout=timedelta(seconds=max(5.0, 3 * interval_s)))
+        self.store = store or dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world_size,
+            is_master=False,
+            timeout=timedelta(seconds=max(5.0, 3 * interval_s)),
+        )
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="lshmoe-watchdog", daemon=True)
@@ -149,6 +160,7 @@ class Watchdog:
         mine = self.seq()
         behind = [q for q, (_, s) in after.items() if q != self.rank and s < mine]
         if behind:
-            return "rank " + ", ".join(f"{q} stalled ({after[q][1]} collectives issued, this rank {mine})"
-                                       for q in behind)
+            return "rank " + ", ".join(
+                f"{q} stalled ({after[q][1]} collectives issued, this rank {mine})" for q in behind
+            )
         return "no peer looks failed; the network or the backend may be at fault"

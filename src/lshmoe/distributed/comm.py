@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lshmoe.dist.ledger import CommLedger, CommRecord
+from lshmoe.distributed.ledger import CommLedger, CommRecord
 from lshmoe.errors import DistError
 
 
@@ -67,8 +67,15 @@ def _row_bytes(x: torch.Tensor) -> int:
 class Comm:
     """Collectives for one rank, all recorded in `self.ledger`."""
 
-    def __init__(self, rank: int, world_size: int, groups: dict[str, Group], ledger: CommLedger,
-                 device: torch.device, node_of: dict[int, int]):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        groups: dict[str, Group],
+        ledger: CommLedger,
+        device: torch.device,
+        node_of: dict[int, int],
+    ):
         self.rank = rank
         self.world_size = world_size
         self.groups = groups
@@ -76,7 +83,7 @@ class Comm:
         self.device = device
         self.node_of = node_of
         self.seq = 0  # collectives issued by this rank (published by the watchdog)
-        self.watchdog = None  # lshmoe.dist.watchdog.Watchdog when peers are monitored
+        self.watchdog = None  # lshmoe.distributed.watchdog.Watchdog when peers are monitored
         self.listeners: list = []  # told when each all-to-all begins and ends (Lina's gradient scheduler)
 
     @classmethod
@@ -96,15 +103,24 @@ class Comm:
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
 
-    def _open(self, op: str, tag: str, group: Group, send: tuple[int, ...], recv: tuple[int, ...],
-              phase: str | None, x: torch.Tensor) -> CommRecord:
+    def _open(
+        self,
+        op: str,
+        tag: str,
+        group: Group,
+        send: tuple[int, ...],
+        recv: tuple[int, ...],
+        phase: str | None,
+        x: torch.Tensor,
+    ) -> CommRecord:
         self._sync(x)
         self.seq += 1
         if op == "all_to_all":
             for listener in self.listeners:
                 listener.a2a_begin(tag, phase or self.ledger.phase)
-        return self.ledger.open(op, tag, group.name, group.ranks, group.index, send, recv, phase,
-                                nbytes=x.numel() * x.element_size())
+        return self.ledger.open(
+            op, tag, group.name, group.ranks, group.index, send, recv, phase, nbytes=x.numel() * x.element_size()
+        )
 
     def _close(self, rec: CommRecord, x: torch.Tensor) -> None:
         self._sync(x)
@@ -120,23 +136,33 @@ class Comm:
                 self.watchdog.post_abort(verdict)
             raise DistError(
                 f"rank {self.rank}: {rec.op} '{rec.tag}' in group '{rec.group}' "
-                f"(ranks {list(rec.peers)}) failed: {verdict} [{first[:200]}]") from e
+                f"(ranks {list(rec.peers)}) failed: {verdict} [{first[:200]}]"
+            ) from e
 
     def report_failure(self, exc: BaseException) -> None:
         """Before this rank exits on an error: tell the peers (a peer's own failure is already posted)."""
         if self.watchdog is None:
             return
         if not isinstance(exc, DistError):
-            self.watchdog.mark_failed(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+            self.watchdog.mark_failed(
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            )
         if self.rank == 0:
             time.sleep(2 * self.watchdog.interval_s)  # rank 0 may host the store: let the peers read it
         self.watchdog.stop()
 
     # ----------------------------------------------------------------------------- collectives
 
-    def all_to_all_single(self, x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
-                          group: Group, tag: str, phase: str | None = None,
-                          async_op: bool = False) -> torch.Tensor | Pending:
+    def all_to_all_single(
+        self,
+        x: torch.Tensor,
+        out_splits: list[int] | None,
+        in_splits: list[int] | None,
+        group: Group,
+        tag: str,
+        phase: str | None = None,
+        async_op: bool = False,
+    ) -> torch.Tensor | Pending:
         """Uneven-split all-to-all along dim 0 (rows). Splits are row counts per group rank."""
         w = group.size
         if in_splits is None:
@@ -145,20 +171,30 @@ class Comm:
         if out_splits is None:
             out_splits = [x.shape[0] // w] * w
         rb = _row_bytes(x)
-        rec = self._open("all_to_all", tag, group, tuple(s * rb for s in in_splits),
-                         tuple(s * rb for s in out_splits), phase, x)
+        rec = self._open(
+            "all_to_all", tag, group, tuple(s * rb for s in in_splits), tuple(s * rb for s in out_splits), phase, x
+        )
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         if w == 1:
             out.copy_(x)
             work = None
         else:
-            work = self._guard(rec, dist.all_to_all_single, out, x.contiguous(), out_splits, in_splits,
-                               group=group.pg, async_op=async_op)
+            work = self._guard(
+                rec,
+                dist.all_to_all_single,
+                out,
+                x.contiguous(),
+                out_splits,
+                in_splits,
+                group=group.pg,
+                async_op=async_op,
+            )
         pending = Pending(work if async_op else None, out, rec, self, async_op)
         return pending if async_op else pending.wait()
 
-    def all_reduce(self, x: torch.Tensor, group: Group, tag: str, op: str = "sum", phase: str | None = None,
-                   async_op: bool = False) -> torch.Tensor | Pending:
+    def all_reduce(
+        self, x: torch.Tensor, group: Group, tag: str, op: str = "sum", phase: str | None = None, async_op: bool = False
+    ) -> torch.Tensor | Pending:
         """In-place all-reduce (`sum`, `max`, `min`); bytes follow the ring model."""
         w = group.size
         nbytes = x.numel() * x.element_size()
@@ -174,8 +210,9 @@ class Comm:
         pending = Pending(work if async_op else None, x, rec, self, async_op)
         return pending if async_op else pending.wait()
 
-    def broadcast(self, x: torch.Tensor, src_index: int, group: Group, tag: str,
-                  phase: str | None = None) -> torch.Tensor:
+    def broadcast(
+        self, x: torch.Tensor, src_index: int, group: Group, tag: str, phase: str | None = None
+    ) -> torch.Tensor:
         """In-place broadcast from the group member at `src_index`."""
         w = group.size
         nbytes = x.numel() * x.element_size()

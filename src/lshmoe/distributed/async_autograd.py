@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lshmoe.dist.comm import Comm, Group, Pending
+from lshmoe.distributed.comm import Comm, Group, Pending
 
 
 class _Start(torch.autograd.Function):
@@ -48,8 +48,9 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         h = ctx.h
-        h._bwd = h.comm.all_to_all_single(g.contiguous(), h.in_splits, h.out_splits, h.group, h.tag,
-                                          phase="backward", async_op=True)
+        h._bwd = h.comm.all_to_all_single(
+            g.contiguous(), h.in_splits, h.out_splits, h.group, h.tag, phase="backward", async_op=True
+        )
         return g.new_empty(0), None
 
 

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-
 USER_ERROR_STATUS = 2
 
 
@@ -35,9 +34,17 @@ def loopback_envs(world: int, ranks_per_node: int) -> list[dict[str, str]]:
     """torchrun-style environment of every rank of a job on this machine (rendezvous on a free port);
     `ranks_per_node` < world makes consecutive ranks emulated nodes for the topology map."""
     port = free_port()
-    return [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r % ranks_per_node),
-             "LOCAL_WORLD_SIZE": str(ranks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            for r in range(world)]
+    return [
+        {
+            "RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(r % ranks_per_node),
+            "LOCAL_WORLD_SIZE": str(ranks_per_node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        for r in range(world)
+    ]
 
 
 def supervise(cmds: list[list[str]], envs: list[dict[str, str]], grace_s: float = 10.0) -> int:
