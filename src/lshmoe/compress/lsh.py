@@ -30,6 +30,7 @@ from lshmoe.compress.hashing import codes_from_projections, combine_codes, draw_
 from lshmoe.compress.ops import restore_compensated, segment_mean
 from lshmoe.compress.target import HashCountController
 from lshmoe.config import LSHConfig
+from lshmoe.kernels import use_triton
 from lshmoe.seeding import generator
 
 
@@ -105,6 +106,8 @@ class LSHCompressor:
     # ------------------------------------------------------------------------------ seam
 
     def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
+        if use_triton(self.cfg.kernels, rows_ND.device):
+            return self._compress_fused(rows_ND, counts_E)
         t0 = time.perf_counter()
         E = self.num_experts
         expert_N = torch.repeat_interleave(torch.arange(E, device=rows_ND.device), counts_E.to(rows_ND.device))
@@ -121,10 +124,18 @@ class LSHCompressor:
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
         centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
         t2 = time.perf_counter()
+        self._set_stats(t1 - t0, t2 - t1)
+        # full_N is kept for the restore-error probe (a reference to a tensor that exists anyway)
+        meta = LSHMeta(
+            rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
+        )
+        return centroids_MD, sent_counts_E, meta
+
+    def _set_stats(self, hash_s: float, cluster_s: float) -> None:
         self.stats = {
             "lsh_hashes": float(self.num_hashes),
-            "lsh_hash_s": t1 - t0,
-            "lsh_cluster_s": t2 - t1,
+            "lsh_hash_s": hash_s,
+            "lsh_cluster_s": cluster_s,
             "lsh_alpha": self.alpha,
             "lsh_restore_err": 0.0,
             "lsh_restore_err_nocomp": 0.0,
@@ -132,20 +143,59 @@ class LSHCompressor:
             "lsh_alpha_fit": 0.0,
             "lsh_probe_n": 0.0,
         }
-        # full_N is kept for the restore-error probe (a reference to a tensor that exists anyway)
-        meta = LSHMeta(
-            rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
-        )
-        return centroids_MD, sent_counts_E, meta
 
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
         t0 = time.perf_counter()
-        if self.alpha != 0.0:
+        if use_triton(self.cfg.kernels, out_MD.device):
+            from lshmoe.kernels import lsh as fused
+
+            out_ND = fused.restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha)
+        elif self.alpha != 0.0:
             out_ND = restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha)
         else:
             out_ND = out_MD.index_select(0, meta.inverse_N)
         self.stats["lsh_restore_s"] = time.perf_counter() - t0
         return out_ND
+
+    def _compress_fused(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
+        """`compress` with the Triton kernels (lshmoe.kernels.lsh): same ids, payload order and meta."""
+        from lshmoe.kernels import lsh as fused
+
+        t0 = time.perf_counter()
+        dev, E, cfg = rows_ND.device, self.num_experts, self.cfg
+        expert_N = torch.repeat_interleave(
+            torch.arange(E, device=dev), counts_E.to(dev), output_size=rows_ND.shape[0]
+        )  # output_size: no host sync
+        if self.controller is not None and cfg.target == "error":
+            self.num_hashes = self.controller.choose()
+        with torch.no_grad():
+            full_N, keys_N, hist = fused.hash_rows(
+                rows_ND.detach(),
+                self.projections(dev),
+                expert_N,
+                family=cfg.family,
+                buckets=cfg.buckets_per_hash,
+                num_hashes=self.num_hashes,
+                num_experts=E,
+                center=cfg.center,
+            )
+            if self.controller is not None and cfg.target == "rate":
+                self.controller.observe_rates(self._prefix_rates(full_N, expert_N))
+                if self.controller.choose() != self.num_hashes:
+                    self.num_hashes = self.controller.choose()
+                    keys_N = self.keys(full_N, expert_N, self.num_hashes)
+                    hist = torch.bincount(keys_N, minlength=E * cfg.buckets_per_hash**self.num_hashes).int()
+        t1 = time.perf_counter()
+        inverse_N, size_M, sent_counts_E = fused.compact(keys_N, hist, E)
+        centroids_MD = fused.segment_mean(rows_ND, inverse_N, size_M)
+        t2 = time.perf_counter()
+        self._set_stats(t1 - t0, t2 - t1)
+        meta = LSHMeta(
+            rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
+        )
+        return centroids_MD, sent_counts_E, meta
 
     # ------------------------------------------------------------------------------ restore-error probe
 

@@ -1,0 +1,370 @@
+"""Fused Triton kernels for LSH-MoE compress and restore (the contract of `compress/ops.py`).
+
+Shapes: N routed rows (grouped by destination expert), D width, E experts, L hashes, P projections
+per hash, K = L * P projected columns, b buckets per hash, S = b^L buckets per expert, M non-empty
+(expert, bucket) pairs = payload rows.
+
+compress, without a global sort (S buckets per expert are few, so a histogram replaces `unique`):
+1. `project`:  z_NK = x_ND R_DK, read once, accumulated in float32        (one pass over x)
+2. `bucket_ids`: per row the L codes (cross-polytope: signed argmax; hyperplane: sign bits),
+   combined into the mixed-radix id; key = expert * S + id mod S; histogram of the keys (atomics)
+3. compaction (PyTorch, over E * S integers): slot of a key = number of non-empty keys before it,
+   which is the rank `torch.unique(sorted=True)` gives, so ids and payload order equal the reference
+4. `scatter_rows`: centroid sums c_MD += x_n at slot(key_n), float32 atomics  (one pass over x)
+restore:   y_n = out[inv_n] - a c[inv_n] + a x_n                           (`gather_rows`)
+backward:  restore: g_out = scatter_sum(g_y by inv) (`scatter_rows`), g_c = -a g_out, g_x = a g_y
+           segment mean: g_x = g_c[inv] / size[inv]                           (`gather_rows`)
+
+Every float accumulates in float32 (float64 for float64 inputs) and is rounded once into the
+input's dtype. NOTE: float atomics make the centroid sums' rounding order-dependent on a GPU (not
+bitwise reproducible run to run, within the float32 rounding of a sum); bucket ids are integers and exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "bucket_ids",
+    "compact",
+    "gather_rows",
+    "hash_rows",
+    "project",
+    "restore_compensated",
+    "scatter_rows",
+    "segment_mean",
+]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_d(D: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(D)))
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _project_kernel(
+    x_ptr,
+    r_ptr,
+    z_ptr,
+    N,
+    K,
+    stride_x,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # NOTE: D is a compile-time constant (one specialisation per model width): a loop bound read from a
+    # runtime scalar breaks Triton's interpreter under numpy >= 2.4.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=r_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + d[None, :], mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0
+        )
+        r = tl.load(r_ptr + d[:, None] * BLOCK_K + cols[None, :], mask=d[:, None] < D, other=0.0)
+        acc += tl.dot(x.to(r.dtype), r, input_precision="ieee")
+    tl.store(z_ptr + rows[:, None] * K + cols[None, :], acc, mask=(rows[:, None] < N) & (cols[None, :] < K))
+
+
+@triton.jit
+def _bucket_kernel(
+    z_ptr,
+    expert_ptr,
+    full_ptr,
+    key_ptr,
+    hist_ptr,
+    N,
+    span,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    B: tl.constexpr,
+    CROSS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m = rows < N
+    full = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    radix = tl.full((BLOCK_N,), 1, dtype=tl.int64)
+    for l in tl.static_range(L):
+        base = z_ptr + rows * (L * P) + l * P
+        z = tl.load(base, mask=m, other=0.0)
+        if CROSS:
+            # first index of the largest |z| (torch.argmax's tie rule), and whether that entry is negative
+            best = tl.abs(z)
+            code = tl.zeros((BLOCK_N,), dtype=tl.int64)
+            neg = z < 0
+            for p in tl.static_range(1, P):
+                zp = tl.load(base + p, mask=m, other=0.0)
+                better = tl.abs(zp) > best
+                best = tl.where(better, tl.abs(zp), best)
+                code = tl.where(better, p, code)
+                neg = tl.where(better, zp < 0, neg)
+            code = code + tl.where(neg, P, 0)
+        else:
+            code = tl.where(z > 0, 1, 0).to(tl.int64)
+            for p in tl.static_range(1, P):
+                zp = tl.load(base + p, mask=m, other=0.0)
+                code = code + tl.where(zp > 0, 1 << p, 0)
+        full = full + code * radix
+        radix = radix * B
+    e = tl.load(expert_ptr + rows, mask=m, other=0)
+    key = e * span + full % span
+    tl.store(full_ptr + rows, full, mask=m)
+    tl.store(key_ptr + rows, key, mask=m)
+    tl.atomic_add(hist_ptr + key, tl.full((BLOCK_N,), 1, dtype=tl.int32), mask=m)
+
+
+@triton.jit
+def _scatter_kernel(src_ptr, idx_ptr, dst_ptr, N, D, stride_src, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (d[None, :] < D)
+    i = tl.load(idx_ptr + rows, mask=rows < N, other=0).to(tl.int64)
+    v = tl.load(src_ptr + rows[:, None] * stride_src + d[None, :], mask=mask, other=0.0)
+    tl.atomic_add(dst_ptr + i[:, None] * D + d[None, :], v.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_kernel(
+    src_ptr,
+    idx_ptr,
+    scale_ptr,
+    sub_ptr,
+    x_ptr,
+    out_ptr,
+    alpha,
+    N,
+    D,
+    stride_x,
+    HAS_SCALE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    mask = rmask[:, None] & (d[None, :] < D)
+    i = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    src = i[:, None] * D + d[None, :]
+    y = tl.load(src_ptr + src, mask=mask, other=0.0)
+    if F64:
+        y = y.to(tl.float64)
+    else:
+        y = y.to(tl.float32)
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + i, mask=rmask, other=0.0).to(y.dtype)[:, None]
+    if HAS_RES:
+        c = tl.load(sub_ptr + src, mask=mask, other=0.0).to(y.dtype)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + d[None, :], mask=mask, other=0.0).to(y.dtype)
+        y = y + alpha * (x - c)
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+
+def project(x_ND: torch.Tensor, R_DK: torch.Tensor) -> torch.Tensor:
+    """z_NK = x_ND R_DK in R's dtype (float32), x read once in its own dtype."""
+    N, D = x_ND.shape
+    K = R_DK.shape[1]
+    BLOCK_K = max(16, triton.next_power_of_2(K))
+    R = torch.zeros((D, BLOCK_K), dtype=R_DK.dtype, device=x_ND.device)
+    R[:, :K] = R_DK
+    z = torch.empty((N, K), dtype=R_DK.dtype, device=x_ND.device)
+    if N == 0:
+        return z
+    x = x_ND if x_ND.stride(1) == 1 else x_ND.contiguous()
+    BLOCK_N, BLOCK_D = 32, min(64, max(16, triton.next_power_of_2(D)))
+    _project_kernel[(triton.cdiv(N, BLOCK_N),)](x, R, z, N, K, x.stride(0), D, BLOCK_N, BLOCK_D, BLOCK_K)
+    return z
+
+
+def bucket_ids(
+    z_NLP: torch.Tensor, expert_N: torch.Tensor, family: str, buckets: int, num_hashes: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(full_N, key_N, hist): combined ids of all L hashes, key = expert * b^num_hashes + (id mod
+    b^num_hashes), and the histogram of the keys over num_experts * b^num_hashes (int32)."""
+    N, L, P = z_NLP.shape
+    span = buckets**num_hashes
+    dev = z_NLP.device
+    full = torch.empty(N, dtype=torch.int64, device=dev)
+    key = torch.empty(N, dtype=torch.int64, device=dev)
+    hist = torch.zeros(num_experts * span, dtype=torch.int32, device=dev)
+    if N:
+        BLOCK_N = 128
+        _bucket_kernel[(triton.cdiv(N, BLOCK_N),)](
+            z_NLP.contiguous(),
+            expert_N.contiguous(),
+            full,
+            key,
+            hist,
+            N,
+            span,
+            L,
+            P,
+            buckets,
+            family == "cross_polytope",
+            BLOCK_N,
+        )
+    return full, key, hist
+
+
+def hash_rows(
+    rows_ND: torch.Tensor,
+    R_DLP: torch.Tensor,
+    expert_N: torch.Tensor,
+    *,
+    family: str,
+    buckets: int,
+    num_hashes: int,
+    num_experts: int,
+    center: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`project` + optional centring + `bucket_ids`: (full_N, key_N, hist) of rows grouped by expert.
+
+    Centring is the reference's (`LSHCompressor.bucket_ids`): (x - mean_e) R = x R - mean_e R on the
+    N x K projections, in PyTorch (K = L P columns, a few per row)."""
+    D, L, P = R_DLP.shape
+    z_NK = project(rows_ND, R_DLP.reshape(D, L * P))
+    if center:
+        sums_EK = z_NK.new_zeros(num_experts, L * P).index_add_(0, expert_N, z_NK)
+        cnt_E = torch.bincount(expert_N, minlength=num_experts).clamp(min=1).to(z_NK.dtype)
+        z_NK = z_NK - (sums_EK / cnt_E[:, None]).index_select(0, expert_N)
+    return bucket_ids(z_NK.view(-1, L, P), expert_N, family, buckets, num_hashes, num_experts)
+
+
+def compact(
+    key_N: torch.Tensor, hist: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inverse_N, size_M, sent_counts_E) from the key histogram: the slot of a key is its rank
+    among the non-empty keys (= torch.unique's sorted inverse). Reads M to the host once."""
+    nonempty = hist > 0
+    slot = torch.cumsum(nonempty, 0, dtype=torch.int64) - 1
+    sent_E = nonempty.view(num_experts, -1).sum(1)
+    M = int(sent_E.sum())  # the payload's size (host sync: the uneven split the count exchange needs)
+    inverse_N = slot.index_select(0, key_N)
+    size_M = torch.zeros(M, dtype=torch.int64, device=hist.device)
+    if M:
+        # empty keys add 0 to a neighbour's slot, so every slot gets exactly its own count
+        size_M.scatter_add_(0, slot.clamp(min=0), hist.to(torch.int64))
+    return inverse_N, size_M, sent_E
+
+
+def scatter_rows(src_ND: torch.Tensor, idx_N: torch.Tensor, m: int) -> torch.Tensor:
+    """dst_MD[idx_n] += src_n, accumulated in float32 (float64 for float64)."""
+    N, D = src_ND.shape
+    dst = torch.zeros((m, D), dtype=_acc_dtype(src_ND.dtype), device=src_ND.device)
+    if N == 0 or m == 0:
+        return dst
+    src = src_ND if src_ND.stride(1) == 1 else src_ND.contiguous()
+    BLOCK_N, BLOCK_D = 16, _block_d(D)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
+    _scatter_kernel[grid](src, idx_N.contiguous(), dst, N, D, src.stride(0), BLOCK_N, BLOCK_D)
+    return dst
+
+
+def gather_rows(
+    src_MD: torch.Tensor,
+    idx_N: torch.Tensor,
+    *,
+    scale_M: torch.Tensor | None = None,
+    sub_MD: torch.Tensor | None = None,
+    x_ND: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y_n = src[idx_n] * scale[idx_n] (when given) + alpha (x_n - sub[idx_n]) (when sub/x given)."""
+    N, D = idx_N.shape[0], src_MD.shape[1]
+    out = torch.empty((N, D), dtype=dtype or src_MD.dtype, device=src_MD.device)
+    if N == 0 or D == 0:
+        return out
+    has_res = sub_MD is not None
+    src = src_MD.contiguous()
+    sub = sub_MD.contiguous() if has_res else src
+    x = x_ND if has_res and x_ND.stride(1) == 1 else (x_ND.contiguous() if has_res else src)
+    BLOCK_N, BLOCK_D = 16, _block_d(D)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
+    _gather_kernel[grid](
+        src,
+        idx_N.contiguous(),
+        scale_M if scale_M is not None else src,
+        sub,
+        x,
+        out,
+        float(alpha),
+        N,
+        D,
+        x.stride(0),
+        scale_M is not None,
+        has_res,
+        out.dtype == torch.float64,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------- autograd
+
+
+class _SegmentMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
+        inv_size_M = 1.0 / size_M.to(_acc_dtype(x_ND.dtype))
+        ctx.save_for_backward(inverse_N, inv_size_M)
+        sums = scatter_rows(x_ND, inverse_N, size_M.numel())
+        return sums.mul_(inv_size_M[:, None]).to(x_ND.dtype)
+
+    @staticmethod
+    def backward(ctx, g_MD: torch.Tensor):
+        inverse_N, inv_size_M = ctx.saved_tensors
+        return gather_rows(g_MD, inverse_N, scale_M=inv_size_M), None, None
+
+
+class _Restore(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse_N)
+        ctx.m, ctx.alpha = out_MD.shape[0], alpha
+        if alpha == 0.0:
+            return gather_rows(out_MD, inverse_N)
+        return gather_rows(out_MD, inverse_N, sub_MD=c_MD, x_ND=x_ND, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        a = ctx.alpha
+        g_MD = scatter_rows(g_ND, inverse_N, ctx.m).to(g_ND.dtype)
+        if a == 0.0:
+            return g_MD, None, None, None, None
+        if a == 1.0:
+            return g_MD, -g_MD, g_ND, None, None
+        return g_MD, -a * g_MD, a * g_ND, None, None
+
+
+def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of each bucket (as `lshmoe.compress.ops.segment_mean`)."""
+    return _SegmentMean.apply(x_ND, inverse_N, size_M)
+
+
+def restore_compensated(
+    out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """out[inv_n] + alpha (x_n - c[inv_n]) for every row n (as `lshmoe.compress.ops.restore_compensated`;
+    alpha = 0 is the plain gather and gives no gradient to c or x)."""
+    return _Restore.apply(out_MD, c_MD, x_ND, inverse_N, float(alpha))
