@@ -251,6 +251,12 @@ class DistConfig:
         "auto", "compute device; auto = cuda when every rank can have a GPU", choices=("auto", "cpu", "cuda")
     )
     timeout_s: float = _f(300.0, "seconds a collective may wait for a peer before failing", gt=0)
+    comm_timing: str = _f(
+        "events",
+        "how the ledger times CUDA collectives: events (CUDA events, resolved at step end; no host sync) "
+        "or sync (device synchronize around each, exact wall times, serialises the step); CPU: wall times",
+        choices=("events", "sync"),
+    )
     ranks_per_node: int = _f(0, "ranks per node for the topology map; 0 = LOCAL_WORLD_SIZE or all", ge=0)
     threads: int = _f(0, "torch threads per rank; 0 = cores / local ranks", ge=0)
     heartbeat_s: float = _f(

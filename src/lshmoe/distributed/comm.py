@@ -7,6 +7,12 @@ per-peer bytes and wall time. Nothing else in the package calls `torch.distribut
 A group of size one never touches torch.distributed: its collectives are local copies, so a
 single-process run needs no process group at all.
 
+Timing on CUDA (`timing`, config `dist.comm_timing`): collectives run asynchronously on the device,
+so `events` (the default) records a CUDA event on the current stream before and after each
+collective and resolves their times at the end of the step (`CommLedger.end_step`): the step
+never waits for the host. `sync` synchronises the device around every collective, as a profiler
+would, for exact wall times at the cost of serialising the step. On CPU both are host wall times.
+
 Failures of a collective (a peer that died, a timeout) are re-raised as `DistError` naming this
 rank, the op, the tag and the group, so a user sees which exchange broke instead of a bare gloo trace.
 """
@@ -21,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lshmoe.distributed.ledger import CommLedger, CommRecord
+from lshmoe.distributed.ledger import CommLedger, CommRecord, CudaTiming
 from lshmoe.errors import DistError
 
 
@@ -49,6 +55,8 @@ class Pending:
     def wait(self) -> torch.Tensor:
         if not self._done:
             t0 = time.perf_counter()
+            if self._async and self._record.cuda is not None:
+                self._record.cuda.wait = self._comm._event()
             if self._work is not None:
                 self._comm._guard(self._record, self._work.wait)
             self._comm._close(self._record, self._result)
@@ -85,6 +93,8 @@ class Comm:
         self.seq = 0  # collectives issued by this rank (published by the watchdog)
         self.watchdog = None  # lshmoe.distributed.watchdog.Watchdog when peers are monitored
         self.listeners: list = []  # told when each all-to-all begins and ends (Lina's gradient scheduler)
+        self.timing = "events"  # CUDA only: "events" (no host sync) or "sync" (exact wall times)
+        self.host_syncs = 0  # device synchronisations issued by this Comm (timing="sync")
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> Comm:
@@ -98,10 +108,17 @@ class Comm:
     # ----------------------------------------------------------------------------- bookkeeping
 
     def _sync(self, x: torch.Tensor) -> None:
-        # NOTE: CUDA collectives are asynchronous on their stream; synchronise so the ledger's
-        # wall time covers the transfer, not just the launch.
+        # NOTE: CUDA collectives are asynchronous on their stream; in "sync" timing synchronise so
+        # the ledger's wall time covers the transfer, not just the launch.
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
+            self.host_syncs += 1
+
+    @staticmethod
+    def _event() -> torch.cuda.Event:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()  # on the current stream, which the collective's stream is ordered against
+        return ev
 
     def _open(
         self,
@@ -113,16 +130,24 @@ class Comm:
         phase: str | None,
         x: torch.Tensor,
     ) -> CommRecord:
-        self._sync(x)
+        events = x.is_cuda and self.timing == "events"
+        if not events:
+            self._sync(x)
         self.seq += 1
         if op == "all_to_all":
             for listener in self.listeners:
                 listener.a2a_begin(tag, phase or self.ledger.phase)
-        return self.ledger.open(
+        rec = self.ledger.open(
             op, tag, group.name, group.ranks, group.index, send, recv, phase, nbytes=x.numel() * x.element_size()
         )
+        if events:
+            rec.cuda = CudaTiming(start=self._event())
+        return rec
 
     def _close(self, rec: CommRecord, x: torch.Tensor) -> None:
+        if rec.cuda is not None:
+            rec.cuda.end = self._event()  # start, end and blocked are resolved by the ledger at step end
+            return
         self._sync(x)
         rec.end = time.perf_counter()
 

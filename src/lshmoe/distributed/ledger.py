@@ -7,6 +7,10 @@ from issue to completion. `end_step()` folds the step's records into a `StepComm
 them, so memory stays flat over thousands of steps; an optional bounded timeline keeps the raw
 records for schedulers and invariant checkers that need them.
 
+On CUDA a record may carry CUDA events instead of host times (`CudaTiming`, see `Comm.timing`):
+`end_step()` waits for them once, at the end of the step, and converts them to the host clock,
+anchored at the first record's issue time, so intervals of one step are on one timeline.
+
 Bytes "on the wire" exclude a rank's bytes to itself. For all-to-all the per-peer bytes are exact
 (split sizes x row bytes). For all-reduce they follow the ring model every backend approximates:
 each rank sends 2(W-1)/W of the buffer to its ring successor.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +28,20 @@ from dataclasses import dataclass, field
 PHASES = ("forward", "backward", "optimizer", "eval", "metrics", "setup")
 A2A_OPS = ("all_to_all",)
 ALLREDUCE_OPS = ("all_reduce",)
+
+
+@dataclass(slots=True)
+class CudaTiming:
+    """CUDA events of one collective: recorded on the issuing stream before it, after it, and (async)
+    when the caller waited for it; `blocked` is then the stream's wait, wait -> end."""
+
+    start: object  # torch.cuda.Event
+    end: object = None
+    wait: object = None
+
+    def seconds(self, a: object, b: object) -> float:
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
 
 
 @dataclass(slots=True)
@@ -41,10 +60,24 @@ class CommRecord:
     end: float = float("nan")
     blocked: float = float("nan")  # seconds the caller waited (= duration for blocking calls)
     nbytes: int = 0  # payload size of this rank's buffer (the tensor handed to the collective)
+    cuda: CudaTiming | None = None  # unresolved CUDA events (cleared by `resolve`)
 
     @property
     def seconds(self) -> float:
+        if self.cuda is not None:  # asked before the step ended: wait for this collective alone
+            return self.cuda.seconds(self.cuda.start, self.cuda.end)
         return self.end - self.start
+
+    def resolve(self, anchor: CudaTiming, anchor_s: float) -> None:
+        """Replace the CUDA events by host-clock times (anchor: an event recorded at host time anchor_s)."""
+        t = self.cuda
+        self.end = anchor_s + anchor.seconds(anchor.start, t.end)
+        self.start = anchor_s + anchor.seconds(anchor.start, t.start)
+        if t.wait is not None:
+            self.blocked = t.seconds(t.wait, t.end)
+        elif self.blocked != self.blocked or not math.isfinite(self.blocked):
+            self.blocked = self.end - self.start
+        self.cuda = None
 
     @property
     def wire_send_bytes(self) -> int:
@@ -177,8 +210,17 @@ class CommLedger:
         """The records of the current (not yet ended) step."""
         return self._records
 
+    def resolve(self) -> None:
+        """Turn the step's CUDA events into host-clock times (waits for the step's collectives)."""
+        pending = [r for r in self._records if r.cuda is not None]
+        if pending:
+            anchor, anchor_s = pending[0].cuda, pending[0].start
+            for r in pending:
+                r.resolve(anchor, anchor_s)
+
     def end_step(self) -> StepComm:
         """Summarise the current step's records and start a new step."""
+        self.resolve()
         out = StepComm()
         intervals = []
         for r in self._records:

@@ -11,6 +11,9 @@ excluded from the communication share) and rank 0 writes one `train` record with
 - rows_routed, rows_sent: MoE rows per step summed over ranks and layers (their ratio is the
   compression rate)
 - dropped_tokens: assignments dropped by capacity per step, summed over ranks and layers
+- host_syncs: implicit CUDA host synchronisations (.item(), blocking copies, data-dependent shapes)
+  per step and rank, from the batch to the optimizer step's end (lshmoe.distributed.syncs; 0 on CPU);
+  host_syncs_comm: explicit device synchronizes of the ledger's `sync` timing (0 with `events`)
 - expert_load: per MoE layer, rows per expert per step, summed over ranks
 - layers: per MoE layer, its own numbers (`MoEOutput.stats`): rows and bytes summed over ranks,
   seconds averaged over ranks, `compression_rate` = rows sent / rows routed, and the sampled
@@ -50,6 +53,8 @@ SCALARS = (
     "rows_sent",
     "dropped_tokens",
     "grad_norm",
+    "host_syncs",
+    "host_syncs_comm",
 )
 MEAN_OVER_RANKS = {
     "loss",
@@ -61,6 +66,8 @@ MEAN_OVER_RANKS = {
     "allreduce_time_s",
     "comm_time_s",
     "grad_norm",
+    "host_syncs",
+    "host_syncs_comm",
 }
 
 

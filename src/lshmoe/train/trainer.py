@@ -33,6 +33,7 @@ from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
+from lshmoe.distributed.syncs import HostSyncCounter
 from lshmoe.errors import NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
@@ -75,6 +76,8 @@ class Trainer:
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
         self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
+        self.syncs = HostSyncCounter(comm.device.type == "cuda")
+        comm.timing = cfg.dist.comm_timing
         self.sched = None
         if tc.grad_sync != "sync":
             self.sched = GradScheduler(self.model, comm, tc.grad_sync, int(tc.chunk_mb * 2**20))
@@ -99,6 +102,7 @@ class Trainer:
         self._maybe_fault("kill", step)
         self._maybe_fault("stall", step)
         t0 = time.perf_counter()
+        syncs, comm_syncs = self.syncs.start(), self.comm.host_syncs
         x, y = self.data.train_batch(
             step, self.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed, self.comm.device
         )
@@ -121,6 +125,7 @@ class Trainer:
             else:
                 self._non_finite(step, bad)
             self.opt.zero_grad(set_to_none=True)
+        syncs.stop()
         if self.comm.device.type == "cuda":
             torch.cuda.synchronize()
         self.heap.step()  # inside the step time: its cost is the step's
@@ -135,6 +140,8 @@ class Trainer:
             "rows_routed": sum(o.rows_routed for o in out.moe.values()),
             "rows_sent": sum(o.rows_sent for o in out.moe.values()),
             "dropped_tokens": sum(int(o.dropped) for o in out.moe.values()),
+            "host_syncs": syncs.count,
+            "host_syncs_comm": self.comm.host_syncs - comm_syncs,
         }
         self.last_comm = ledger.end_step()
         self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
