@@ -26,7 +26,9 @@ def grouped_mm(x_ND: torch.Tensor, w_GDF: torch.Tensor, counts_G: list[int]) -> 
     """Multiply each group's rows by its own matrix; `counts_G` gives rows per group in order."""
     assert len(counts_G) == w_GDF.shape[0], (len(counts_G), tuple(w_GDF.shape))
     if _fast_path_ok(x_ND, w_GDF):
-        offs = torch.tensor(counts_G, device=x_ND.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        # NOTE: from pinned memory, non-blocking: a pageable host-to-device copy would be a host sync
+        offs_G = torch.tensor(counts_G, dtype=torch.int32, pin_memory=True).to(x_ND.device, non_blocking=True)
+        offs = offs_G.cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(x_ND, w_GDF, offs=offs)
     if len(counts_G) == 1:
         return x_ND @ w_GDF[0]

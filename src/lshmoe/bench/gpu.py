@@ -1,0 +1,591 @@
+"""`lshmoe bench gpu`: every GPU check and measurement in one bounded command.
+
+Stages, each written to `<docs>/bench/gpu.{json,md}` as soon as it ends (a run cut short keeps
+what it finished):
+
+1. `tests`: the CUDA tests (`tests/test_kernels.py`, `test_comm_timing.py`, `test_gpu.py`: kernels
+   against the PyTorch reference, grouped GEMM, the MoE layer in fp32 on CUDA against the CPU, a
+   2-rank expert-parallel exactness check with gloo on CUDA tensors) in a pytest subprocess, then a
+   20-step `lshmoe train` smoke on one GPU with LSH (its loss, tokens/s and host syncs per step).
+2. `kernels`: LSH compress, restore and their backward at T x D x L (bf16, E groups, rows drawn
+   around a few centres per group so that buckets fill as on real activations), fused Triton
+   kernels and the PyTorch reference: median wall times (device synchronised around each call,
+   so the one host read of the payload size is included), bytes/s of the ideal traffic (every
+   routed row read or written once per pass: 4 (N + M) D bytes per element size, forward and
+   backward) against a device-to-device copy measured in the same run, and the overhead as a
+   fraction of the all-to-all time the compression saves (4 transfers of (N - M) rows: dispatch and
+   combine, forward and backward; every row assumed to leave the rank) at 100/200/400 Gb/s.
+3. `layer`: forward+backward tokens/s of lshmoe's MoE layer (one rank, dropless, SwiGLU; with and
+   without LSH) against transformers' Mixtral and Qwen3-MoE sparse blocks (grouped_mm experts; when
+   transformers is importable) and raw `torch._grouped_mm` experts on the same shapes, plus the
+   host syncs of one lshmoe layer step and where they come from.
+
+The whole run is bounded by `--budget-s` (default 420 s: 7 minutes on one H200); a stage that runs
+out of time stops between measurements and says so. `--dry-run` runs every stage on the CPU at
+tiny sizes (the kernels in Triton's interpreter) and writes to `runs/gpu-dry-run/` unless `--docs`
+is given, so a dry run never overwrites measured results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]  # the checkout (src/lshmoe/bench/gpu.py)
+TEST_FILES = ("tests/test_kernels.py", "tests/test_comm_timing.py", "tests/test_gpu.py")
+LINKS_GBPS = (100, 200, 400)
+STAGES = ("tests", "kernels", "layer")
+
+
+@dataclass(kw_only=True)
+class Sizes:
+    tokens: tuple[int, ...] = (4096, 16384, 65536)
+    widths: tuple[int, ...] = (1024, 4096)
+    hashes: tuple[int, ...] = (4, 6, 8)
+    groups: int = 8
+    reps: int = 10
+    warmup: int = 2
+    copy_bytes: int = 1 << 30
+    # layer stage: Mixtral-like proportions at a size one GPU runs in well under a second
+    layer_tokens: int = 8192
+    layer_d: int = 2048
+    layer_f: int = 1536
+    layer_e: int = 8
+    layer_k: int = 2
+    layer_reps: int = 10
+    smoke_steps: int = 20
+    smoke_model: tuple[str, ...] = (
+        "--d-model", "256", "--n-layers", "4", "--n-heads", "4", "--seq-len", "128", "--batch-size", "8",
+        "--num-experts", "8", "--d-expert", "512",
+    )  # fmt: skip
+    budgets_s: dict[str, float] = field(default_factory=lambda: {"tests": 170.0, "kernels": 150.0, "layer": 80.0})
+
+
+DRY = Sizes(
+    tokens=(64,),
+    widths=(40,),
+    hashes=(2, 3),
+    groups=3,
+    reps=1,
+    warmup=1,
+    copy_bytes=1 << 20,
+    layer_tokens=64,
+    layer_d=32,
+    layer_f=48,
+    layer_e=4,
+    layer_k=2,
+    layer_reps=1,
+    smoke_steps=3,
+    smoke_model=(
+        "--d-model",
+        "32",
+        "--n-layers",
+        "2",
+        "--n-heads",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--num-experts",
+        "4",
+        "--d-expert",
+        "32",
+    ),  # fmt: skip
+    budgets_s={"tests": 150.0, "kernels": 120.0, "layer": 60.0},
+)
+
+
+@dataclass
+class Ctx:
+    device: torch.device
+    sizes: Sizes
+    dry_run: bool
+    deadline: float  # time.monotonic() when the stage must stop
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
+    """Median wall seconds of `fn()`, the device synchronised before and after each call."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    s = timed(lambda: dst.copy_(src), device, max(reps, 3), 2)
+    return 2 * nbytes / s
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def _pytest(ctx: Ctx, budget: float) -> dict[str, Any]:
+    files = [f for f in TEST_FILES if (ROOT / f).exists()]
+    if not files:
+        return {"status": "skipped", "reason": f"no test files under {ROOT}"}
+    with tempfile.TemporaryDirectory(prefix="lshmoe-gpu-") as tmp:
+        xml = Path(tmp) / "junit.xml"
+        # the dry run collects only the CUDA tests, which skip on the CPU: it checks the wiring
+        marker = ["-m", "gpu"] if ctx.dry_run else []
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *marker, f"--junitxml={xml}", *files]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "seconds": time.monotonic() - t0}
+        out: dict[str, Any] = {"seconds": round(time.monotonic() - t0, 1), "returncode": proc.returncode}
+        if xml.exists():
+            suite = ET.parse(xml).getroot()
+            suite = suite if suite.tag == "testsuite" else suite[0]
+            for k in ("tests", "failures", "errors", "skipped"):
+                out[k] = int(suite.get(k, 0))
+            out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+            out["failed"] = [
+                f"{case.get('classname')}::{case.get('name')}"
+                for case in suite.iter("testcase")
+                if case.find("failure") is not None or case.find("error") is not None
+            ]
+        out["status"] = "ok" if proc.returncode in (0, 5) else "failed"  # 5: nothing collected/selected
+        out["tail"] = proc.stdout[-3000:] if proc.returncode not in (0, 5) else ""
+        return out
+
+
+def _smoke_corpus(path: Path) -> Path:
+    import inspect
+    import textwrap
+
+    docs = [
+        inspect.getdoc(o) or "" for m in (textwrap, json, inspect, argparse) for o in vars(m).values() if callable(o)
+    ]
+    path.write_text("\n\n".join(d for d in docs if len(d) > 40))
+    return path
+
+
+def _smoke(ctx: Ctx, budget: float) -> dict[str, Any]:
+    s = ctx.sizes
+    with tempfile.TemporaryDirectory(prefix="lshmoe-smoke-") as tmp:
+        run = Path(tmp) / "run"
+        cmd = [
+            sys.executable, "-m", "lshmoe", "train", "--device", ctx.device.type, "--compress", "lsh",
+            "--steps", str(s.smoke_steps), "--log-every", str(max(1, s.smoke_steps // 2)), "--eval-every", "0",
+            "--eval-batches", "1", "--vocab-size", "300", "--progress", "false", "--out-dir", str(run),
+            "--data", str(_smoke_corpus(Path(tmp) / "corpus.txt")), "--cache-dir", str(Path(tmp) / "cache"),
+            "--dtype", "bfloat16" if ctx.device.type == "cuda" else "float32", *s.smoke_model,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "seconds": time.monotonic() - t0}
+        out: dict[str, Any] = {"seconds": round(time.monotonic() - t0, 1), "returncode": proc.returncode}
+        metrics = run / "metrics.jsonl"
+        if proc.returncode != 0 or not metrics.exists():
+            return {**out, "status": "failed", "tail": proc.stderr[-3000:]}
+        train = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kind") == "train"]
+        last = train[-1]
+        keys = ("step", "loss", "tokens_per_s", "step_time_s", "host_syncs", "host_syncs_comm", "compression_rate")
+        out.update({k: last.get(k) for k in keys})
+        out["status"] = "ok" if math.isfinite(last["loss"]) else "failed"
+        return out
+
+
+def stage_tests(ctx: Ctx) -> dict[str, Any]:
+    res = {"pytest": _pytest(ctx, max(10.0, ctx.left() - 45.0))}
+    res["smoke"] = _smoke(ctx, max(10.0, ctx.left()))
+    res["status"] = "ok" if all(r["status"] in ("ok", "skipped") for r in res.values()) else "failed"
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def clustered_rows(T: int, D: int, groups: int, device: torch.device, per_centre: int = 5) -> torch.Tensor:
+    """bf16 rows grouped by expert, each a random centre of its group plus 5% noise (about
+    `per_centre` rows per centre), so buckets fill as on real activations rather than white noise."""
+    g = torch.Generator(device=device).manual_seed(0)
+    n_e = T // groups
+    centres = torch.randn(groups, max(1, n_e // per_centre), D, generator=g, device=device)
+    pick = torch.randint(0, centres.shape[1], (groups, n_e), generator=g, device=device)
+    rows = torch.gather(centres, 1, pick[..., None].expand(-1, -1, D))
+    rows = rows + 0.05 * torch.randn(rows.shape, generator=g, device=device)
+    return rows.reshape(groups * n_e, D).to(torch.bfloat16)
+
+
+def kernel_point(ctx: Ctx, T: int, D: int, L: int, kernels: str) -> dict[str, Any]:
+    from lshmoe.compress.lsh import LSHCompressor
+    from lshmoe.config import LSHConfig
+
+    s, dev = ctx.sizes, ctx.device
+    x = clustered_rows(T, D, s.groups, dev)
+    N = x.shape[0]
+    counts = torch.full((s.groups,), N // s.groups, device=dev, dtype=torch.int64)
+    comp = LSHCompressor(LSHConfig(num_hashes=L, kernels=kernels), s.groups, D, layer_id=0, seed=0)
+    payload, _, meta = comp.compress(x, counts)
+    M = payload.shape[0]
+    out, g_y = torch.randn_like(payload), torch.randn_like(x)
+
+    def fwd_bwd() -> None:
+        xr = x.detach().requires_grad_(True)
+        p, _, m = comp.compress(xr, counts)
+        comp.restore(p, m).backward(g_y)  # identity expert: restore backward, then segment-mean backward
+
+    compress_s = timed(lambda: comp.compress(x, counts), dev, s.reps, s.warmup)
+    restore_s = timed(lambda: comp.restore(out, meta), dev, s.reps, s.warmup)
+    total_s = timed(fwd_bwd, dev, s.reps, s.warmup)
+    return {
+        "T": T, "D": D, "L": L, "kernels": kernels, "rows": N, "payload_rows": M, "rate": M / N,
+        "compress_s": compress_s, "restore_s": restore_s, "backward_s": max(0.0, total_s - compress_s - restore_s),
+        "fwd_bwd_s": total_s, "ideal_bytes": 4 * (N + M) * D * x.element_size(),
+        "saved_a2a_bytes": 4 * (N - M) * D * x.element_size(), "full_codes": meta.full_codes_N,
+    }  # fmt: skip
+
+
+def stage_kernels(ctx: Ctx) -> dict[str, Any]:
+    from lshmoe.kernels import triton_available
+
+    s, dev = ctx.sizes, ctx.device
+    bw = copy_bandwidth(dev, s.copy_bytes, s.reps)
+    impls = ("triton", "torch") if triton_available() else ("torch",)
+    points, truncated = [], False
+    for T in s.tokens:
+        for D in s.widths:
+            for L in s.hashes:
+                if ctx.left() < 5.0:
+                    truncated = True
+                    break
+                res = {k: kernel_point(ctx, T, D, L, k) for k in impls}
+                codes = [r.pop("full_codes") for r in res.values()]
+                agree = float((codes[0] == codes[-1]).double().mean()) if codes[0].numel() else 1.0
+                for r in res.values():
+                    r["ids_agree"] = agree
+                    r["copy_fraction"] = r["ideal_bytes"] / r["fwd_bwd_s"] / bw
+                    for gbps in LINKS_GBPS:
+                        saved_s = r["saved_a2a_bytes"] * 8 / (gbps * 1e9)
+                        r[f"overhead_{gbps}g"] = r["fwd_bwd_s"] / saved_s if saved_s > 0 else math.inf
+                    points.append(r)
+                del res, codes
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    return {"status": "truncated" if truncated else "ok", "copy_bytes_per_s": bw, "points": points}
+
+
+# ---------------------------------------------------------------------------------------------- stage 3
+
+
+def _fwd_bwd_fn(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        xr = x.detach().requires_grad_(True)
+        out = module(xr)
+        y = out.y_TD if hasattr(out, "y_TD") else (out[0] if isinstance(out, tuple) else out)
+        y.backward(g.view_as(y))
+
+    return step
+
+
+def _hf_blocks(s: Sizes) -> dict[str, torch.nn.Module]:
+    """transformers' own sparse MoE blocks at our shapes, grouped_mm experts where the version has them."""
+    import transformers
+    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    common = dict(hidden_size=s.layer_d, num_experts_per_tok=s.layer_k)
+    specs = {
+        "mixtral": (
+            MixtralConfig,
+            MixtralSparseMoeBlock,
+            dict(intermediate_size=s.layer_f, num_local_experts=s.layer_e),
+        ),
+        "qwen3_moe": (
+            Qwen3MoeConfig,
+            Qwen3MoeSparseMoeBlock,
+            dict(moe_intermediate_size=s.layer_f, num_experts=s.layer_e, norm_topk_prob=True),
+        ),
+    }
+    out = {}
+    for name, (cfg_cls, block_cls, extra) in specs.items():
+        try:
+            cfg = cfg_cls(**common, **extra, experts_implementation="grouped_mm")
+        except (TypeError, ValueError):  # a transformers without the experts interface
+            cfg = cfg_cls(**common, **extra)
+        block = block_cls(cfg)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0.0, 0.02)
+        impl = getattr(cfg, "_experts_implementation", None) or "default"
+        out[f"transformers {transformers.__version__} {name} ({impl})"] = block
+    return out
+
+
+class RawGroupedMM(torch.nn.Module):
+    """SwiGLU experts on rows already grouped (balanced counts): the grouped GEMMs alone."""
+
+    def __init__(self, s: Sizes, device: torch.device):
+        super().__init__()
+        E, D, F = s.layer_e, s.layer_d, s.layer_f
+        self.w13 = torch.nn.Parameter(torch.randn(E, D, 2 * F, device=device) * 0.02)
+        self.w2 = torch.nn.Parameter(torch.randn(E, F, D, device=device) * 0.02)
+        rows = s.layer_tokens * s.layer_k
+        counts = [rows // E] * (E - 1) + [rows - rows // E * (E - 1)]
+        self.counts = counts
+        self.offs = torch.tensor(counts, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        self.k = s.layer_k
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if hasattr(torch, "_grouped_mm"):
+            return torch._grouped_mm(x, w, offs=self.offs)
+        return torch.cat([a @ b for a, b in zip(torch.split(x, self.counts), w.unbind(0), strict=True)])
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x = x_TD.repeat_interleave(self.k, dim=0)  # K rows per token, as routed
+        h = self._mm(x, self.w13)
+        F = h.shape[1] // 2
+        y = self._mm(torch.nn.functional.silu(h[:, :F]) * h[:, F:], self.w2)
+        return y.view(-1, self.k, y.shape[1]).sum(1)
+
+
+def stage_layer(ctx: Ctx) -> dict[str, Any]:
+    from lshmoe.config import LSHConfig, MoEConfig
+    from lshmoe.distributed.comm import Comm
+    from lshmoe.distributed.syncs import HostSyncCounter
+    from lshmoe.moe.layer import MoELayer
+
+    s, dev = ctx.sizes, ctx.device
+    dtype = torch.bfloat16
+    comm = Comm.local(dev)
+    modules: dict[str, torch.nn.Module] = {}
+    for name, compress in (("lshmoe", "identity"), ("lshmoe + LSH (L=6)", "lsh")):
+        cfg = MoEConfig(
+            num_experts=s.layer_e, top_k=s.layer_k, d_expert=s.layer_f, activation="swiglu", compress=compress
+        )
+        layer = MoELayer(cfg, s.layer_d, comm, layer_id=0, lsh=LSHConfig())
+        with torch.no_grad():
+            layer.router.weight.normal_(0, 0.02)
+        layer.experts.reset_parameters(0, 0, 0.02, 0.02)
+        modules[name] = layer
+    notes = []
+    try:
+        modules.update(_hf_blocks(s))
+    except ImportError as e:
+        notes.append(f"transformers not importable ({e}); its blocks were not measured")
+    modules["raw torch._grouped_mm experts"] = RawGroupedMM(s, dev)
+    x = torch.randn(1, s.layer_tokens, s.layer_d, device=dev).to(dtype)
+    g = torch.randn_like(x)
+    rows, truncated = [], False
+    for name, mod in modules.items():
+        if ctx.left() < 5.0:
+            truncated = True
+            break
+        mod.to(device=dev, dtype=dtype).train()
+        inp = x if "transformers" in name else x[0]
+        try:
+            sec = timed(_fwd_bwd_fn(mod, inp, g), dev, s.layer_reps, s.warmup)
+            rows.append({"impl": name, "fwd_bwd_s": sec, "tokens_per_s": s.layer_tokens / sec})
+        except Exception as e:  # noqa: BLE001 - one implementation failing must not lose the others
+            rows.append({"impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        mod.to("cpu")
+    syncs = {}
+    for name in ("lshmoe", "lshmoe + LSH (L=6)"):
+        layer = modules[name].to(dev)
+        step = _fwd_bwd_fn(layer, x[0], g)
+        step()
+        _sync(dev)
+        with HostSyncCounter(dev.type == "cuda") as c:
+            step()
+        syncs[name] = {"count": c.count, "sites": dict(c.sites.most_common(12))}
+        layer.to("cpu")
+    shape = dict(T=s.layer_tokens, D=s.layer_d, F=s.layer_f, E=s.layer_e, K=s.layer_k, dtype="bfloat16")
+    return {
+        "status": "truncated" if truncated else "ok",
+        "shape": shape,
+        "rows": rows,
+        "host_syncs": syncs,
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _g(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render(results: dict[str, Any]) -> str:
+    from lshmoe.bench.report import md_table
+
+    st = results["stages"]
+    parts = [
+        "One command, `lshmoe bench gpu`, runs the CUDA tests, times the fused LSH kernels against the "
+        "PyTorch reference, and compares the MoE layer with transformers' blocks "
+        "(src/lshmoe/bench/gpu.py says exactly what each number is).",
+    ]
+    if results["dry_run"]:
+        parts.append("**Dry run on the CPU at tiny sizes (kernels in Triton's interpreter): no speed claim holds.**")
+    t = st.get("tests")
+    if t:
+        p, sm = t.get("pytest", {}), t.get("smoke", {})
+        parts.append(
+            f"### CUDA tests\n\npytest: {p.get('status')}, {p.get('passed', '?')} passed, "
+            f"{p.get('failures', 0) + p.get('errors', 0)} failed, {p.get('skipped', '?')} skipped "
+            f"({p.get('seconds', '?')} s){'; failed: ' + ', '.join(p['failed']) if p.get('failed') else ''}.  \n"
+            f"Training smoke ({sm.get('step', '?')} steps, LSH): {sm.get('status')}, loss {_g(sm.get('loss'))}, "
+            f"{_g(sm.get('tokens_per_s'))} tokens/s, host syncs per step {_g(sm.get('host_syncs'))} "
+            f"(+ {_g(sm.get('host_syncs_comm'))} by the ledger)."
+        )
+    k = st.get("kernels")
+    if k and k.get("points"):
+        rows = [
+            [
+                r["T"], r["D"], r["L"], r["kernels"], r["rate"], r["compress_s"] * 1e3, r["restore_s"] * 1e3,
+                r["backward_s"] * 1e3, r["copy_fraction"], r["overhead_100g"], r["overhead_200g"],
+                r["overhead_400g"], r["ids_agree"],
+            ]
+            for r in k["points"]
+        ]  # fmt: skip
+        parts.append(
+            f"### LSH kernels (bf16, {results['sizes']['groups']} groups)\n\n"
+            f"Copy bandwidth {k['copy_bytes_per_s'] / 1e12:.3g} TB/s. `of copy` = ideal bytes / (compress + "
+            "restore + backward time) / copy bandwidth; `ovh@X` = the same time / all-to-all time saved at X "
+            "Gb/s; `ids` = fraction of rows whose bucket ids equal between the implementations."
+            f"{' (truncated: out of time)' if k['status'] == 'truncated' else ''}\n\n"
+            + md_table(
+                [
+                    "T",
+                    "D",
+                    "L",
+                    "impl",
+                    "rate",
+                    "compress ms",
+                    "restore ms",
+                    "backward ms",
+                    "of copy",
+                    "ovh@100",
+                    "ovh@200",
+                    "ovh@400",
+                    "ids",
+                ],
+                rows,
+            )  # fmt: skip
+        )
+    lay = st.get("layer")
+    if lay and lay.get("rows"):
+        rows = [
+            [r["impl"], r.get("tokens_per_s", r.get("error", "")), r.get("fwd_bwd_s", math.nan) * 1e3]
+            for r in lay["rows"]
+        ]
+        syn = "; ".join(f"{n}: {v['count']}" for n, v in lay["host_syncs"].items())
+        parts.append(
+            f"### MoE layer forward+backward ({', '.join(f'{a}={b}' for a, b in lay['shape'].items())})\n\n"
+            + md_table(["implementation", "tokens/s", "ms"], rows)
+            + f"\n\nHost syncs in one lshmoe layer step: {syn}.{' ' + ' '.join(lay['notes']) if lay['notes'] else ''}"
+        )
+    for name, res in st.items():
+        if res.get("status") == "error":
+            parts.append(f"Stage `{name}` failed: {res['error'].splitlines()[-1]}")
+    return "\n\n".join(parts)
+
+
+def write(results: dict[str, Any]) -> Path:
+    from lshmoe.bench.report import write_section
+
+    return write_section("gpu", "GPU check: CUDA tests, fused LSH kernels, MoE layer", render(results), results)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lshmoe bench gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (CI)")
+    p.add_argument("--docs", default=None, help="docs directory to write bench/gpu.{md,json} into")
+    p.add_argument("--budget-s", type=float, default=420.0, help="bound on the whole run (seconds)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    a = parse(argv)
+    stages = [x for x in a.stages.split(",") if x]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        print(f"lshmoe bench gpu: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+        return 2
+    if not a.dry_run and not torch.cuda.is_available():
+        print("lshmoe bench gpu: no CUDA device; --dry-run runs every stage on the CPU at tiny sizes")
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined (lshmoe.kernels.lsh)
+    os.environ["LSHMOE_DOCS"] = a.docs or ("runs/gpu-dry-run" if a.dry_run else "docs")
+    sizes = DRY if a.dry_run else Sizes()
+    t_end = time.monotonic() + a.budget_s
+    results: dict[str, Any] = {"dry_run": a.dry_run, "device": str(device), "sizes": asdict(sizes), "stages": {}}
+    results["versions"] = _versions()
+    fns = {"tests": stage_tests, "kernels": stage_kernels, "layer": stage_layer}
+    for name in stages:
+        left = t_end - time.monotonic()
+        budget = min(sizes.budgets_s[name], left)
+        # a later stage's share is kept back unless this is the last one
+        t0 = time.monotonic()
+        if budget < 5.0:
+            results["stages"][name] = {"status": "skipped", "reason": "out of time"}
+        else:
+            try:
+                results["stages"][name] = fns[name](Ctx(device, sizes, a.dry_run, t0 + budget))
+            except Exception as e:  # noqa: BLE001 - record and go on: later stages still run
+                results["stages"][name] = {"status": "error", "error": traceback.format_exc(limit=8)}
+                print(f"[gpu] stage {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        results["stages"][name]["stage_s"] = round(time.monotonic() - t0, 1)
+        path = write(results)
+        print(f"[gpu] {name}: {results['stages'][name]['status']} ({results['stages'][name]['stage_s']} s) -> {path}")
+    ok = all(r["status"] in ("ok", "skipped", "truncated") for r in results["stages"].values())
+    return 0 if ok else 1
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for mod in ("triton", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = "not installed"
+    return out
