@@ -96,4 +96,4 @@ def test_sync_counter_counts_item():
     with HostSyncCounter(True) as c:
         float(t.sum())
         t.nonzero()
-    assert c.count == 2 and len(c.sites) >= 1
+    assert c.count >= 2 and len(c.sites) >= 1

@@ -284,14 +284,21 @@ def stage_kernels(ctx: Ctx) -> dict[str, Any]:
     s, dev = ctx.sizes, ctx.device
     bw = copy_bandwidth(dev, s.copy_bytes, s.reps)
     impls = ("triton", "torch") if triton_available() else ("torch",)
-    points, truncated = [], False
+    points, errors, truncated = [], [], False
     for T in s.tokens:
         for D in s.widths:
             for L in s.hashes:
                 if ctx.left() < 5.0:
                     truncated = True
                     break
-                res = {k: kernel_point(ctx, T, D, L, k) for k in impls}
+                res = {}
+                for k in impls:
+                    try:
+                        res[k] = kernel_point(ctx, T, D, L, k)
+                    except Exception as e:  # noqa: BLE001 - keep the other implementation's numbers
+                        errors.append({"T": T, "D": D, "L": L, "kernels": k, "error": f"{type(e).__name__}: {e}"[:500]})
+                if not res:
+                    continue
                 codes = [r.pop("full_codes") for r in res.values()]
                 agree = float((codes[0] == codes[-1]).double().mean()) if codes[0].numel() else 1.0
                 for r in res.values():
@@ -304,7 +311,8 @@ def stage_kernels(ctx: Ctx) -> dict[str, Any]:
                 del res, codes
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    return {"status": "truncated" if truncated else "ok", "copy_bytes_per_s": bw, "points": points}
+    status = "failed" if errors else ("truncated" if truncated else "ok")
+    return {"status": status, "copy_bytes_per_s": bw, "points": points, "errors": errors}
 
 
 # ---------------------------------------------------------------------------------------------- stage 3
@@ -426,11 +434,14 @@ def stage_layer(ctx: Ctx) -> dict[str, Any]:
     for name in ("lshmoe", "lshmoe + LSH (L=6)"):
         layer = modules[name].to(dev)
         step = _fwd_bwd_fn(layer, x[0], g)
-        step()
-        _sync(dev)
-        with HostSyncCounter(dev.type == "cuda") as c:
+        try:
             step()
-        syncs[name] = {"count": c.count, "sites": dict(c.sites.most_common(12))}
+            _sync(dev)
+            with HostSyncCounter(dev.type == "cuda") as c:
+                step()
+            syncs[name] = {"count": c.count, "sites": dict(c.sites.most_common(12))}
+        except Exception as e:  # noqa: BLE001
+            syncs[name] = {"count": -1, "error": f"{type(e).__name__}: {e}"[:500]}
         layer.to("cpu")
     shape = dict(T=s.layer_tokens, D=s.layer_d, F=s.layer_f, E=s.layer_e, K=s.layer_k, dtype="bfloat16")
     return {
@@ -521,6 +532,8 @@ def render(results: dict[str, Any]) -> str:
     for name, res in st.items():
         if res.get("status") == "error":
             parts.append(f"Stage `{name}` failed: {res['error'].splitlines()[-1]}")
+        for err in res.get("errors", [])[:5]:
+            parts.append(f"Stage `{name}` error: `{err}`")
     return "\n\n".join(parts)
 
 
