@@ -186,3 +186,26 @@ def test_selection(monkeypatch):
         use_triton("triton", cpu)
     with pytest.raises(UserError, match="lsh.kernels"):
         use_triton("fast", cpu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", ["rate", "error"])
+def test_target_modes_choose_the_same_hashes(device, target):
+    """The target modes pick L from the same statistics with either implementation, step after step."""
+    E, D = 2, 24
+    counts_E = torch.tensor([30, 26], device=device)
+    comps = {
+        k: dyadic_compressor(LSHConfig(num_hashes=4, target=target, target_value=0.5, kernels=k), E, D, device)
+        for k in ("torch", "triton")
+    }
+    for step in range(3):
+        rows = dyadic((56, D), device, seed=step)
+        got = {}
+        for k, comp in comps.items():
+            comp.set_step(0)  # same (rounded) projections every step
+            if target == "error":
+                comp.controller.observe_errors([0.9, 0.6, 0.4 - 0.1 * step, 0.1])
+            got[k] = comp.compress(rows, counts_E)
+        assert comps["triton"].num_hashes == comps["torch"].num_hashes
+        assert torch.equal(got["triton"][2].inverse_N, got["torch"][2].inverse_N)
+        assert torch.equal(got["triton"][1].cpu(), got["torch"][1].cpu())

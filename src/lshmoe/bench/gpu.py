@@ -311,8 +311,45 @@ def stage_kernels(ctx: Ctx) -> dict[str, Any]:
                 del res, codes
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+    tuning = row_block_tuning(ctx) if "triton" in impls and not truncated else []
     status = "failed" if errors else ("truncated" if truncated else "ok")
-    return {"status": status, "copy_bytes_per_s": bw, "points": points, "errors": errors}
+    return {"status": status, "copy_bytes_per_s": bw, "points": points, "errors": errors, "row_blocks": tuning}
+
+
+ROW_BLOCK_CANDIDATES = ((16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (16, 512, 8), (32, 256, 8))
+
+
+def row_block_tuning(ctx: Ctx) -> list[dict[str, Any]]:
+    """Times of the row kernels (gather and scatter of N x D bf16 rows into/from N/5 buckets) per
+    program shape, at the middle grid size, for choosing `lshmoe.kernels.lsh.ROW_BLOCKS`."""
+    from lshmoe.kernels import lsh as K
+
+    s, dev = ctx.sizes, ctx.device
+    T, D = s.tokens[len(s.tokens) // 2], s.widths[-1]
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, D, generator=g, device=dev).to(torch.bfloat16)
+    M = max(1, T // 5)
+    idx = torch.randint(0, M, (T,), generator=g, device=dev)
+    src = torch.randn(M, D, generator=g, device=dev).to(torch.bfloat16)
+    default, out = K.ROW_BLOCKS, []
+    try:
+        for blocks in ROW_BLOCK_CANDIDATES:
+            if ctx.left() < 3.0:
+                break
+            K.ROW_BLOCKS = blocks
+            gather_s = timed(lambda: K.gather_rows(src, idx), dev, s.reps, s.warmup)
+            scatter_s = timed(lambda: K.scatter_rows(x, idx, M), dev, s.reps, s.warmup)
+            # ideal traffic: gather reads M and writes T rows (bf16); scatter reads T bf16, writes M fp32 rows
+            gather_bytes, scatter_bytes = (M + T) * D * 2, (T * 2 + M * 4) * D
+            out.append(
+                {
+                    "blocks": list(blocks), "T": T, "D": D, "gather_s": gather_s, "scatter_s": scatter_s,
+                    "gather_bytes_per_s": gather_bytes / gather_s, "scatter_bytes_per_s": scatter_bytes / scatter_s,
+                }
+            )  # fmt: skip
+    finally:
+        K.ROW_BLOCKS = default
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- stage 3
@@ -516,6 +553,17 @@ def render(results: dict[str, Any]) -> str:
                 ],
                 rows,
             )  # fmt: skip
+        )
+    if k and k.get("row_blocks"):
+        rows = [
+            [str(tuple(r["blocks"])), r["gather_s"] * 1e3, r["gather_bytes_per_s"] / 1e12, r["scatter_s"] * 1e3,
+             r["scatter_bytes_per_s"] / 1e12]
+            for r in k["row_blocks"]
+        ]  # fmt: skip
+        first = k["row_blocks"][0]
+        parts.append(
+            f"Row kernels by program shape (rows, max columns, warps) at T={first['T']}, D={first['D']}; the first "
+            "is the default:\n\n" + md_table(["blocks", "gather ms", "gather TB/s", "scatter ms", "scatter TB/s"], rows)
         )
     lay = st.get("layer")
     if lay and lay.get("rows"):

@@ -42,8 +42,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_d(D: int) -> int:
-    return max(16, min(256, triton.next_power_of_2(D)))
+# (rows, max columns, warps) of one program of the row kernels (scatter_rows, gather_rows); a
+# starting point, not tuned: `lshmoe bench gpu` times alternatives on the GPU.
+ROW_BLOCKS = (16, 256, 4)
+
+
+def _row_grid(N: int, D: int) -> tuple[int, int, int, tuple[int, int]]:
+    bn, bd_max, warps = ROW_BLOCKS
+    bd = max(16, min(bd_max, triton.next_power_of_2(D)))
+    return bn, bd, warps, (triton.cdiv(N, bn), triton.cdiv(D, bd))
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -270,9 +277,8 @@ def scatter_rows(src_ND: torch.Tensor, idx_N: torch.Tensor, m: int) -> torch.Ten
     if N == 0 or m == 0:
         return dst
     src = src_ND if src_ND.stride(1) == 1 else src_ND.contiguous()
-    BLOCK_N, BLOCK_D = 16, _block_d(D)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
-    _scatter_kernel[grid](src, idx_N.contiguous(), dst, N, D, src.stride(0), BLOCK_N, BLOCK_D)
+    BLOCK_N, BLOCK_D, warps, grid = _row_grid(N, D)
+    _scatter_kernel[grid](src, idx_N.contiguous(), dst, N, D, src.stride(0), BLOCK_N, BLOCK_D, num_warps=warps)
     return dst
 
 
@@ -295,8 +301,7 @@ def gather_rows(
     src = src_MD.contiguous()
     sub = sub_MD.contiguous() if has_res else src
     x = x_ND if has_res and x_ND.stride(1) == 1 else (x_ND.contiguous() if has_res else src)
-    BLOCK_N, BLOCK_D = 16, _block_d(D)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
+    BLOCK_N, BLOCK_D, warps, grid = _row_grid(N, D)
     _gather_kernel[grid](
         src,
         idx_N.contiguous(),
@@ -313,6 +318,7 @@ def gather_rows(
         out.dtype == torch.float64,
         BLOCK_N,
         BLOCK_D,
+        num_warps=warps,
     )
     return out
 
@@ -325,8 +331,10 @@ class _SegmentMean(torch.autograd.Function):
     def forward(ctx, x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
         inv_size_M = 1.0 / size_M.to(_acc_dtype(x_ND.dtype))
         ctx.save_for_backward(inverse_N, inv_size_M)
-        sums = scatter_rows(x_ND, inverse_N, size_M.numel())
-        return sums.mul_(inv_size_M[:, None]).to(x_ND.dtype)
+        m = size_M.numel()
+        sums = scatter_rows(x_ND, inverse_N, m)
+        # mean and rounding in one pass: the gather kernel with the identity index
+        return gather_rows(sums, torch.arange(m, device=sums.device), scale_M=inv_size_M, dtype=x_ND.dtype)
 
     @staticmethod
     def backward(ctx, g_MD: torch.Tensor):
