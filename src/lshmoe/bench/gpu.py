@@ -24,11 +24,19 @@ The whole run is bounded by `--budget-s` (default 420 s: 7 minutes on one H200);
 out of time stops between measurements and says so. `--dry-run` runs every stage on the CPU at
 tiny sizes (the kernels in Triton's interpreter) and writes to `runs/gpu-dry-run/` unless `--docs`
 is given, so a dry run never overwrites measured results.
+
+On a GPU machine without network access and without pytest, bring a pure-Python pytest along in an
+ignored folder and put it on the path (16 MB):
+
+    pip install --target .gpu-deps --no-deps --only-binary=:all: --implementation py --python-version 3.10 \
+        pytest pluggy iniconfig packaging pygments exceptiongroup tomli
+    PYTHONPATH=src:.gpu-deps python -m lshmoe bench gpu --docs OUT_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -159,6 +167,8 @@ def _pytest(ctx: Ctx, budget: float) -> dict[str, Any]:
     files = [f for f in TEST_FILES if (ROOT / f).exists()]
     if not files:
         return {"status": "skipped", "reason": f"no test files under {ROOT}"}
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "failed", "reason": "pytest is not installed (see this module's docstring)"}
     with tempfile.TemporaryDirectory(prefix="lshmoe-gpu-") as tmp:
         xml = Path(tmp) / "junit.xml"
         # the dry run collects only the CUDA tests, which skip on the CPU: it checks the wiring

@@ -35,6 +35,8 @@ class HostSyncCounter:
         self._prev_mode = 0
 
     def start(self) -> HostSyncCounter:
+        if self._catch is not None:  # a step that raised never stopped its counter
+            self.stop()
         self.count, self.sites = 0, collections.Counter()
         if self.enabled:
             self._catch = warnings.catch_warnings(record=True)
