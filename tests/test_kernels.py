@@ -155,8 +155,9 @@ def test_compress_restore_backward(device, dtype, compensation):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_ops_match_reference(device, alpha):
-    """The two autograd functions alone, float64, including an empty bucket set (no rows)."""
-    for N, M in ((40, 7), (0, 0), (1, 1)):
+    """The two autograd functions alone, float64: small buckets, none at all, a single row, and
+    buckets larger than a kernel program's row block (its loop runs several times)."""
+    for N, M in ((40, 7), (0, 0), (1, 1), (70, 2)):
         g = torch.Generator().manual_seed(N)
         inv = torch.cat([torch.arange(M), torch.randint(0, max(M, 1), (N - M,), generator=g)])[:N].to(device)
         size = torch.bincount(inv, minlength=M)

@@ -330,7 +330,7 @@ ROW_BLOCK_CANDIDATES = ((16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (
 
 
 def row_block_tuning(ctx: Ctx) -> list[dict[str, Any]]:
-    """Times of the row kernels (gather and scatter of N x D bf16 rows into/from N/5 buckets) per
+    """Times of the row kernels (gather from and segment means into N/5 buckets, N x D bf16 rows) per
     program shape, at the middle grid size, for choosing `lshmoe.kernels.lsh.ROW_BLOCKS`."""
     from lshmoe.kernels import lsh as K
 
@@ -340,6 +340,7 @@ def row_block_tuning(ctx: Ctx) -> list[dict[str, Any]]:
     x = torch.randn(T, D, generator=g, device=dev).to(torch.bfloat16)
     M = max(1, T // 5)
     idx = torch.randint(0, M, (T,), generator=g, device=dev)
+    seg = K.segments(idx, torch.bincount(idx, minlength=M))
     src = torch.randn(M, D, generator=g, device=dev).to(torch.bfloat16)
     default, out = K.ROW_BLOCKS, []
     try:
@@ -348,13 +349,13 @@ def row_block_tuning(ctx: Ctx) -> list[dict[str, Any]]:
                 break
             K.ROW_BLOCKS = blocks
             gather_s = timed(lambda: K.gather_rows(src, idx), dev, s.reps, s.warmup)
-            scatter_s = timed(lambda: K.scatter_rows(x, idx, M), dev, s.reps, s.warmup)
-            # ideal traffic: gather reads M and writes T rows (bf16); scatter reads T bf16, writes M fp32 rows
-            gather_bytes, scatter_bytes = (M + T) * D * 2, (T * 2 + M * 4) * D
+            segment_s = timed(lambda: K.segment_rows(x, seg, mean=True), dev, s.reps, s.warmup)
+            # ideal traffic: gather reads M and writes T rows, segment reads T and writes M rows (bf16)
+            gather_bytes = segment_bytes = (M + T) * D * 2
             out.append(
                 {
-                    "blocks": list(blocks), "T": T, "D": D, "gather_s": gather_s, "scatter_s": scatter_s,
-                    "gather_bytes_per_s": gather_bytes / gather_s, "scatter_bytes_per_s": scatter_bytes / scatter_s,
+                    "blocks": list(blocks), "T": T, "D": D, "gather_s": gather_s, "segment_s": segment_s,
+                    "gather_bytes_per_s": gather_bytes / gather_s, "segment_bytes_per_s": segment_bytes / segment_s,
                 }
             )  # fmt: skip
     finally:
@@ -566,14 +567,14 @@ def render(results: dict[str, Any]) -> str:
         )
     if k and k.get("row_blocks"):
         rows = [
-            [str(tuple(r["blocks"])), r["gather_s"] * 1e3, r["gather_bytes_per_s"] / 1e12, r["scatter_s"] * 1e3,
-             r["scatter_bytes_per_s"] / 1e12]
+            [str(tuple(r["blocks"])), r["gather_s"] * 1e3, r["gather_bytes_per_s"] / 1e12, r["segment_s"] * 1e3,
+             r["segment_bytes_per_s"] / 1e12]
             for r in k["row_blocks"]
         ]  # fmt: skip
         first = k["row_blocks"][0]
         parts.append(
             f"Row kernels by program shape (rows, max columns, warps) at T={first['T']}, D={first['D']}; the first "
-            "is the default:\n\n" + md_table(["blocks", "gather ms", "gather TB/s", "scatter ms", "scatter TB/s"], rows)
+            "is the default:\n\n" + md_table(["blocks", "gather ms", "gather TB/s", "segment ms", "segment TB/s"], rows)
         )
     lay = st.get("layer")
     if lay and lay.get("rows"):

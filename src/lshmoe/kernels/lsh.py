@@ -4,23 +4,28 @@ Shapes: N routed rows (grouped by destination expert), D width, E experts, L has
 per hash, K = L * P projected columns, b buckets per hash, S = b^L buckets per expert, M non-empty
 (expert, bucket) pairs = payload rows.
 
-compress, without a global sort (S buckets per expert are few, so a histogram replaces `unique`):
+compress, without a global sort of the keys (S buckets per expert are few, so a histogram replaces
+`unique`):
 1. `project`:  z_NK = x_ND R_DK, read once, accumulated in float32        (one pass over x)
 2. `bucket_ids`: per row the L codes (cross-polytope: signed argmax; hyperplane: sign bits),
    combined into the mixed-radix id; key = expert * S + id mod S; histogram of the keys (atomics)
 3. compaction (PyTorch, over E * S integers): slot of a key = number of non-empty keys before it,
-   which is the rank `torch.unique(sorted=True)` gives, so ids and payload order equal the reference
-4. `scatter_rows`: centroid sums c_MD += x_n at slot(key_n), float32 atomics  (one pass over x)
+   which is the rank `torch.unique(sorted=True)` gives, so ids and payload order equal the reference;
+   the rows of each bucket are listed by a stable argsort of the N slot ids (integers, not rows)
+4. `segment_rows`: one program per (bucket, column block) sums its rows in float32 and writes the
+   mean, rounded once                                                        (one pass over x)
 restore:   y_n = out[inv_n] - a c[inv_n] + a x_n                           (`gather_rows`)
-backward:  restore: g_out = scatter_sum(g_y by inv) (`scatter_rows`), g_c = -a g_out, g_x = a g_y
+backward:  restore: g_out = segment sums of g_y (`segment_rows`), g_c = -a g_out, g_x = a g_y
            segment mean: g_x = g_c[inv] / size[inv]                           (`gather_rows`)
 
-Every float accumulates in float32 (float64 for float64 inputs) and is rounded once into the
-input's dtype. NOTE: float atomics make the centroid sums' rounding order-dependent on a GPU (not
-bitwise reproducible run to run, within the float32 rounding of a sum); bucket ids are integers and exact.
+Floats accumulate in float32 (float64 for float64 inputs) and are rounded once into the input's
+dtype. No float atomics: a bucket's rows are summed by one program in row order, so results are
+bitwise reproducible run to run (and independent of the program shape's column split).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,7 +38,8 @@ __all__ = [
     "hash_rows",
     "project",
     "restore_compensated",
-    "scatter_rows",
+    "segment_rows",
+    "segments",
     "segment_mean",
 ]
 
@@ -42,8 +48,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# (rows, max columns, warps) of one program of the row kernels (scatter_rows, gather_rows); a
-# starting point, not tuned: `lshmoe bench gpu` times alternatives on the GPU.
+# (rows, max columns, warps) of one program of the row kernels (gather_rows; segment_rows reads
+# `rows` rows of its bucket per step); a starting point, not tuned: `lshmoe bench gpu` times
+# alternatives on the GPU.
 ROW_BLOCKS = (16, 256, 4)
 
 
@@ -133,13 +140,40 @@ def _bucket_kernel(
 
 
 @triton.jit
-def _scatter_kernel(src_ptr, idx_ptr, dst_ptr, N, D, stride_src, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+def _segment_kernel(
+    src_ptr,
+    perm_ptr,
+    start_ptr,
+    size_ptr,
+    out_ptr,
+    D,
+    stride_src,
+    MEAN: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    m = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < N) & (d[None, :] < D)
-    i = tl.load(idx_ptr + rows, mask=rows < N, other=0).to(tl.int64)
-    v = tl.load(src_ptr + rows[:, None] * stride_src + d[None, :], mask=mask, other=0.0)
-    tl.atomic_add(dst_ptr + i[:, None] * D + d[None, :], v.to(dst_ptr.dtype.element_ty), mask=mask)
+    dmask = d < D
+    start = tl.load(start_ptr + m)
+    n = tl.load(size_ptr + m)
+    if F64:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # NOTE: a while loop: a `range` bound read from memory breaks Triton's interpreter (numpy >= 2.4)
+    r0 = n * 0
+    while r0 < n:
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < n
+        rows = tl.load(perm_ptr + start + r, mask=rmask, other=0).to(tl.int64)
+        v = tl.load(src_ptr + rows[:, None] * stride_src + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(v.to(acc.dtype), axis=0)
+        r0 += BLOCK_R
+    if MEAN:
+        acc = acc / tl.maximum(n, 1).to(acc.dtype)
+    tl.store(out_ptr + m.to(tl.int64) * D + d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -270,16 +304,46 @@ def compact(
     return inverse_N, size_M, sent_E
 
 
-def scatter_rows(src_ND: torch.Tensor, idx_N: torch.Tensor, m: int) -> torch.Tensor:
-    """dst_MD[idx_n] += src_n, accumulated in float32 (float64 for float64)."""
-    N, D = src_ND.shape
-    dst = torch.zeros((m, D), dtype=_acc_dtype(src_ND.dtype), device=src_ND.device)
-    if N == 0 or m == 0:
-        return dst
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """The rows of each bucket: perm_N lists row ids bucket by bucket (in row order within a bucket),
+    bucket m's rows are perm_N[start_M[m] : start_M[m] + size_M[m]]."""
+
+    perm_N: torch.Tensor
+    start_M: torch.Tensor
+    size_M: torch.Tensor
+
+
+def segments(inverse_N: torch.Tensor, size_M: torch.Tensor) -> Segments:
+    """Segments of `inverse_N` (bucket of each row) with `size_M` rows per bucket; no host sync."""
+    perm_N = torch.sort(inverse_N, stable=True).indices
+    return Segments(perm_N, torch.cumsum(size_M, 0) - size_M, size_M)
+
+
+def segment_rows(src_ND: torch.Tensor, seg: Segments, *, mean: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out_MD[m] = sum (mean when `mean`) of the rows of bucket m, float32 accumulation, `dtype` out."""
+    M, D = seg.size_M.numel(), src_ND.shape[1]
+    out = torch.empty((M, D), dtype=dtype or src_ND.dtype, device=src_ND.device)
+    if M == 0 or D == 0:
+        return out
     src = src_ND if src_ND.stride(1) == 1 else src_ND.contiguous()
-    BLOCK_N, BLOCK_D, warps, grid = _row_grid(N, D)
-    _scatter_kernel[grid](src, idx_N.contiguous(), dst, N, D, src.stride(0), BLOCK_N, BLOCK_D, num_warps=warps)
-    return dst
+    BLOCK_R, BLOCK_D, warps, _ = _row_grid(M, D)
+    grid = (M, triton.cdiv(D, BLOCK_D))
+    _segment_kernel[grid](
+        src,
+        seg.perm_N,
+        seg.start_M,
+        seg.size_M,
+        out,
+        D,
+        src.stride(0),
+        mean,
+        out.dtype == torch.float64,
+        BLOCK_R,
+        BLOCK_D,
+        num_warps=warps,
+    )
+    return out
 
 
 def gather_rows(
@@ -329,16 +393,13 @@ def gather_rows(
 class _SegmentMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
-        inv_size_M = 1.0 / size_M.to(_acc_dtype(x_ND.dtype))
-        ctx.save_for_backward(inverse_N, inv_size_M)
-        m = size_M.numel()
-        sums = scatter_rows(x_ND, inverse_N, m)
-        # mean and rounding in one pass: the gather kernel with the identity index
-        return gather_rows(sums, torch.arange(m, device=sums.device), scale_M=inv_size_M, dtype=x_ND.dtype)
+        ctx.save_for_backward(inverse_N, size_M)
+        return segment_rows(x_ND, segments(inverse_N, size_M), mean=True)
 
     @staticmethod
     def backward(ctx, g_MD: torch.Tensor):
-        inverse_N, inv_size_M = ctx.saved_tensors
+        inverse_N, size_M = ctx.saved_tensors
+        inv_size_M = 1.0 / size_M.to(_acc_dtype(g_MD.dtype))
         return gather_rows(g_MD, inverse_N, scale_M=inv_size_M), None, None
 
 
@@ -357,7 +418,9 @@ class _Restore(torch.autograd.Function):
     def backward(ctx, g_ND: torch.Tensor):
         (inverse_N,) = ctx.saved_tensors
         a = ctx.alpha
-        g_MD = scatter_rows(g_ND, inverse_N, ctx.m).to(g_ND.dtype)
+        ones = torch.ones_like(inverse_N)
+        size_M = torch.zeros(ctx.m, dtype=inverse_N.dtype, device=inverse_N.device).index_add_(0, inverse_N, ones)
+        g_MD = segment_rows(g_ND, segments(inverse_N, size_M), mean=False)
         if a == 0.0:
             return g_MD, None, None, None, None
         if a == 1.0:
