@@ -74,7 +74,8 @@ class LSHCompressor:
             R = draw_projections(
                 self.cfg.family, self.d_model, self.cfg.num_hashes, self.cfg.buckets_per_hash, generator(*key)
             )
-            self._proj = (key, R.to(device))
+            # NOTE: pinned and non-blocking on CUDA: a pageable host-to-device copy is a host sync per redraw
+            self._proj = (key, R.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else R.to(device))
         return self._proj[1]
 
     # ------------------------------------------------------------------------------ bucketing

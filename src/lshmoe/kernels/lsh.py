@@ -282,7 +282,8 @@ def hash_rows(
     z_NK = project(rows_ND, R_DLP.reshape(D, L * P))
     if center:
         sums_EK = z_NK.new_zeros(num_experts, L * P).index_add_(0, expert_N, z_NK)
-        cnt_E = torch.bincount(expert_N, minlength=num_experts).clamp(min=1).to(z_NK.dtype)
+        ones_N = torch.ones_like(z_NK[:, 0])
+        cnt_E = z_NK.new_zeros(num_experts).index_add_(0, expert_N, ones_N).clamp(min=1)  # bincount would sync
         z_NK = z_NK - (sums_EK / cnt_E[:, None]).index_select(0, expert_N)
     return bucket_ids(z_NK.view(-1, L, P), expert_N, family, buckets, num_hashes, num_experts)
 
