@@ -80,7 +80,8 @@ class Sizes:
         "--d-model", "256", "--n-layers", "4", "--n-heads", "4", "--seq-len", "128", "--batch-size", "8",
         "--num-experts", "8", "--d-expert", "512",
     )  # fmt: skip
-    budgets_s: dict[str, float] = field(default_factory=lambda: {"tests": 170.0, "kernels": 150.0, "layer": 80.0})
+    # expected on an H200: tests ~2 min (Triton compiles included), kernels ~1 min, layer ~30 s
+    budgets_s: dict[str, float] = field(default_factory=lambda: {"tests": 200.0, "kernels": 130.0, "layer": 70.0})
 
 
 DRY = Sizes(
@@ -238,7 +239,7 @@ def _smoke(ctx: Ctx, budget: float) -> dict[str, Any]:
 
 
 def stage_tests(ctx: Ctx) -> dict[str, Any]:
-    res = {"pytest": _pytest(ctx, max(10.0, ctx.left() - 45.0))}
+    res = {"pytest": _pytest(ctx, max(10.0, ctx.left() - 60.0))}  # the smoke keeps at least a minute
     res["smoke"] = _smoke(ctx, max(10.0, ctx.left()))
     res["status"] = "ok" if all(r["status"] in ("ok", "skipped") for r in res.values()) else "failed"
     return res

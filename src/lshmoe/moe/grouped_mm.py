@@ -2,20 +2,30 @@
 
     out_NF[rows of group g] = x_ND[rows of group g] @ w_GDF[g]
 
-On CUDA with float32/bfloat16/float16 inputs this uses `torch._grouped_mm` (one kernel for all
+On CUDA (sm90 and newer) with bfloat16 inputs this uses `torch._grouped_mm` (one kernel for all
 groups); everywhere else (CPU, float64, misaligned shapes) it loops over the groups, which on a CPU
 is as fast as it gets and keeps float64 exactness for the reference tests. Groups may be empty.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _FAST_DTYPES = (torch.bfloat16,)
 
 
+@functools.cache
+def _capable(device_index: int) -> bool:
+    # NOTE: torch._grouped_mm's bf16 kernel targets Hopper (sm90) and newer; older GPUs take the loop
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def _fast_path_ok(x_ND: torch.Tensor, w_GDF: torch.Tensor) -> bool:
     if not (x_ND.is_cuda and hasattr(torch, "_grouped_mm") and x_ND.dtype in _FAST_DTYPES):
+        return False
+    if not _capable(x_ND.device.index if x_ND.device.index is not None else torch.cuda.current_device()):
         return False
     # The kernel needs 16-byte aligned row strides on both operands.
     align = 16 // x_ND.element_size()
