@@ -440,7 +440,7 @@ class RawGroupedMM(torch.nn.Module):
 
 
 def stage_layer(ctx: Ctx) -> dict[str, Any]:
-    from lshmoe.config import LSHConfig, MoEConfig
+    from lshmoe.config import Config, MoEConfig
     from lshmoe.distributed.comm import Comm
     from lshmoe.distributed.syncs import HostSyncCounter
     from lshmoe.moe.layer import MoELayer
@@ -453,10 +453,8 @@ def stage_layer(ctx: Ctx) -> dict[str, Any]:
         cfg = MoEConfig(
             num_experts=s.layer_e, top_k=s.layer_k, d_expert=s.layer_f, activation="swiglu", compress=compress
         )
-        layer = MoELayer(cfg, s.layer_d, comm, layer_id=0, lsh=LSHConfig())
-        with torch.no_grad():
-            layer.router.weight.normal_(0, 0.02)
-        layer.experts.reset_parameters(0, 0, 0.02, 0.02)
+        layer = MoELayer(cfg, s.layer_d, comm, layer_id=0, settings=Config())
+        layer.reset_parameters(0, 0.02)
         modules[name] = layer
     notes = []
     try:
