@@ -261,14 +261,15 @@ def clustered_rows(T: int, D: int, groups: int, device: torch.device, per_centre
 
 
 def kernel_point(ctx: Ctx, T: int, D: int, L: int, kernels: str) -> dict[str, Any]:
-    from lshmoe.compress.lsh import LSHCompressor
-    from lshmoe.config import LSHConfig
+    from lshmoe.compress.registry import CompressorContext, build_compressor
+    from lshmoe.config import Config, LSHConfig
 
     s, dev = ctx.sizes, ctx.device
     x = clustered_rows(T, D, s.groups, dev)
     N = x.shape[0]
     counts = torch.full((s.groups,), N // s.groups, device=dev, dtype=torch.int64)
-    comp = LSHCompressor(LSHConfig(num_hashes=L, kernels=kernels), s.groups, D, layer_id=0, seed=0)
+    settings = Config(lsh=LSHConfig(num_hashes=L, kernels=kernels))
+    comp = build_compressor("lsh", CompressorContext(s.groups, D, layer_id=0, seed=0, settings=settings))
     payload, _, meta = comp.compress(x, counts)
     M = payload.shape[0]
     out, g_y = torch.randn_like(payload), torch.randn_like(x)
