@@ -77,7 +77,9 @@ def add_cluster_args(
     """The flags of every benchmark that runs on the emulated cluster; `links=True` takes a comma list
     of rates (`--links`, also spelled `--link`) for benchmarks that sweep the link."""
     g = p.add_argument_group("cluster")
-    g.add_argument("--nodes", type=int, default=nodes, help=f"emulated nodes [default: {nodes}]")
+    g.add_argument(
+        "--nodes", type=int, default=nodes, help=f"nodes (emulated, or the topology on loopback) [default: {nodes}]"
+    )
     g.add_argument(
         "--ranks-per-node", type=int, default=ranks_per_node, help=f"ranks on each node [default: {ranks_per_node}]"
     )

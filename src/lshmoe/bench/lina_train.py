@@ -1,7 +1,7 @@
 """Lina in training: all-to-all priority over the gradient all-reduce, on the emulated cluster.
 
 Three ways to synchronise dense gradients, trained side by side in the same rank processes on 2
-emulated nodes x 2 ranks (interleaved blocks of steps, `bench/ab_worker.py`):
+emulated nodes x 2 ranks by default (interleaved blocks of steps, `bench/ab_worker.py`):
   sync      all-reduce after the backward pass (no overlap, so no contention: the reference);
   fair      DDP-like: chunks issued as soon as their gradients are ready, sharing the link with the
             backward all-to-alls (the contention Lina measured, ~1.8x median all-to-all slowdown);

@@ -130,10 +130,12 @@ def rebuild_report(out: Path) -> Path:
         p = out / f"{name}.md"
         if p.exists():
             sections.append(p.read_text().replace("](", f"]({rel}").replace(f"]({rel}http", "](http"))
+    where = out.as_posix()
     head = (
-        f"# lshmoe benchmarks\n\nGenerated from `{out.as_posix()}/*.md`; every section names the command that "
-        f"produced it and the machine it ran on. Raw numbers are in `{out.as_posix()}/*.json`. Times are medians "
-        "of interleaved repetitions unless a section says otherwise.\n\n"
+        f"# lshmoe benchmarks\n\nGenerated from `{where}/*.md`; every section names the command that "
+        f"produced it and the machine it ran on (a benchmark writes to `runs/bench/` unless given `--out`: add "
+        f"`--out {where}` to rerun a section into this report). Raw numbers are in `{where}/*.json`. Times are "
+        "medians of interleaved repetitions unless a section says otherwise.\n\n"
     )
     path = out.parent / "benchmarks.md"
     path.write_text(head + "\n".join(sections))

@@ -2,7 +2,7 @@
 
 Variants (each alone and with LSH-MoE compression): top-2 MoE, the shared-expert MoE (shared dense
 expert + top-1), and ScMoE with the shortcut at Pos-1, Pos-2 and Pos-3 (top-1 + shared expert, CG-1),
-plus DGMoE. All train in the same rank processes on 2 emulated nodes x 2 ranks, alternating blocks of
+plus DGMoE. All train in the same rank processes on 2 emulated nodes x 2 ranks (default), alternating blocks of
 steps (`bench/ab_worker.py`); the first round is the ScMoE warm-up in which op and all-to-all times are
 measured and the expert slot is chosen (the paper's Eq. 11).
 
