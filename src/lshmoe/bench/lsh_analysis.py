@@ -34,11 +34,12 @@ import torch
 
 from lshmoe.bench.harness import bench_parser, recorded_args
 from lshmoe.bench.report import md_table, median, print_table, save_plot, write_section
-from lshmoe.compress.base import Compressor
+from lshmoe.compress.protocol import Compressor
+from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import Config, LSHConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
-from lshmoe.moe.layer import MoELayer, build_compressor
+from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.permute import permute_rows, sort_by_expert
 from lshmoe.train.data import default_cache_dir, load_data
 from lshmoe.train.trainer import Trainer
@@ -86,7 +87,8 @@ def capture(model: GPTMoE, data, cfg: Config, batches: int) -> dict[int, list[to
 
 def lsh_compressor(layer: MoELayer, lsh: LSHConfig, d_model: int) -> Compressor:
     """The compressor that `moe.compress=lsh` with these hash settings builds for `layer`."""
-    return build_compressor(replace(layer.cfg, compress="lsh"), lsh, d_model, layer.layer_id, seed=0)
+    ctx = CompressorContext(layer.num_experts, d_model, layer.layer_id, seed=0, settings=replace(Config(), lsh=lsh))
+    return build_compressor("lsh", ctx)
 
 
 @torch.no_grad()
