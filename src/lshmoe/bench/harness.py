@@ -84,7 +84,9 @@ def add_cluster_args(
         "--ranks-per-node", type=int, default=ranks_per_node, help=f"ranks on each node [default: {ranks_per_node}]"
     )
     if links:
-        g.add_argument("--links", "--link", default=link, help=f"inter-node link rates (tc tbf) [default: {link}]")
+        g.add_argument(
+            "--links", "--link", default=link, help=f"inter-node link rates (tc tbf), comma-separated [default: {link}]"
+        )
     else:
         g.add_argument("--link", default=link, help=f"inter-node link rate (tc tbf), e.g. 1gbit [default: {link}]")
     g.add_argument(
