@@ -39,13 +39,18 @@ def from_dict(raw: dict[str, Any], base: Config | None = None, source: str = "co
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
         for key, value in values.items():
-            sec, k = resolve(section, key)
-            hints = leaf_types(type(getattr(cfg, sec)))
-            if k not in hints:
-                near = ", ".join(sorted(leaf_types(type(getattr(cfg, section)))))
-                raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys: {near}")
-            setattr(getattr(cfg, sec), k, coerce(f"{sec}.{k}", value, hints[k]))
+            _assign(cfg, section, key, value, f"{source}: unknown key {section}.{key}")
     return cfg
+
+
+def _assign(cfg: Config, section: str, key: str, value: Any, unknown: str) -> None:
+    """Coerce and set one leaf (following an alias); `unknown` starts the error for a bad key."""
+    sec, k = resolve(section, key)
+    hints = leaf_types(type(getattr(cfg, sec)))
+    if k not in hints:
+        valid = ", ".join(sorted(leaf_types(type(getattr(cfg, section)))))
+        raise ConfigError(f"{unknown}; valid keys: {valid}")
+    setattr(getattr(cfg, sec), k, coerce(f"{sec}.{k}", value, hints[k]))
 
 
 def _deepcopy(cfg: Config) -> Config:
@@ -76,12 +81,7 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     section, key = dotted.split(".", 1)
     if section not in SECTIONS:
         raise ConfigError(f"override {dotted!r}: unknown section {section!r}; valid: {', '.join(SECTIONS)}")
-    sec, k = resolve(section, key)
-    hints = leaf_types(type(getattr(cfg, sec)))
-    if k not in hints:
-        valid = ", ".join(sorted(leaf_types(type(getattr(cfg, section)))))
-        raise ConfigError(f"override {dotted!r}: unknown key; valid keys: {valid}")
-    setattr(getattr(cfg, sec), k, coerce(f"{sec}.{k}", value, hints[k]))
+    _assign(cfg, section, key, value, f"override {dotted!r}: unknown key")
 
 
 def apply_sets(cfg: Config, items: list[str]) -> Config:

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.infer.placement import SPLIT_ALIGN, Placement, send_table
-from lshmoe.moe.dispatch.flat import regroup_index
+from lshmoe.moe.dispatch.flat import permuted_all_to_all, regroup_index, split_fields
 from lshmoe.moe.dispatch.protocol import DispatchMeta, SyncDispatcherBase
 from lshmoe.moe.permute import inverse_permutation
 
@@ -119,9 +118,7 @@ class ReplicaDispatcher(SyncDispatcherBase):
             else:
                 regroup, ungroup = regroup.to(dev), ungroup.to(dev)
         return ReplicaMeta(
-            in_splits=send_WE.sum(1).tolist(),
-            out_splits=recv_WE.sum(1).tolist(),
-            local_counts=recv_WE.sum(0).tolist(),
+            **split_fields(send_WE, recv_WE),
             regroup_R=regroup,
             ungroup_R=ungroup,
             send_M=send,
@@ -150,17 +147,14 @@ class ReplicaDispatcher(SyncDispatcherBase):
         return out
 
     def dispatch(self, payload_MD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
-        if meta.send_M is not None:
-            payload_MD = payload_MD.index_select(0, meta.send_M)
-        recv_RD = all_to_all(
-            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, Tag.moe(self.layer, MoEOp.DISPATCH)
+        tag = Tag.moe(self.layer, MoEOp.DISPATCH)
+        recv_RD = permuted_all_to_all(
+            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, tag, meta.send_M
         )
         return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
-        if meta.ungroup_R is not None:
-            out_RD = out_RD.index_select(0, meta.ungroup_R)
-        back_MD = all_to_all(
-            out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, Tag.moe(self.layer, MoEOp.COMBINE)
+        tag = Tag.moe(self.layer, MoEOp.COMBINE)
+        return permuted_all_to_all(
+            out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.ungroup_R, meta.unsend_M
         )
-        return back_MD if meta.unsend_M is None else back_MD.index_select(0, meta.unsend_M)

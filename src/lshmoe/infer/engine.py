@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,31 +49,28 @@ def expert_local_view(comm: Comm) -> Comm:
     return view
 
 
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What every MoE layer of a served model shares: the world it dispatches over, the two-phase
+    scheduler, and each layer id's index among the MoE layers."""
+
+    world: Comm
+    scheduler: TwoPhaseScheduler
+    index_of: dict[int, int]
+
+
 class LinaMoELayer(MoELayer):
-    """`MoELayer` with all experts local and, from construction, a replica dispatcher over `world`'s
-    world group (source-major: one matmul per source, so each row gets an unreplicated forward's
+    """`MoELayer` with all experts local and, from construction, a replica dispatcher over the
+    serving world (source-major: one matmul per source, so each row gets an unreplicated forward's
     arithmetic); records every call's routing and timing with the scheduler."""
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        d_model: int,
-        comm: Comm,
-        layer_id: int,
-        *,
-        settings: object = None,
-        seed: int = 0,
-        world: Comm,
-        scheduler: TwoPhaseScheduler,
-        index_of: dict[int, int],
-    ):
-        index = index_of[layer_id]
-        replicas = ReplicaDispatcher(
-            world, world.group("world"), cfg.num_experts, layer_id, scheduler.policy(index), source_major=True
-        )
-        super().__init__(cfg, d_model, comm, layer_id, settings=settings, seed=seed, dispatcher=replicas)
+    def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, serving: Serving, **layer_kw):
+        index, world = serving.index_of[layer_id], serving.world
+        policy = serving.scheduler.policy(index)
+        replicas = ReplicaDispatcher(world, world.group("world"), cfg.num_experts, layer_id, policy, source_major=True)
+        super().__init__(cfg, d_model, comm, layer_id, dispatcher=replicas, **layer_kw)
         assert self.experts.num_local == cfg.num_experts, "build with expert_local_view(comm)"
-        self.index, self.scheduler, self.replicas = index, scheduler, replicas
+        self.index, self.scheduler, self.replicas = index, serving.scheduler, replicas
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         t0 = time.perf_counter()
@@ -109,9 +107,8 @@ class InferenceEngine:
             match_k=icfg.match_k,
             ordered_match=icfg.ordered_match,
         )
-        factory = functools.partial(
-            LinaMoELayer, world=comm, scheduler=self.scheduler, index_of={lid: i for i, lid in enumerate(moe_ids)}
-        )
+        serving = Serving(comm, self.scheduler, {lid: i for i, lid in enumerate(moe_ids)})
+        factory = functools.partial(LinaMoELayer, serving=serving)
         self.model = GPTMoE(m, ecfg, vocab_size, expert_local_view(comm), factory, seed=cfg.train.seed)
         self.model.to(device=comm.device, dtype=DTYPES[icfg.dtype or cfg.train.dtype])
         self.model.reset_parameters(cfg.train.seed)

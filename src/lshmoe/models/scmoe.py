@@ -25,6 +25,7 @@ expert twice (hB's pass takes its next-ranked expert instead). Its hA pass is di
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,15 +96,7 @@ class SharedExpertBlock(nn.Module):
     """The shared-expert MoE baseline: a dense shared expert and routed experts on the same input."""
 
     def __init__(
-        self,
-        mcfg: ModelConfig,
-        ecfg: MoEConfig,
-        comm: Comm,
-        layer_id: int,
-        *,
-        combine: str,
-        settings: object,
-        seed: int,
+        self, mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, layer_id: int, *, combine: str, settings: Any, seed: int
     ):
         super().__init__()
         D = mcfg.d_model

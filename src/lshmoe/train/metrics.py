@@ -53,6 +53,20 @@ SCALARS = (
     "dropped_tokens",
     "grad_norm",
 )
+# Per-step values taken from the ledger's StepComm summary.
+FROM_LEDGER = (
+    "a2a_bytes",
+    "a2a_bytes_fwd",
+    "a2a_bytes_bwd",
+    "a2a_meta_bytes",
+    "allreduce_bytes",
+    "a2a_time_s",
+    "a2a_exposed_s",
+    "inter_node_bytes",
+    "intra_node_bytes",
+    "allreduce_time_s",
+    "comm_time_s",
+)
 MEAN_OVER_RANKS = {
     "loss",
     "ce_loss",
@@ -96,20 +110,7 @@ class IntervalStats:
             acc = self.layer_sums.setdefault(layer, {})
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
-        merged = dict(values)
-        merged.update(
-            a2a_bytes=comm_step.a2a_bytes,
-            a2a_bytes_fwd=comm_step.a2a_bytes_fwd,
-            a2a_bytes_bwd=comm_step.a2a_bytes_bwd,
-            a2a_meta_bytes=comm_step.a2a_meta_bytes,
-            allreduce_bytes=comm_step.allreduce_bytes,
-            a2a_time_s=comm_step.a2a_time_s,
-            a2a_exposed_s=comm_step.a2a_exposed_s,
-            inter_node_bytes=comm_step.inter_node_bytes,
-            intra_node_bytes=comm_step.intra_node_bytes,
-            allreduce_time_s=comm_step.allreduce_time_s,
-            comm_time_s=comm_step.comm_time_s,
-        )
+        merged = {**values, **{k: getattr(comm_step, k) for k in FROM_LEDGER}}
         for k in SCALARS:
             self.sums[k] += float(merged.get(k, 0.0))
         self.load += load_LE.double()

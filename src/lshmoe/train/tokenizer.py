@@ -34,4 +34,3 @@ def encode_docs(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
         ids.extend(enc.ids)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int32)
-

@@ -34,6 +34,32 @@ class FlatMeta(DispatchMeta):
     recv_WG: torch.Tensor  # rows this rank receives from each (source rank, local expert)
 
 
+def split_fields(send_WX: torch.Tensor, recv_WX: torch.Tensor) -> dict[str, list[int]]:
+    """The `DispatchMeta` splits from the per-(peer, expert) count tables this rank sends and receives."""
+    return {
+        "in_splits": send_WX.sum(1).tolist(),
+        "out_splits": recv_WX.sum(1).tolist(),
+        "local_counts": recv_WX.sum(0).tolist(),
+    }
+
+
+def permuted_all_to_all(
+    x: torch.Tensor,
+    comm: Comm,
+    group: Group,
+    recv_splits: list[int],
+    send_splits: list[int],
+    tag: Tag,
+    before: torch.Tensor | None = None,
+    after: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows reordered by `before` (None = as they are), exchanged, the received rows reordered by `after`."""
+    if before is not None:
+        x = x.index_select(0, before)
+    y = all_to_all(x, comm, group, recv_splits, send_splits, tag)
+    return y if after is None else y.index_select(0, after)
+
+
 def regroup_index(recv_counts_WG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Permutation taking rows ordered [src][expert] to [expert][src], and its inverse."""
     W, G = recv_counts_WG.shape
@@ -64,28 +90,21 @@ class AllToAllDispatcher:
         if regroup is not None:
             regroup, ungroup = regroup.to(self.comm.device), ungroup.to(self.comm.device)
         return FlatMeta(
-            in_splits=send_WG.sum(1).tolist(),
-            out_splits=recv_WG.sum(1).tolist(),
-            local_counts=recv_WG.sum(0).tolist(),
-            regroup_R=regroup,
-            ungroup_R=ungroup,
-            send_WG=send_WG,
-            recv_WG=recv_WG,
+            **split_fields(send_WG, recv_WG), regroup_R=regroup, ungroup_R=ungroup, send_WG=send_WG, recv_WG=recv_WG
         )
 
     def run_experts(self, experts, received_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
         return experts(received_RD, meta.local_counts)
 
     def dispatch(self, payload_MD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
-        recv_RD = all_to_all(
-            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, self.tag(MoEOp.DISPATCH)
+        tag = self.tag(MoEOp.DISPATCH)
+        return permuted_all_to_all(
+            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, tag, after=meta.regroup_R
         )
-        return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
-        if meta.ungroup_R is not None:
-            out_RD = out_RD.index_select(0, meta.ungroup_R)
-        return all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, self.tag(MoEOp.COMBINE))
+        tag = self.tag(MoEOp.COMBINE)
+        return permuted_all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.ungroup_R)
 
     def dispatch_start(self, payload_MD: torch.Tensor, meta: FlatMeta) -> Inflight:
         h = AsyncAllToAll(self.comm, self.group, meta.out_splits, meta.in_splits, self.tag(MoEOp.DISPATCH))

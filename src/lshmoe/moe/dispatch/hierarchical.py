@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
-from lshmoe.moe.dispatch.flat import FlatMeta, regroup_index
+from lshmoe.moe.dispatch.flat import FlatMeta, permuted_all_to_all, regroup_index
 from lshmoe.moe.dispatch.protocol import SyncDispatcherBase
 from lshmoe.moe.permute import inverse_permutation
 
@@ -111,36 +110,13 @@ class HierarchicalDispatcher(SyncDispatcherBase):
         )
 
     def dispatch(self, payload_MD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
-        a = all_to_all(
-            payload_MD.index_select(0, meta.perm_A),
-            self.comm,
-            self.node_group,
-            meta.a_out,
-            meta.a_in,
-            Tag.moe(self.layer, MoEOp.DISPATCH, "node"),
+        node, lane = Tag.moe(self.layer, MoEOp.DISPATCH, "node"), Tag.moe(self.layer, MoEOp.DISPATCH, "lane")
+        a = permuted_all_to_all(payload_MD, self.comm, self.node_group, meta.a_out, meta.a_in, node, meta.perm_A)
+        return permuted_all_to_all(
+            a, self.comm, self.lane_group, meta.b_out, meta.b_in, lane, meta.perm_B, meta.regroup_R
         )
-        b = all_to_all(
-            a.index_select(0, meta.perm_B),
-            self.comm,
-            self.lane_group,
-            meta.b_out,
-            meta.b_in,
-            Tag.moe(self.layer, MoEOp.DISPATCH, "lane"),
-        )
-        return b if meta.regroup_R is None else b.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
-        if meta.ungroup_R is not None:
-            out_RD = out_RD.index_select(0, meta.ungroup_R)
-        b = all_to_all(
-            out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, Tag.moe(self.layer, MoEOp.COMBINE, "lane")
-        )
-        a = all_to_all(
-            b.index_select(0, meta.inv_B),
-            self.comm,
-            self.node_group,
-            meta.a_in,
-            meta.a_out,
-            Tag.moe(self.layer, MoEOp.COMBINE, "node"),
-        )
-        return a.index_select(0, meta.inv_A)
+        node, lane = Tag.moe(self.layer, MoEOp.COMBINE, "node"), Tag.moe(self.layer, MoEOp.COMBINE, "lane")
+        b = permuted_all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, lane, meta.ungroup_R)
+        return permuted_all_to_all(b, self.comm, self.node_group, meta.a_in, meta.a_out, node, meta.inv_B, meta.inv_A)
