@@ -12,10 +12,10 @@ import pytest
 
 @pytest.mark.slow
 def test_dry_run_writes_every_stage(tmp_path):
-    cmd = [sys.executable, "-m", "lshmoe", "bench", "gpu", "--dry-run", "--docs", str(tmp_path), "--budget-s", "400"]
+    cmd = [sys.executable, "-m", "lshmoe", "bench", "gpu", "--dry-run", "--out", str(tmp_path), "--budget-s", "400"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads((tmp_path / "bench" / "gpu.json").read_text())
+    data = json.loads((tmp_path / "gpu.json").read_text())
     st = data["stages"]
     assert data["dry_run"] and [st[k]["status"] for k in ("tests", "kernels", "layer")] == ["ok"] * 3
     # the CUDA tests were collected (and skip on the CPU); the training smoke ran with LSH
@@ -29,5 +29,5 @@ def test_dry_run_writes_every_stage(tmp_path):
     impls = [r["impl"] for r in st["layer"]["rows"]]
     assert impls[0] == "lshmoe" and impls[-1] == "raw torch._grouped_mm experts"
     assert all(r.get("tokens_per_s", 0) > 0 for r in st["layer"]["rows"]), st["layer"]["rows"]
-    md = (tmp_path / "bench" / "gpu.md").read_text()
+    md = (tmp_path / "gpu.md").read_text()
     assert "Dry run on the CPU" in md and "| T | D | L |" in md

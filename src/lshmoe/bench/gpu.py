@@ -1,6 +1,6 @@
 """`lshmoe bench gpu`: every GPU check and measurement in one bounded command.
 
-Stages, each written to `<docs>/bench/gpu.{json,md}` as soon as it ends (a run cut short keeps
+Stages, each written to `<out>/gpu.{json,md}` as soon as it ends (a run cut short keeps
 what it finished):
 
 1. `tests`: the CUDA tests (`tests/test_kernels.py`, `test_comm_timing.py`, `test_gpu.py`: kernels
@@ -22,15 +22,15 @@ what it finished):
 
 The whole run is bounded by `--budget-s` (default 420 s: 7 minutes on one H200); a stage that runs
 out of time stops between measurements and says so. `--dry-run` runs every stage on the CPU at
-tiny sizes (the kernels in Triton's interpreter) and writes to `runs/gpu-dry-run/` unless `--docs`
-is given, so a dry run never overwrites measured results.
+tiny sizes (the kernels in Triton's interpreter). Results go to `--out` (`runs/bench/` unless
+asked; `--out docs/bench` for the committed report).
 
 On a GPU machine without network access and without pytest, bring a pure-Python pytest along in an
 ignored folder and put it on the path (16 MB):
 
     pip install --target .gpu-deps --no-deps --only-binary=:all: --implementation py --python-version 3.10 \
         pytest pluggy iniconfig packaging pygments exceptiongroup tomli
-    PYTHONPATH=src:.gpu-deps python -m lshmoe bench gpu --docs OUT_DIR
+    PYTHONPATH=src:.gpu-deps python -m lshmoe bench gpu --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -621,26 +621,27 @@ def targets(results: dict[str, Any]) -> str:
     return "### Targets\n\n" + ("\n".join(lines) if lines else "(no stage finished)")
 
 
-def write(results: dict[str, Any]) -> Path:
+def write(out: Path, results: dict[str, Any]) -> Path:
     from lshmoe.bench.report import write_section
 
-    return write_section("gpu", "GPU check: CUDA tests, fused LSH kernels, MoE layer", render(results), results)
+    return write_section(out, "gpu", "GPU check: CUDA tests, fused LSH kernels, MoE layer", render(results), results)
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    from lshmoe.bench.harness import add_out_arg
+
     p = argparse.ArgumentParser(prog="lshmoe bench gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (CI)")
-    p.add_argument("--docs", default=None, help="docs directory to write bench/gpu.{md,json} into")
     p.add_argument("--budget-s", type=float, default=420.0, help="bound on the whole run (seconds)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    return p.parse_args(argv)
+    return add_out_arg(p)
 
 
-def main(argv: list[str]) -> int:
-    a = parse(argv)
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     stages = [x for x in a.stages.split(",") if x]
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -652,7 +653,6 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined (lshmoe.kernels.lsh)
-    os.environ["LSHMOE_DOCS"] = a.docs or ("runs/gpu-dry-run" if a.dry_run else "docs")
     sizes = DRY if a.dry_run else Sizes()
     t_end = time.monotonic() + a.budget_s
     results: dict[str, Any] = {"dry_run": a.dry_run, "device": str(device), "sizes": asdict(sizes), "stages": {}}
@@ -672,7 +672,7 @@ def main(argv: list[str]) -> int:
                 results["stages"][name] = {"status": "error", "error": traceback.format_exc(limit=8)}
                 print(f"[gpu] stage {name}: {type(e).__name__}: {e}", file=sys.stderr)
         results["stages"][name]["stage_s"] = round(time.monotonic() - t0, 1)
-        path = write(results)
+        path = write(a.out, results)
         print(f"[gpu] {name}: {results['stages'][name]['status']} ({results['stages'][name]['stage_s']} s) -> {path}")
     ok = all(r["status"] in ("ok", "skipped", "truncated") for r in results["stages"].values())
     return 0 if ok else 1
