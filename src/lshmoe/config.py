@@ -131,6 +131,39 @@ class MoEConfig:
         choices=("flat", "hierarchical"),
         flag="a2a",
     )
+    # --- routing and experts of modern MoEs (DeepSeek-V3, Qwen-MoE; moe/router.py, moe/shared_experts.py)
+    score: str = _f(
+        "softmax",
+        "router scores: softmax over the experts, or an independent sigmoid per expert (DeepSeek-V3)",
+        choices=("softmax", "sigmoid"),
+    )
+    n_group: int = _f(
+        0, "group-limited routing: experts in n groups, a group scored by its two best scores; 0 = off", ge=0
+    )
+    topk_group: int = _f(0, "group-limited routing: only the best topk_group groups are eligible", ge=0)
+    correction_bias: bool = _f(
+        False, "a per-expert bias added to the scores for choosing experts only, not to their weights"
+    )
+    bias_update_rate: float = _f(
+        0.0,
+        "auxiliary-loss-free balancing: after each step bias += u * sign(mean load - load); needs "
+        "correction_bias; 0 = fixed bias",
+        ge=0,
+    )
+    routed_scaling_factor: float = _f(1.0, "multiplies the routed experts' combine weights", gt=0)
+    normalize_top1: bool = _f(
+        False, "with normalize_weights and top_k=1, the weight is 1 (transformers' rule) instead of the raw score"
+    )
+    aux_convention: str = _f(
+        "lshmoe",
+        "load-balance loss scale: lshmoe = 1 under a uniform router; hf = K times that, as transformers "
+        "computes it (aux_loss_weight = router_aux_loss_coef)",
+        choices=("lshmoe", "hf"),
+    )
+    seq_aux_weight: float = _f(0.0, "weight of the sequence-level load-balance loss (per sequence, averaged)", ge=0)
+    shared_experts: int = _f(0, "SwiGLU shared experts inside the MoE layer, run while the dispatch travels", ge=0)
+    d_shared: int = _f(0, "hidden width of each shared expert; 0 = d_expert", ge=0)
+    shared_gate: bool = _f(False, "scale the shared experts' output by sigmoid(w . x) (Qwen2-MoE)")
 
 
 @dataclass(kw_only=True)
@@ -482,6 +515,21 @@ def _validate_lsh(cfg: Config) -> None:
         raise ConfigError(f"lsh.layers={h.layers!r} must be 'all' or comma-separated block indices") from None
 
 
+def _validate_routing(e: MoEConfig) -> None:
+    if e.n_group > 1:
+        if e.num_experts % e.n_group:
+            raise ConfigError(f"moe.n_group={e.n_group} must divide moe.num_experts={e.num_experts}")
+        if not 1 <= e.topk_group <= e.n_group:
+            raise ConfigError(f"moe.topk_group={e.topk_group} is out of range; must be in [1, moe.n_group={e.n_group}]")
+        if e.topk_group * (e.num_experts // e.n_group) < e.top_k:
+            raise ConfigError(
+                f"moe.topk_group={e.topk_group} groups hold {e.topk_group * (e.num_experts // e.n_group)} experts, "
+                f"fewer than moe.top_k={e.top_k}"
+            )
+    if e.bias_update_rate > 0 and not e.correction_bias:
+        raise ConfigError(f"moe.bias_update_rate={e.bias_update_rate} needs moe.correction_bias=true")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Check every field and cross-field rule; raise a one-line ConfigError on the first violation.
 
@@ -515,6 +563,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
             f"moe.router=locmoe needs model.d_model={m.d_model} divisible by moe.num_experts="
             f"{e.num_experts} (each expert's gate is the mean of one slice of the width)"
         )
+    _validate_routing(e)
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
     if m.moe_every > m.n_layers:

@@ -22,7 +22,8 @@ from lshmoe.moe.dispatch import AllToAllDispatcher, DispatchMeta, Inflight, buil
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
 from lshmoe.moe.pipeline import pipelined_exchange
-from lshmoe.moe.router import RouterOutput, TopKRouter
+from lshmoe.moe.router import RouterOutput, RoutingOptions, TopKRouter
+from lshmoe.moe.shared_experts import SharedExperts
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +85,7 @@ class MoELayer(nn.Module):
             normalize_weights=cfg.normalize_weights,
             gate=cfg.router,
             node_bias=cfg.node_bias,
+            options=RoutingOptions.from_config(cfg),
         )
         # Which node hosts each global expert: expert e lives on EP rank e // num_local.
         self.node_of_E = torch.tensor(
@@ -100,6 +102,10 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(
             num_local, d_model, cfg.d_expert, cfg.activation, first_expert=group.index * num_local
         )
+        self.shared = None
+        if cfg.shared_experts:
+            d_shared = cfg.d_shared or cfg.d_expert
+            self.shared = SharedExperts(d_model, d_shared, cfg.shared_experts, cfg.shared_gate)
         self.compressor = build_compressor(cfg, lsh, d_model, layer_id, seed)
         self.dispatcher = build_dispatcher(comm, group, cfg.num_experts, tag=f"moe{layer_id}", kind=cfg.a2a)
         self.lsh = lsh
@@ -111,8 +117,14 @@ class MoELayer(nn.Module):
         if isinstance(self.compressor, LSHCompressor):
             self.compressor.set_step(step)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
-        return self.finish(self.compute(self.begin(x)))
+    def forward(self, x: torch.Tensor, route: RouterOutput | None = None) -> MoEOutput:
+        if self.shared is None:
+            return self.finish(self.compute(self.begin(x, route)))
+        st = self.begin(x, route, overlap=True)  # the shared experts run while the dispatch travels
+        shared_TD = self.shared(st.x_TD)
+        out = self.finish(self.compute(st))
+        out.y_TD = out.y_TD + shared_TD.view(st.shape)
+        return out
 
     # The same six steps in three stages, so that a caller can overlap the exchanges with its own
     # dense work (ScMoE): begin issues the dispatch, compute runs the experts and issues the combine,
@@ -124,7 +136,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         compressor = self._active_compressor()
-        route = route if route is not None else self.router(x_TD)
+        route = route if route is not None else self.router(x_TD, seq_len=shape[-2] if x.dim() == 3 else None)
         keep_TK = None
         if self.cfg.capacity_factor is not None:
             cap = expert_capacity(T, self.num_experts, self.top_k, self.cfg.capacity_factor)
