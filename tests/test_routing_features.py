@@ -14,8 +14,8 @@ import torch
 from conftest import EXACT
 from moe_cases import D, full_expert_params, init_layer, router_weight
 
-from lshmoe.config import ConfigError, LSHConfig, MoEConfig, validate
 from lshmoe.config import Config as RootConfig
+from lshmoe.config import ConfigError, LSHConfig, MoEConfig, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.reference import reference_moe

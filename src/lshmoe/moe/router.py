@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from lshmoe.distributed.comm import Comm
-
 from lshmoe.moe.locality import GrAPGate, locality_loss, node_limited_mask
 
 
