@@ -75,6 +75,12 @@ class ModelConfig:
     mlp_ratio: float = _f(4.0, "dense MLP hidden width as a multiple of d_model", gt=0)
     norm: str = _f("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
     dropout: float = _f(0.0, "dropout probability", ge=0, lt=1)
+    hf: str | None = _f(
+        None,
+        "fine-tune a local Hugging Face MoE checkpoint directory (config.json + safetensors + tokenizer) "
+        "instead of building a GPT-MoE; its own shapes and routing, the moe.* fields set override the routing",
+        flag="hf",
+    )
 
 
 @dataclass(kw_only=True)
@@ -263,6 +269,7 @@ class TrainConfig:
     nan_policy: str = _f(
         "skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)", choices=("skip", "stop")
     )
+    tensorboard: bool = _f(False, "also write the metrics as TensorBoard event files (needs tensorboard)")
 
 
 @dataclass(kw_only=True)
@@ -579,6 +586,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                 f"dist.fault={cfg.dist.fault!r} must be kind:rank:step with kind in "
                 f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5"
             )
+    if cfg.train.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:

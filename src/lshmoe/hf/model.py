@@ -67,6 +67,11 @@ def moe_config(config: Any, family: Family, overrides: dict[str, Any] | None = N
     return MoEConfig(**fields)
 
 
+def check_ep(mcfg: MoEConfig, ep_size: int, world_size: int) -> None:
+    """The checkpoint's experts must split evenly over the EP group (the usual one-line errors)."""
+    validate(Config(moe=dataclasses.replace(mcfg, ep_size=ep_size)), world_size=world_size)
+
+
 def is_sparse_block(module: nn.Module) -> bool:
     """transformers' sparse MoE blocks all hold a router `gate` and an experts bank `experts`."""
     return hasattr(module, "experts") and hasattr(module, "gate") and not isinstance(module, HFMoEBlock)
@@ -96,8 +101,7 @@ def build_model(
 
     family = family_for(getattr(config, "model_type", None))
     mcfg = moe_config(config, family, overrides)
-    ep = comm.group("ep")
-    validate(Config(moe=dataclasses.replace(mcfg, ep_size=ep.size)), world_size=comm.world_size)
+    check_ep(mcfg, comm.group("ep").size, comm.world_size)
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
