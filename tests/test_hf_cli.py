@@ -7,6 +7,7 @@ validation loss; the exported checkpoint loads in transformers with the trained 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -44,8 +45,11 @@ def test_train_hf_fine_tunes_resumes_exactly_and_exports(tmp_path):
     data = corpus(tmp_path)
     full, half = tmp_path / "full", tmp_path / "half"
     common = ["train", "--hf", str(src), "--data", str(data), *ARGS, "--keep-last", "0", "--steps", "20"]
-    code, err, _ = run([*common, "--out-dir", str(full), "--save-every", "10"])
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    code, err, _ = run([*common, "--out-dir", str(full), "--save-every", "10", *(["--tensorboard"] * tensorboard)])
     assert code == 0, err
+    if tensorboard:  # the metrics as event files too
+        assert list((full / "tensorboard").glob("events.out.tfevents.*"))
     lf = losses(full)
     assert sorted(lf) == [5, 10, 15, 20]
     assert lf[20] < lf[5] - 0.3, lf

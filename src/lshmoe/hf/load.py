@@ -135,7 +135,10 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
             for rel, disk in block_tensor_names(family, prefixes[0], block).items():
                 key = _first(store, [disk] + [disk.replace(prefixes[0], q, 1) for q in prefixes[1:]])
                 p = params[f"{here}.{rel}"]
-                p.copy_(store.read(key, tuple(p.shape)))
+                if rel.endswith("e_score_correction_bias") and key not in store:
+                    p.zero_()  # a bias this run added (moe.correction_bias) starts at zero
+                else:
+                    p.copy_(store.read(key, tuple(p.shape)))
                 done.add(f"{here}.{rel}")
             _load_experts(store, prefixes, block, family)
             read_experts += block.moe.experts.num_local

@@ -1,5 +1,6 @@
-"""lshmoe.hf on bad input: one clear line naming the family, file, tensor or field; and the fused
-3-D expert layout (transformers' in-memory state_dict) loads the same model as the per-expert one."""
+"""lshmoe.hf in one process: the fused 3-D expert layout (transformers' in-memory state_dict) loads the
+same model as the per-expert one; transformers' generation runs unchanged on the converted model; and
+bad input gives one clear line naming the family, file, tensor or field."""
 
 from __future__ import annotations
 
@@ -80,3 +81,28 @@ def test_fused_expert_layout_loads_the_same_model(qwen3, tmp_path):
     b = from_pretrained(fused, dtype=torch.float64)
     ids = torch.randint(0, V, (2, 5))
     assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_generate_is_transformers_own(qwen3):
+    """Greedy generation with the KV cache: the converted model picks the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(qwen3), experts_implementation="eager").double()
+    ref.config.output_router_logits = False  # its aux loss does not take generation's padded masks
+    ours = from_pretrained(qwen3, dtype=torch.float64)
+    ids = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_tensorboard_flag_needs_the_package():
+    import importlib.util
+
+    from lshmoe.config import Config, TrainConfig, validate
+
+    cfg = Config(train=TrainConfig(tensorboard=True))
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="train.tensorboard=true needs the tensorboard package"):
+            validate(cfg)
+    else:
+        assert validate(cfg) is cfg
