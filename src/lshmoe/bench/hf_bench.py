@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worlds", default="2,4", help="EP sizes on gloo CPU ranks after EP 1 ('' = none)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the EP 1 process and of each EP rank")
     p.add_argument("--name", default="hf")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = DTYPES[a.dtype]
     rows: list[dict[str, Any]] = []
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         _save_checkpoint(a, path)
         rows += _measure_ep1(a, path, device, dtype)
         for w in [int(x) for x in a.worlds.split(",") if x.strip()]:
-            res = run_ranks(_ep_worker, w, str(path), a, timeout_s=600, threads=max(1, torch.get_num_threads() // w))
+            res = run_ranks(_ep_worker, w, str(path), a, timeout_s=600, threads=a.threads)
             step_s = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res), strict=True))
             rows.append(
                 dict(
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Qwen3-MoE shape: D={a.d_model}, {a.layers} layers, {a.experts} experts of width {a.d_expert}, top-{a.top_k}, "
         f"vocab {a.vocab}; {a.batch} x {a.seq} tokens per rank per step, AdamW, {a.dtype} on {device.type}. EP 1 "
         f"variants alternate blocks of {a.steps} steps in one process for {a.rounds} rounds after a warm-up "
-        f"round; EP > 1 are gloo ranks on this machine's cores (step = slowest rank). Expert MB = weights + "
+        f"round; EP > 1 are gloo ranks on this machine's cores (step = slowest rank); {a.threads} torch thread(s) "
+        f"per process. Expert MB = weights + "
         f"gradients + Adam moments of the experts a rank holds; peak MB = {peak_kind}.\n\n"
         f"{md_table(headers, table)}\n"
     )
