@@ -14,8 +14,7 @@ import torch
 from conftest import EXACT
 from moe_cases import D, full_expert_params, init_layer, router_weight
 
-from lshmoe.config import Config as RootConfig
-from lshmoe.config import ConfigError, LSHConfig, MoEConfig, validate
+from lshmoe.config import Config, ConfigError, LinaConfig, LSHConfig, MoEConfig, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.reference import reference_moe
@@ -70,7 +69,8 @@ CASES = [
     ),
     dict(
         name="pipelined a2a + groups + shared",
-        moe=dict(num_experts=8, top_k=2, n_group=2, topk_group=1, shared_experts=1, a2a_chunks=2, correction_bias=True),
+        moe=dict(num_experts=8, top_k=2, n_group=2, topk_group=1, shared_experts=1, correction_bias=True),
+        chunks=2,
         seqs=[2, 2, 3, 1],
     ),
     dict(
@@ -126,8 +126,9 @@ def _worker(comm, cases, extra):
     out = []
     for c in cases:
         cfg = _cfg(c, **extra)
-        lsh = LSHConfig(**c["lsh"]) if "lsh" in c else None
-        layer = MoELayer(cfg, D, comm, layer_id=0, lsh=lsh).double()
+        chunks = 1 if extra.get("a2a") == "hierarchical" else c.get("chunks", 1)  # no pipelined 2-level form
+        settings = Config(lsh=LSHConfig(**c.get("lsh", {})), lina=LinaConfig(a2a_chunks=chunks))
+        layer = MoELayer(cfg, D, comm, layer_id=0, settings=settings).double()
         init_layer(layer, cfg)
         with torch.no_grad():
             if cfg.correction_bias:
@@ -260,4 +261,4 @@ def test_aux_free_update_moves_load_towards_balance():
 )
 def test_routing_config_errors(moe, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
-        validate(RootConfig(moe=MoEConfig(num_experts=8, **moe)))
+        validate(Config(moe=MoEConfig(num_experts=8, **moe)))

@@ -54,6 +54,8 @@ def _flag_names() -> dict[str, list[str]]:
         elif counts[key] == 1:
             flags.append(f"--{key.replace('_', '-')}")
         out[dotted] = flags
+    for old, new in C.ALIASES.items():  # a moved key keeps its old dotted flag
+        out[new].append(f"--{old}")
     return out
 
 

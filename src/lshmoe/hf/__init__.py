@@ -55,11 +55,15 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    settings: object = None,
 ) -> nn.Module:
-    """A local checkpoint directory as an expert-parallel model (this rank's experts only)."""
+    """A local checkpoint directory as an expert-parallel model (this rank's experts only);
+    `settings`: a `Config` whose compressor / LocMoE / Lina sections the MoE layers use."""
     comm = comm or Comm.local()
     config = read_config(path)
-    model, _ = build_model(config, comm, dtype=dtype, overrides=overrides, attn_implementation=attn_implementation)
+    model, _ = build_model(
+        config, comm, dtype=dtype, overrides=overrides, attn_implementation=attn_implementation, settings=settings
+    )
     load_weights(model, path)
     return model
 

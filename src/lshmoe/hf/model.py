@@ -95,8 +95,10 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    settings: object = None,
 ) -> tuple[nn.Module, MoEConfig]:
-    """The family's causal LM with expert-parallel MoE blocks, uninitialised, on `comm.device`."""
+    """The family's causal LM with expert-parallel MoE blocks, uninitialised, on `comm.device`.
+    `settings` (a `Config`, optional) gives the MoE layers their compressor / LocMoE / Lina sections."""
     from transformers import AutoModelForCausalLM
 
     family = family_for(getattr(config, "model_type", None))
@@ -105,13 +107,17 @@ def build_model(
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        if is_sparse_block(getattr(layer, "mlp", None)):
-            layer.mlp = HFMoEBlock(MoELayer(mcfg, config.hidden_size, comm, layer_id=i))
+    # The sparse blocks never leave the meta device: they are dropped first, and lshmoe's layers
+    # (this rank's experts only) are created on the device after the rest is materialised.
+    sparse = [i for i, layer in enumerate(model.model.layers) if is_sparse_block(getattr(layer, "mlp", None))]
+    for i in sparse:
+        model.model.layers[i].mlp = nn.Identity()
     model.to_empty(device=comm.device)
     model.to(dtype)
     _fresh_rotary(model, config, comm.device)
+    for i in sparse:
+        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings)
+        model.model.layers[i].mlp = HFMoEBlock(moe).to(device=comm.device, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     # The swapped blocks record their routing for hf/loss.py; transformers' own aux loss would find

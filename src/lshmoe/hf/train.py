@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lshmoe.config import Config, ConfigError, MoEConfig, validate
+from lshmoe.config import DTYPES, Config, ConfigError, MoEConfig, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.errors import DataError, NumericalError, UserError
@@ -44,7 +44,6 @@ from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import MetricsWriter, Progress
 from lshmoe.train.optim import build_optimizer, lr_at, set_lr
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Set by the checkpoint: a run cannot change them.
 SHAPE_FIELDS = ("num_experts", "top_k", "d_expert", "activation")
 
@@ -127,15 +126,15 @@ class HFTrainer:
             raise ConfigError(f"model.seq_len={cfg.model.seq_len} is out of range; the checkpoint allows <= {max_pos}")
         torch.manual_seed(tc.seed * 1000 + comm.rank)
         self.model, self.mcfg = build_model(
-            self.hf_config, comm, dtype=DTYPES[tc.dtype], overrides=moe_overrides(cfg.moe)
+            self.hf_config, comm, dtype=DTYPES[tc.dtype], overrides=moe_overrides(cfg.moe), settings=cfg
         )
         self.data = hf_token_data(self.src, cfg, self.hf_config.vocab_size, lambda m: _log(comm.rank, m))
         self.data.check_seq_len(cfg.model.seq_len)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
         self.sched = None
-        if tc.grad_sync != "sync":
-            self.sched = GradScheduler(self.model, comm, tc.grad_sync, int(tc.chunk_mb * 2**20))
+        if cfg.lina.grad_sync != "sync":
+            self.sched = GradScheduler(self.model, comm, cfg.lina.grad_sync, int(cfg.lina.chunk_mb * 2**20))
             comm.ledger.enable_timeline(50_000)
         self.out_dir = Path(tc.out_dir)
         self.start_step, self.train_time, self.skipped = 0, 0.0, 0
@@ -179,7 +178,7 @@ class HFTrainer:
                 update_correction_biases(self.model, self.comm)
             else:
                 self.skipped += 1
-                if tc.nan_policy == "stop":
+                if self.cfg.fault.nan_policy == "stop":
                     self.save_checkpoint(step)
                     raise NumericalError(f"non-finite gradient norm at step {step}; saved and stopped")
             self.opt.zero_grad(set_to_none=True)

@@ -10,7 +10,8 @@ What is saved, under layout-independent keys so that a checkpoint written by W r
 - `model/<bank>/e<global expert>`: one entry per expert of each expert bank, so a rank loads exactly
   the experts it owns under the new expert-parallel layout;
 - `optim/<same key>/{exp_avg,exp_avg_sq,step}`: the AdamW state, split the same way;
-- `rng/rank<r>`: each rank's torch generator state; `lsh/rank<r>/moe<i>`: the LSH target controller;
+- `rng/rank<r>`: each rank's torch generator state;
+- `compressor/rank<r>/moe<i>/<name>`: each compressor's `state_dict()` (e.g. LSH's L controller);
 - `trainer/{step,train_time_s,skipped_steps}`.
 Learning-rate schedule, data position and LSH projections are functions of the step, so restoring
 the step restores them. `meta.json` holds the model config; loading into an incompatible model is a
@@ -39,13 +40,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from lshmoe.config import Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.errors import UserError
-from lshmoe.models.gpt import is_expert_param, is_node_param
+from lshmoe.moe.param_kinds import is_expert_param, is_node_param
 
 FORMAT = 1
 # Model config fields that change parameter shapes or their meaning; a checkpoint only loads into the same.
 SHAPE_FIELDS = {
     "model": ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "mlp_ratio", "norm"),
-    "moe": ("num_experts", "d_expert", "activation", "node_bias"),
+    "moe": ("num_experts", "d_expert", "activation"),
+    "locmoe": ("node_bias",),
 }
 
 
@@ -56,8 +58,8 @@ class CheckpointError(UserError):
 def _expert_layout(model: nn.Module) -> dict[str, int]:
     """Expert bank parameter name -> global id of this rank's first expert in it."""
     out = {}
-    for name, _ in model.named_parameters():
-        if is_expert_param(name):
+    for name, p in model.named_parameters():
+        if is_expert_param(p):
             owner = model.get_submodule(name.rsplit(".", 1)[0])
             out[name] = owner.first_expert
     return out
@@ -80,7 +82,7 @@ def state_entries(
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         st = _adam_state(opt, p)
-        if is_node_param(name):  # one entry per node; the ranks of a node hold identical copies
+        if is_node_param(p):  # one entry per node; the ranks of a node hold identical copies
             key = f"{name}/node{getattr(model, 'my_node', 0)}"
             out[f"model/{key}"] = p.data
             for k in ("exp_avg", "exp_avg_sq", "step"):

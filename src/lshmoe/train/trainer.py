@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from lshmoe.compress.lsh import LSHCompressor
-from lshmoe.config import Config, validate
+from lshmoe.config import DTYPES, Config, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.errors import NumericalError, UserError
@@ -45,7 +44,6 @@ from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
 from lshmoe.train.optim import build_optimizer, lr_at, set_lr
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 NO_BAD_PARAM = 1 << 30
 
 
@@ -70,15 +68,15 @@ class Trainer:
         self.cfg, self.comm, self.data = cfg, comm, data
         tc = cfg.train
         torch.manual_seed(tc.seed * 1000 + comm.rank)  # dropout and router jitter differ per rank
-        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory, lsh=cfg.lsh, seed=tc.seed)
+        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory, settings=cfg, seed=tc.seed)
         self.model.to(device=comm.device, dtype=DTYPES[tc.dtype])
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
         self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
         self.sched = None
-        if tc.grad_sync != "sync":
-            self.sched = GradScheduler(self.model, comm, tc.grad_sync, int(tc.chunk_mb * 2**20))
+        if cfg.lina.grad_sync != "sync":
+            self.sched = GradScheduler(self.model, comm, cfg.lina.grad_sync, int(cfg.lina.chunk_mb * 2**20))
             comm.ledger.enable_timeline(50_000)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.moe_ids = self.model.moe_ids
@@ -86,7 +84,7 @@ class Trainer:
         self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
         self.out_dir = Path(tc.out_dir)
         self.start_step, self.train_time, self.skipped = 0, 0.0, 0
-        self.fault = _parse_fault(cfg.dist.fault)
+        self.fault = _parse_fault(cfg.fault.inject)
         resume = ckpt.resolve_resume(cfg)
         if resume is not None:
             self.load_checkpoint(resume)
@@ -140,7 +138,9 @@ class Trainer:
         }
         self.last_comm = ledger.end_step()
         self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
-        self.stats.add(values, self.last_comm, load, self.last_layer_stats)
+        self.stats.add(
+            values, self.last_comm, load, self.last_layer_stats, {i: out.moe[i].reduce for i in self.moe_ids}
+        )
         return values
 
     def _first_bad(self, loss: torch.Tensor) -> int:
@@ -163,11 +163,11 @@ class Trainer:
             else (f"the gradient of {self.param_names[i]}" if i < NO_BAD_PARAM else "the synchronised gradients")
         )
         self.skipped += 1
-        if self.cfg.train.nan_policy == "stop":
+        if self.cfg.fault.nan_policy == "stop":
             self.opt.zero_grad(set_to_none=True)
             path = self.save_checkpoint(step) if self.cfg.train.save_every else None
             saved = f"; saved {path}" if path else " (no checkpoint: train.save_every=0)"
-            raise NumericalError(f"non-finite value in {what} at step {step}; stopping (train.nan_policy=stop){saved}")
+            raise NumericalError(f"non-finite value in {what} at step {step}; stopping (fault.nan_policy=stop){saved}")
         _log(self.comm.rank, f"step {step}: non-finite value in {what}; step skipped ({self.skipped} so far)")
 
     # ------------------------------------------------------------------------------------ faults (testing)
@@ -194,12 +194,9 @@ class Trainer:
             "trainer/skipped_steps": torch.tensor(self.skipped),
         }
         for layer in self.model.moe_layers:
-            comp = getattr(layer, "compressor", None)
-            if isinstance(comp, LSHCompressor) and comp.controller is not None:
-                st = comp.controller.state_dict()
-                out[f"lsh/rank{self.comm.rank}/moe{layer.layer_id}"] = torch.tensor(
-                    [st["rate"], st["error"]], dtype=torch.float64
-                )
+            comp = getattr(layer, "compressor", None)  # a peer system's layer has none
+            for name, t in (comp.state_dict() if comp is not None else {}).items():
+                out[f"compressor/rank{self.comm.rank}/moe{layer.layer_id}/{name}"] = t
         return out
 
     def _nodes(self) -> int:
@@ -224,9 +221,9 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
         ckpt.check_compatible(path, meta, self.cfg, self.data.vocab_size)
-        if self.cfg.moe.node_bias and meta.get("nodes") != self._nodes():
+        if self.cfg.locmoe.node_bias and meta.get("nodes") != self._nodes():
             raise ckpt.CheckpointError(
-                f"checkpoint {path} holds per-node router biases (moe.node_bias) for "
+                f"checkpoint {path} holds per-node router biases (locmoe.node_bias) for "
                 f"{meta.get('nodes')} nodes; this run has {self._nodes()} nodes"
             )
         extra = self._extra_entries(0)
@@ -239,10 +236,13 @@ class Trainer:
         self.train_time = float(entries["trainer/train_time_s"])
         self.skipped = int(entries["trainer/skipped_steps"])
         for layer in self.model.moe_layers:
-            key = f"lsh/rank{self.comm.rank}/moe{layer.layer_id}"
-            if key in entries and key not in missing:
-                rate, err = entries[key].tolist()
-                layer.compressor.controller.load_state_dict({"rate": rate, "error": err})
+            comp = getattr(layer, "compressor", None)
+            if comp is None:
+                continue
+            prefix = f"compressor/rank{self.comm.rank}/moe{layer.layer_id}/"
+            comp.load_state_dict(
+                {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix) and k not in missing}
+            )
         _log(
             self.comm.rank,
             f"resumed from {path} at step {self.start_step} "
@@ -374,7 +374,8 @@ def train(cfg: Config) -> TrainResult:
     """Run a training job in this process (one rank of it under torchrun or the local launcher)."""
     comm = init_comm(cfg.dist, cfg.moe.ep_size)
     try:
-        validate(cfg, comm.world_size)
+        ep_nodes = len({comm.node_of.get(r, 0) for r in comm.group("ep").ranks})
+        validate(cfg, comm.world_size, nodes=ep_nodes)
         data = load_data(cfg.data, lambda m: _log(comm.rank, m))
         data.check_seq_len(cfg.model.seq_len)
         return Trainer(cfg, comm, data).run()
