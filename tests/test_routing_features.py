@@ -262,3 +262,26 @@ def test_aux_free_update_moves_load_towards_balance():
 def test_routing_config_errors(moe, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
         validate(Config(moe=MoEConfig(num_experts=8, **moe)))
+
+
+def test_shared_experts_run_while_the_dispatch_is_in_flight():
+    """The layer starts the dispatch, computes the shared experts, then waits for the dispatch."""
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=5, activation="swiglu", shared_experts=1)
+    layer = MoELayer(cfg, D, Comm.local(), 0).double()
+    init_layer(layer, cfg)
+    calls: list[str] = []
+
+    def spy(obj, name):
+        inner = getattr(obj, name)
+
+        def wrapped(*a, **k):
+            calls.append(name)
+            return inner(*a, **k)
+
+        setattr(obj, name, wrapped)
+
+    for name in ("dispatch_start", "dispatch_wait"):
+        spy(layer.dispatcher, name)
+    spy(layer.shared, "forward")
+    layer(torch.randn(2, 3, D, dtype=torch.float64))
+    assert calls == ["dispatch_start", "forward", "dispatch_wait"], calls
