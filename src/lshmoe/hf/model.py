@@ -134,8 +134,4 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, HFMoEBlock]]:
     return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, HFMoEBlock)]
 
 
-def check_family(model_type: str) -> Family:
-    return family_for(model_type)
-
-
-__all__ = ["HFMoEBlock", "build_model", "moe_blocks", "moe_config", "HFError"]
+__all__ = ["HFError", "HFMoEBlock", "build_model", "check_ep", "moe_blocks", "moe_config"]
