@@ -84,6 +84,17 @@ def _expert_bytes(model) -> int:
     return 4 * n
 
 
+def _state_bytes(model) -> int:
+    """Weights + gradients + two Adam moments of every parameter this rank holds."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _rss_mb() -> float:
+    """Resident set size now (Linux), MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -144,6 +155,7 @@ def _measure_ep1(a, path: Path, device, dtype) -> list[dict[str, Any]]:
                 tokens_per_s=tokens / statistics.median(times[n]),
                 step_ms=1000 * statistics.median(times[n]),
                 expert_mb=_expert_bytes(model) / 2**20,
+                state_mb=_state_bytes(model) / 2**20,
                 peak_mb=peak.get(n, float("nan")),
             )
         )
@@ -154,6 +166,7 @@ def _ep_worker(comm, path: str, a: argparse.Namespace) -> dict[str, Any]:
     import lshmoe.hf as H
     from lshmoe.train.grad_sync import GradSync
 
+    rss0 = _rss_mb()
     model = H.from_pretrained(path, comm, dtype=DTYPES[a.dtype])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sync = GradSync(model, comm)
@@ -166,8 +179,12 @@ def _ep_worker(comm, path: str, a: argparse.Namespace) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"times": times[a.steps :], "expert_mb": _expert_bytes(model) / 2**20, "rss_mb": rss}
+    return {
+        "times": times[a.steps :],
+        "expert_mb": _expert_bytes(model) / 2**20,
+        "state_mb": _state_bytes(model) / 2**20,
+        "rss_mb": _rss_mb() - rss0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                     tokens_per_s=w * a.batch * a.seq / step_s,
                     step_ms=1000 * step_s,
                     expert_mb=res[0]["expert_mb"],
+                    state_mb=max(r["state_mb"] for r in res),
                     peak_mb=max(r["rss_mb"] for r in res),
                 )
             )
     best_hf = max((r["tokens_per_s"] for r in rows if r["variant"].startswith("transformers")), default=float("nan"))
-    headers = ["variant", "EP", "tokens/s", "median step ms", "vs best transformers", "expert MB/rank", "peak MB/rank"]
+    headers = ["variant", "EP", "tokens/s", "median step ms", "vs best transformers", "expert MB/rank"]
+    headers += ["model state MB/rank", "memory MB/rank"]
     table = [
         [
             r["variant"],
@@ -219,19 +238,25 @@ def main(argv: list[str] | None = None) -> int:
             r["step_ms"],
             f"{r['tokens_per_s'] / best_hf:.2f}x",
             r["expert_mb"],
+            r["state_mb"],
             r["peak_mb"],
         ]
         for r in rows
     ]
     print_table(headers, table)
-    peak_kind = "max CUDA memory allocated" if device.type == "cuda" else "peak RSS of the rank process (EP > 1 only)"
+    peak_kind = (
+        "max CUDA memory allocated"
+        if device.type == "cuda"
+        else "growth of the rank process's resident set from before the model was built to the end of its "
+        "steps (EP > 1 only: the EP 1 variants share one process)"
+    )
     body = (
         f"Qwen3-MoE shape: D={a.d_model}, {a.layers} layers, {a.experts} experts of width {a.d_expert}, top-{a.top_k}, "
         f"vocab {a.vocab}; {a.batch} x {a.seq} tokens per rank per step, AdamW, {a.dtype} on {device.type}. EP 1 "
         f"variants alternate blocks of {a.steps} steps in one process for {a.rounds} rounds after a warm-up "
         f"round; EP > 1 are gloo ranks on this machine's cores (step = slowest rank); {a.threads} torch thread(s) "
-        f"per process. Expert MB = weights + "
-        f"gradients + Adam moments of the experts a rank holds; peak MB = {peak_kind}.\n\n"
+        f"per process. Expert MB = weights + gradients + Adam moments of the experts a rank holds; model "
+        f"state MB = the same for all its parameters; memory MB = {peak_kind}.\n\n"
         f"{md_table(headers, table)}\n"
     )
     write_section(a.name, f"Hugging Face MoE fine-tuning: lshmoe vs transformers ({device.type})", body, {"rows": rows})
