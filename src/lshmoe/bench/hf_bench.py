@@ -9,7 +9,8 @@ gloo ranks (CPU). Reported: median step time as tokens/s, and per rank the exper
 gradients + Adam moments) and the peak memory (CUDA: max allocated per variant; CPU: peak resident
 set of the rank process).
 
-Run: `lshmoe bench hf` (on a GPU machine: `lshmoe bench hf --device cuda --dtype bfloat16 --worlds ''`).
+Run: `lshmoe bench hf [--out docs/bench]` (on a GPU machine: `lshmoe bench hf --device cuda --dtype bfloat16
+--worlds ''`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lshmoe.bench.harness import add_out_arg
 from lshmoe.bench.report import md_table, print_table, write_section
 from lshmoe.testing import run_ranks
 
@@ -187,7 +189,7 @@ def _ep_worker(comm, path: str, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lshmoe bench hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--experts", type=int, default=16)
@@ -203,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="torch threads of the EP 1 process and of each EP rank")
-    p.add_argument("--name", default="hf")
-    a = p.parse_args(argv)
+    return add_out_arg(p, name="hf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = DTYPES[a.dtype]
@@ -259,5 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"state MB = the same for all its parameters; memory MB = {peak_kind}.\n\n"
         f"{md_table(headers, table)}\n"
     )
-    write_section(a.name, f"Hugging Face MoE fine-tuning: lshmoe vs transformers ({device.type})", body, {"rows": rows})
+    write_section(
+        a.out, a.name, f"Hugging Face MoE fine-tuning: lshmoe vs transformers ({device.type})", body, {"rows": rows}
+    )
     return 0
