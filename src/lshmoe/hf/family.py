@@ -54,3 +54,8 @@ def family_for(model_type: str) -> Family:
 def softmax_aux(config: Any) -> float:
     """transformers adds router_aux_loss_coef * aux only when the config asks for the router logits."""
     return float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else 0.0
+
+
+def renormalised_topk(config: Any) -> dict[str, Any]:
+    """Softmax top-k renormalised when `norm_topk_prob`, with transformers' top-1 rule (OLMoE, Qwen3-MoE)."""
+    return {"normalize_weights": bool(config.norm_topk_prob), "normalize_top1": True}

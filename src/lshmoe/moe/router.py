@@ -67,15 +67,18 @@ class RoutingOptions:
 
     @classmethod
     def from_config(cls, cfg) -> RoutingOptions:  # cfg: MoEConfig (not imported: config imports nothing of moe)
+        same = (
+            "score",
+            "n_group",
+            "topk_group",
+            "correction_bias",
+            "bias_update_rate",
+            "normalize_top1",
+            "aux_convention",
+        )
         return cls(
-            score=cfg.score,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            correction_bias=cfg.correction_bias,
-            bias_update_rate=cfg.bias_update_rate,
+            **{k: getattr(cfg, k) for k in same},
             scaling_factor=cfg.routed_scaling_factor,
-            normalize_top1=cfg.normalize_top1,
-            aux_convention=cfg.aux_convention,
             seq_aux=cfg.seq_aux_weight > 0,
         )
 
