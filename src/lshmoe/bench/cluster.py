@@ -46,6 +46,7 @@ class ABSpec:
     steps_per_round: int = 4
     evaluate: bool = True
     impls: dict[str, str] = field(default_factory=dict)  # variant -> "deepspeed"
+    progress: bool = False  # rank 0 prints a progress line after every block (bench/progress.py)
 
 
 def base_config(sets: list[str]) -> Config:
@@ -68,6 +69,7 @@ def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emul
                 "steps_per_round": spec.steps_per_round,
                 "evaluate": spec.evaluate,
                 "impls": spec.impls,
+                "progress": spec.progress,
                 "out": str(result_path),
             }
         )
