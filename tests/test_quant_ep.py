@@ -19,7 +19,7 @@ from conftest import EXACT
 from moe_cases import D, full_expert_params, init_layer, rank_input, router_weight
 
 from lshmoe.compress.quant import CODECS
-from lshmoe.config import Config, MoEConfig, QuantConfig
+from lshmoe.config import Config, LinaConfig, MoEConfig, QuantConfig
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.reference import expert_ffn, reference_moe
 from lshmoe.testing import run_ranks
@@ -29,10 +29,12 @@ CASES = [  # (compressor, quant.directions, experts, activation)
     ("fp8", "deepseek", 4, "swiglu"),
     ("int8", "all", 4, "gelu"),
 ]
-# vs the unquantized reference, relative Frobenius error of the output and of every gradient: the
-# inputs err by <= 2^-4 (fp8) or <= 2^-8 (int8, half a step of 127 levels) of their block maximum;
-# the small experts here (D = 6, weights ~0.6) pass that on at most ~2x.
-LOSSY = {"fp8": 0.15, "int8": 0.02}
+# vs the unquantized reference, relative Frobenius error of the output and of every gradient: each
+# quantized value errs by <= 2^-4 of itself (fp8) or by <= 1/254 of its block maximum (int8, half a
+# step of 127 levels), on two directions (fp8) or all four (int8 here); the small experts (D = 6,
+# weights ~0.6) pass that on to the gradients at most ~2x. Measured: fp8 <= 0.084 (w1's gradient),
+# int8 <= 0.016. The bounds leave ~2x of margin for other seeds of the same case.
+LOSSY = {"fp8": 0.15, "int8": 0.03}
 
 
 def _cfg(E: int, act: str, compress: str) -> MoEConfig:
@@ -40,34 +42,36 @@ def _cfg(E: int, act: str, compress: str) -> MoEConfig:
 
 
 def _worker(comm):
-    out = []
-    for compress, directions, E, act in CASES:
-        cfg = _cfg(E, act, compress)
-        settings = Config(moe=cfg, quant=QuantConfig(directions=directions))
-        layer = MoELayer(cfg, D, comm, layer_id=0, settings=settings).double()
-        init_layer(layer, cfg)
-        x, cot = rank_input(comm.rank, TOKENS[comm.rank], False)
-        x.requires_grad_(True)
-        comm.ledger.end_step()
-        comm.ledger.enable_timeline(64)
-        comm.ledger.timeline.clear()
-        o = layer(x)
-        (o.y_TD * cot).sum().backward()
-        recs = [(r.tag, r.phase, r.wire_send_bytes) for r in comm.ledger.timeline if r.op == "all_to_all"]
-        ids = layer.router(x.detach()).topk_ids_TK
-        out.append(
-            dict(
-                y=o.y_TD.detach(),
-                gx=x.grad,
-                grouter=layer.router.weight.grad,
-                gexperts={n: p.grad for n, p in layer.experts.named_parameters()},
-                first=layer.experts.first_expert,
-                local=layer.experts.num_local,
-                recs=recs,
-                ids=ids,
-            )
-        )
+    out = [_run(comm, *case) for case in CASES]
+    # the same quantized exchanges issued asynchronously (overlap halves) and as pipelined micro-ops
+    out.append(_run(comm, *CASES[0], overlap=True))
+    out.append(_run(comm, *CASES[0], chunks=2))
     return out
+
+
+def _run(comm, compress, directions, E, act, overlap=False, chunks=1):
+    cfg = _cfg(E, act, compress)
+    settings = Config(moe=cfg, quant=QuantConfig(directions=directions), lina=LinaConfig(a2a_chunks=chunks))
+    layer = MoELayer(cfg, D, comm, layer_id=0, settings=settings).double()
+    init_layer(layer, cfg)
+    x, cot = rank_input(comm.rank, TOKENS[comm.rank], False)
+    x.requires_grad_(True)
+    comm.ledger.end_step()
+    comm.ledger.enable_timeline(64)
+    comm.ledger.timeline.clear()
+    o = layer.finish(layer.compute(layer.begin(x, overlap=overlap))) if overlap else layer(x)
+    (o.y_TD * cot).sum().backward()
+    recs = [(r.tag, r.phase, r.wire_send_bytes) for r in comm.ledger.timeline if r.op == "all_to_all"]
+    return dict(
+        y=o.y_TD.detach(),
+        gx=x.grad,
+        grouter=layer.router.weight.grad,
+        gexperts={n: p.grad for n, p in layer.experts.named_parameters()},
+        first=layer.experts.first_expert,
+        local=layer.experts.num_local,
+        recs=recs,
+        ids=layer.router(x.detach()).topk_ids_TK,
+    )
 
 
 class _Q(torch.autograd.Function):
@@ -154,3 +158,12 @@ def test_quantized_payload_bytes_and_straight_through_gradients():
             assert mine > 0 and theirs > 0
             for key, (rows, quant) in want.items():
                 assert sent[key] == rows * (quantized_bytes if quant else plain_bytes), (compress, r, key)
+    # asynchronous and pipelined exchanges encode the same rows: the same results (to float64
+    # rounding: micro-ops cut the matmuls differently) and the same bytes
+    for r, res in enumerate(results):
+        flat, overlapped, piped = res[0], res[len(CASES)], res[len(CASES) + 1]
+        for other in (overlapped, piped):
+            for k in ("y", "gx", "grouter"):
+                assert (other[k] - flat[k]).abs().max().item() <= EXACT, (r, k)
+        total = lambda recs: sum(b for t, _, b in recs if t.endswith(("dispatch", "combine")))  # noqa: E731
+        assert total(overlapped["recs"]) == total(flat["recs"]) == total(piped["recs"]), r
