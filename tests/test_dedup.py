@@ -1,6 +1,8 @@
 """Per-destination dedup (moe.a2a=dedup) across real gloo ranks: float64-exact against the dense
 reference at W = 2 and 4 (output and the gradients of the input, the router and every expert), the
-bytes it saves on the ledger, its composition with FP8, and its fallback for LSH centroids.
+bytes it saves on the ledger, its composition with FP8, and its fallback for LSH centroids. The
+W = 4 run (2 nodes x 2 ranks) also checks, in the same processes, that the two-level dispatcher
+carries FP8 rows through both of its stages like the flat one.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def _run(comm, cfg: MoEConfig, c: dict):
 
 def _worker(comm, extras: bool):
     out = {c["name"]: _run(comm, _cfg(c), c) for c in CASES}
+    if comm.world_size == 4:
+        c = CASES[0]
+        out["flat+fp8"] = _run(comm, _cfg(c, "flat", "fp8"), c)
+        out["hier+fp8"] = _run(comm, _cfg(c, "hierarchical", "fp8"), c)
     if extras:
         c = CASES[0]
         out["flat"] = _run(comm, _cfg(c, "flat"), c)
@@ -100,7 +106,7 @@ def _unique_rows_to_peers(ids_TK: torch.Tensor, me: int, G: int) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_dedup_equals_dense_reference_and_saves_bytes(world):
-    results = run_ranks(_worker, world, world == 2, timeout_s=60)
+    results = run_ranks(_worker, world, world == 2, timeout_s=60, ranks_per_node=2)
     for c in CASES:
         g_gate, params, per_rank = _reference(c, world)
         got = [res[c["name"]] for res in results]
@@ -141,3 +147,11 @@ def test_dedup_equals_dense_reference_and_saves_bytes(world):
             # LSH payload rows are centroids: dedup sends them as the flat dispatcher does
             assert torch.equal(res["lsh-dedup"]["y"], res["lsh-flat"]["y"])
             assert res["lsh-dedup"]["sent"] == res["lsh-flat"]["sent"]
+    if world == 4:
+        for r, res in enumerate(results):
+            flat, hier = res["flat+fp8"], res["hier+fp8"]
+            for k in ("y", "gx", "grouter"):
+                assert (hier[k] - flat[k]).abs().max().item() <= EXACT, (r, k, "two-level fp8 == flat fp8")
+            stages = [b for (t, ph), b in hier["sent"].items() if t.startswith("moe0.dispatch.") and ph == "forward"]
+            assert len(stages) == 2 and all(b % (D + 1) == 0 for b in stages), (r, hier["sent"])
+            assert sum(stages) > 0

@@ -7,7 +7,7 @@ speedup, its Amdahl bound, validation loss after the same tokens) and writes one
 (`<out>/demo.png`: step-time breakdown and training loss per step). A few minutes on 2 cores, with a
 progress line after every block of steps (steps done of total, each variant's compression rate and
 speedup so far), and a closing line that says which training steps the compression rate was
-measured over (it rises as training goes on).
+measured over (the rate depends on the point of training).
 Without root or iproute2 it says so and runs on loopback, where communication is nearly free.
 """
 
@@ -60,7 +60,8 @@ def rate_note(rows: list[dict], rounds: int, steps_per_round: int) -> str:
         return f"compression rate: every variant sent all routed rows ({where})"
     return (
         f"compression rate (rows sent / rows routed): {', '.join(rates)} of the routed rows, measured over {where}. "
-        "The rate rises as training goes on (activations spread out): see docs/lsh.md for longer runs."
+        "The rate depends on the point of training (the activations change as the model trains); "
+        "docs/lsh.md and docs/benchmarks.md give it for longer runs."
     )
 
 
