@@ -24,9 +24,10 @@ Contract of `Compressor` (the layer relies on nothing else):
   the layer merges them into its metrics under the names the compressor chose.
 - `wires() -> Wires`: how the payload is encoded on each direction of the two exchanges
   (distributed/wire.py; e.g. FP8 bytes plus scales). Default: every direction in the model dtype.
-- `rows_are_tokens`: True when payload row m is a copy of one token (identity, fp8, int8), so a
-  dispatcher may send a token once per destination rank and weight it there (per-destination
-  dedup); False (default) for payloads of merged rows (LSH centroids), which dispatchers send as is.
+- `rows_are_tokens`: True when payload row m is a copy of one token and `restore` hands the
+  returned rows back unchanged (identity, fp8, int8), so a dispatcher may send a token once per
+  destination rank and weight it there (per-destination dedup); False (default) for payloads of
+  merged rows (LSH centroids), which dispatchers send as they are.
 
 Implementations register by name in `registry.py` (`--compress NAME`); nothing outside `compress/`
 names a concrete compressor.
