@@ -39,6 +39,9 @@ def _run(capsys, *argv: str) -> str:
         (["--data", "/nonexistent/corpus.txt"], ["--data /nonexistent/corpus.txt", "no such file"]),
         (["--set", "moe.bogus=1"], ["moe.bogus", "unknown key"]),
         (["--set", "nosection.x=1"], ["unknown section 'nosection'"]),
+        (["--compress", "fp9"], ["moe.compress='fp9'", "fp8, int8, lsh+fp8"]),
+        (["--quant-directions", "some"], ["quant.directions='some'", "deepseek, all"]),
+        (["--a2a", "dedup", "--a2a-chunks", "2"], ["lina.a2a_chunks=2", "moe.a2a=dedup"]),
     ],
 )
 def test_cli_rejects_bad_values(capsys, argv, needles):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lshmoe.bench.progress import Progress
 from lshmoe.config import from_dict
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.train.data import load_data
@@ -87,6 +88,8 @@ def run(spec: dict) -> None:
     steps = dict.fromkeys(names, 0)
     losses: dict[str, list[float]] = {n: [] for n in names}
     by_tag: dict[str, list[dict[str, float]]] = {n: [] for n in names}  # this rank's all-to-all seconds per step
+    rounds = spec["rounds"] + spec["warmup_rounds"]
+    progress = Progress(names, rounds * spec["steps_per_round"] * len(names)) if spec.get("progress") else None
     for rnd in range(spec["rounds"] + spec["warmup_rounds"]):
         measured = rnd >= spec["warmup_rounds"]
         for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
@@ -122,11 +125,15 @@ def run(spec: dict) -> None:
             comm.all_reduce(flag, world, "ab.barrier", phase="metrics")
             if measured and local_first:
                 iface[name] += _iface_tx() - tx0
+            if progress is not None and comm.rank == 0:
+                progress.report(sum(steps.values()), rec)
     out = {
         "world_size": comm.world_size,
         "ranks_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)),
         "variants": {},
     }
+    if progress is not None and comm.rank == 0:
+        print("[demo] training done; validating every variant on the same held-out batches ...", flush=True)
     for name in names:
         res = {}
         for k in PER_STEP:

@@ -4,7 +4,10 @@ Two nodes x two ranks train the default GPT-MoE (16 sequences per rank) twice ov
 LSH-MoE, alternating blocks of steps inside the same processes, over a `tc tbf` limited link between
 the nodes. It prints one table (step time, tokens/s, all-to-all bytes and share, compression rate,
 speedup, its Amdahl bound, validation loss after the same tokens) and writes one plot
-(`<out>/demo.png`: step-time breakdown and training loss per step). A few minutes on 2 cores.
+(`<out>/demo.png`: step-time breakdown and training loss per step). A few minutes on 2 cores, with a
+progress line after every block of steps (steps done of total, each variant's compression rate and
+speedup so far), and a closing line that says which training steps the compression rate was
+measured over (the rate depends on the point of training).
 Without root or iproute2 it says so and runs on loopback, where communication is nearly free.
 """
 
@@ -44,6 +47,23 @@ def _plot(rows: list[dict], result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+WARMUP_ROUNDS = 1
+
+
+def rate_note(rows: list[dict], rounds: int, steps_per_round: int) -> str:
+    """Which compression rate the table shows, and at which point of training it was measured."""
+    first, last = WARMUP_ROUNDS * steps_per_round + 1, (WARMUP_ROUNDS + rounds) * steps_per_round
+    rates = [f"{r['variant']} sent {100 * r['compression_rate']:.1f}%" for r in rows if r["compression_rate"] < 1]
+    where = f"training steps {first}-{last} of each variant, from a fresh initialisation"
+    if not rates:
+        return f"compression rate: every variant sent all routed rows ({where})"
+    return (
+        f"compression rate (rows sent / rows routed): {', '.join(rates)} of the routed rows, measured over {where}. "
+        "The rate depends on the point of training (the activations change as the model trains); "
+        "docs/lsh.md and docs/benchmarks.md give it for longer runs."
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = bench_parser("lshmoe demo", __doc__, out=None, link="500mbit")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where demo.json and demo.png go")
@@ -61,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     where = cluster.where(links="link")
     print(f"training {', '.join(variants)} side by side on {where} ...", flush=True)
     out = a.out
-    result = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=True), cluster)
+    spec = ABSpec(cfgs, a.rounds, WARMUP_ROUNDS, a.steps_per_round, evaluate=True, progress=True)
+    result = run_ab(spec, cluster)
     rows = summarise(result, cluster.world * base.train.batch_size * base.model.seq_len)
     print()
     print(table(rows))
+    print(rate_note(rows, a.rounds, a.steps_per_round))
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps({"where": where, "rows": rows, "result": result}, indent=1))
     _plot(rows, result, out / "demo.png")

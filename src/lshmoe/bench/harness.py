@@ -214,6 +214,7 @@ class ABSpec:
     steps_per_round: int = 4
     evaluate: bool = True
     impls: dict[str, str] = field(default_factory=dict)  # variant -> "deepspeed"
+    progress: bool = False  # rank 0 prints a progress line after every block (bench/progress.py)
 
 
 def run_ab(spec: ABSpec, cluster: Cluster, work_dir: Path | None = None) -> dict:

@@ -9,6 +9,7 @@ from lshmoe.compress.protocol import CompressorBase, Stat
 
 class IdentityCompressor(CompressorBase):
     name = "identity"
+    rows_are_tokens = True
 
     @property
     def stats(self) -> dict[str, Stat]:

@@ -22,6 +22,12 @@ Contract of `Compressor` (the layer relies on nothing else):
   tensors keyed by name (empty for a stateless compressor); restored on resume.
 - `stats`: numbers of the last call as `Stat`s, each saying how it reduces over steps and ranks;
   the layer merges them into its metrics under the names the compressor chose.
+- `wires() -> Wires`: how the payload is encoded on each direction of the two exchanges
+  (distributed/wire.py; e.g. FP8 bytes plus scales). Default: every direction in the model dtype.
+- `rows_are_tokens`: True when payload row m is a copy of one token and `restore` hands the
+  returned rows back unchanged (identity, fp8, int8), so a dispatcher may send a token once per
+  destination rank and weight it there (per-destination dedup); False (default) for payloads of
+  merged rows (LSH centroids), which dispatchers send as they are.
 
 Implementations register by name in `registry.py` (`--compress NAME`); nothing outside `compress/`
 names a concrete compressor.
@@ -35,6 +41,8 @@ from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from lshmoe.distributed.wire import NO_WIRES, Wires
 
 
 class Reduce(str, Enum):
@@ -61,9 +69,12 @@ class Compressor(Protocol):
     """See the module docstring for the contract."""
 
     name: str
+    rows_are_tokens: bool
 
     @property
     def stats(self) -> dict[str, Stat]: ...
+
+    def wires(self) -> Wires: ...
 
     def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
@@ -83,9 +94,14 @@ class Compressor(Protocol):
 
 
 class CompressorBase:
-    """Defaults for the optional parts of the protocol: always active, no probe, no state."""
+    """Defaults for the optional parts of the protocol: always active, no probe, no state, payload
+    rows in the model dtype and not token copies."""
 
     name = "base"
+    rows_are_tokens = False
+
+    def wires(self) -> Wires:
+        return NO_WIRES
 
     def set_step(self, step: int) -> None:
         self.step = step

@@ -17,6 +17,9 @@ from lshmoe.errors import ConfigError
 REGISTRY: dict[str, str] = {
     "identity": "lshmoe.compress.identity:build",
     "lsh": "lshmoe.compress.lsh:build",
+    "fp8": "lshmoe.compress.quant:build_fp8",
+    "int8": "lshmoe.compress.quant:build_int8",
+    "lsh+fp8": "lshmoe.compress.compose:build_lsh_fp8",
 }
 NAMES = tuple(REGISTRY)
 

@@ -26,6 +26,7 @@ from lshmoe.config.schema import (
     LSHConfig,
     ModelConfig,
     MoEConfig,
+    QuantConfig,
     ScMoEConfig,
     TrainConfig,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "LocMoEConfig",
     "ModelConfig",
     "MoEConfig",
+    "QuantConfig",
     "ScMoEConfig",
     "TrainConfig",
     "_f",

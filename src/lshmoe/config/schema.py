@@ -1,7 +1,7 @@
 """The config tree: one typed dataclass per section, one section per system.
 
-`Config` holds the core sections (`model`, `moe`, `data`, `train`, `dist`), the compressor's (`lsh`)
-and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing), `lina`
+`Config` holds the core sections (`model`, `moe`, `data`, `train`, `dist`), the compressors' (`lsh`,
+`quant`) and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing), `lina`
 (all-to-all micro-ops and the gradient scheduler), `infer` (Lina's inference placement) and `fault`
 (fault injection and handling). Fields declare help, range and flag with `_f` (fields.py); the
 YAML/flag machinery is in io.py and every rule in validate.py.
@@ -17,6 +17,7 @@ import torch
 
 from lshmoe.compress.registry import NAMES as COMPRESSORS
 from lshmoe.config.fields import _f
+from lshmoe.moe.dispatch.build import KINDS as DISPATCHERS
 
 PLACEMENTS = ("popularity", "uniform")  # Lina's inference placements
 DTYPES = {
@@ -67,13 +68,14 @@ class MoEConfig:
     normalize_weights: bool = _f(True, "renormalise the top-k router probabilities to sum to 1")
     aux_loss_weight: float = _f(0.01, "weight of the Switch/GShard load-balance loss", ge=0)
     z_loss_weight: float = _f(0.001, "weight of the router z-loss", ge=0)
-    compress: str = _f("identity", "all-to-all payload compressor (lsh = LSH-MoE centroids; see compress/registry.py)",
+    compress: str = _f("identity", "all-to-all payload compressor: lsh = LSH-MoE centroids, fp8/int8 = rows quantized "
+                       "on the wire (quant section), lsh+fp8 = FP8 centroids; see compress/registry.py",
                        choices=COMPRESSORS)
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
     router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
-    a2a: str = _f("flat", "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
-                  choices=("flat", "hierarchical"), flag="a2a")
+    a2a: str = _f("flat", "all-to-all: flat, hierarchical (within the node, then between nodes; needs EP = world), or "
+                  "dedup (flat, a token crosses once per destination rank; lossless)", choices=DISPATCHERS, flag="a2a")
     # routing and experts of modern MoEs (DeepSeek-V3, Qwen-MoE; moe/router.py, moe/shared_experts.py)
     score: str = _f("softmax", "router scores: softmax over the experts, or an independent sigmoid per expert "
                     "(DeepSeek-V3)", choices=("softmax", "sigmoid"))
@@ -127,6 +129,16 @@ class LSHConfig:
         if self.layers.strip() == "all":
             return None
         return {int(t) for t in self.layers.split(",") if t.strip()}
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    """Quantized payloads (moe.compress=fp8 | int8 | lsh+fp8); see compress/quant.py for the format."""
+
+    directions: str = _f("deepseek", "exchanges sent quantized: deepseek = dispatch forward + combine backward (the "
+                         "token->expert directions, as DeepSeek-V3/DeepEP); all = all four",
+                         choices=("deepseek", "all"), flag="quant-directions")
+    eval_quantize: bool = _f(True, "quantize in evaluation too (false: exact rows at eval)")
 
 
 @dataclass(kw_only=True)
@@ -262,6 +274,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     lsh: LSHConfig = field(default_factory=LSHConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     scmoe: ScMoEConfig = field(default_factory=ScMoEConfig)
     locmoe: LocMoEConfig = field(default_factory=LocMoEConfig)
     lina: LinaConfig = field(default_factory=LinaConfig)

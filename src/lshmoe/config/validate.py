@@ -124,10 +124,10 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             "so that the model has at least one MoE block"
         )
     _validate_lsh(cfg)
-    if e.a2a == "hierarchical" and cfg.lina.a2a_chunks > 1:
+    if e.a2a != "flat" and cfg.lina.a2a_chunks > 1:
         raise ConfigError(
             f"lina.a2a_chunks={cfg.lina.a2a_chunks} needs moe.a2a=flat: micro-op pipelining cuts the flat "
-            "all-to-all (the two-level exchange has no pipelined form)"
+            f"all-to-all (moe.a2a={e.a2a} has no pipelined form)"
         )
     if cfg.fault.inject:
         parts = cfg.fault.inject.split(":")

@@ -35,9 +35,10 @@ from torch import nn
 
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
+from lshmoe.distributed.wire import NO_WIRES, Wires
 from lshmoe.infer.placement import SPLIT_ALIGN, Placement, send_table
 from lshmoe.moe.dispatch.flat import permuted_all_to_all, regroup_index, split_fields
-from lshmoe.moe.dispatch.protocol import DispatchMeta, SyncDispatcherBase
+from lshmoe.moe.dispatch.protocol import DispatchMeta, SyncDispatcherBase, TokenRows
 from lshmoe.moe.permute import inverse_permutation
 
 PlacementPolicy = Callable[[torch.Tensor], Placement]  # counts_E of this rank -> the placement of this call
@@ -101,7 +102,8 @@ class ReplicaDispatcher(SyncDispatcherBase):
             )
         return placement
 
-    def plan(self, counts_E: torch.Tensor) -> ReplicaMeta:
+    def plan(self, counts_E: torch.Tensor, tokens: TokenRows | None = None, wires: Wires = NO_WIRES) -> ReplicaMeta:
+        """Every payload row travels as is (`tokens` is not used)."""
         placement = self.placement_for(counts_E)
         dev = self.comm.device
         send_WE = send_table(counts_E.cpu(), placement, self.align)
@@ -125,6 +127,7 @@ class ReplicaDispatcher(SyncDispatcherBase):
             unsend_M=unsend,
             placement=placement,
             recv_WE=recv_WE,
+            wires=wires,
         )
 
     def run_experts(self, experts: nn.Module, received_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
@@ -149,12 +152,27 @@ class ReplicaDispatcher(SyncDispatcherBase):
     def dispatch(self, payload_MD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
         tag = Tag.moe(self.layer, MoEOp.DISPATCH)
         recv_RD = permuted_all_to_all(
-            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, tag, meta.send_M
+            payload_MD,
+            self.comm,
+            self.group,
+            meta.out_splits,
+            meta.in_splits,
+            tag,
+            meta.send_M,
+            wire=meta.wires.dispatch,
         )
         return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
         tag = Tag.moe(self.layer, MoEOp.COMBINE)
         return permuted_all_to_all(
-            out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.ungroup_R, meta.unsend_M
+            out_RD,
+            self.comm,
+            self.group,
+            meta.in_splits,
+            meta.out_splits,
+            tag,
+            meta.ungroup_R,
+            meta.unsend_M,
+            wire=meta.wires.combine,
         )

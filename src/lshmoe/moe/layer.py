@@ -19,7 +19,7 @@ from lshmoe.config import LinaConfig, LocMoEConfig, MoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
-from lshmoe.moe.dispatch import Dispatcher, DispatchMeta, Inflight, build_dispatcher
+from lshmoe.moe.dispatch import Dispatcher, DispatchMeta, Inflight, TokenRows, build_dispatcher
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
 from lshmoe.moe.router import RouterOutput, RoutingOptions, TopKRouter
@@ -171,7 +171,7 @@ class MoELayer(nn.Module):
         perm_N, counts_E = sort_by_expert(route.topk_ids_TK, self.num_experts, keep_TK)
         rows_ND = permute_rows(x_TD, perm_N, route.topk_ids_TK.shape[-1])
         payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E)
-        dmeta = self.dispatcher.plan(sent_counts_E)
+        dmeta = self.dispatcher.plan(sent_counts_E, self._token_rows(compressor, route, perm_N), compressor.wires())
         st = MoEState(
             shape=shape,
             x_TD=x_TD,
@@ -204,7 +204,9 @@ class MoELayer(nn.Module):
         out_MD = self.dispatcher.combine_wait(st.inflight, st.dmeta) if st.overlap else st.combined
         out_ND = st.compressor.restore(out_MD, st.cmeta)
         T = st.x_TD.shape[0]
-        y_TD = unpermute_combine(out_ND, st.perm_N, st.route.weights_TK, T)
+        # a dispatcher that weighted the rows on the experts' side (dedup) hands back weighted sums
+        w_TK = torch.ones_like(st.route.weights_TK) if st.dmeta.weighted else st.route.weights_TK
+        y_TD = unpermute_combine(out_ND, st.perm_N, w_TK, T)
         if st.compressor.probe_due(self.training):
             self._probe(st.compressor, st.cmeta)
         K = st.route.topk_ids_TK.shape[-1]
@@ -219,6 +221,14 @@ class MoELayer(nn.Module):
             stats=stats,
             reduce=reduce,
         )
+
+    @staticmethod
+    def _token_rows(compressor: Compressor, route: RouterOutput, perm_N: torch.Tensor) -> TokenRows | None:
+        """The token and gate weight of each payload row, when the payload rows are token copies."""
+        if not compressor.rows_are_tokens:
+            return None
+        K = route.topk_ids_TK.shape[-1]
+        return TokenRows(token_M=perm_N // K, weight_M=route.weights_TK.reshape(-1).index_select(0, perm_N))
 
     # ---------------------------------------------------------------------------- compression extras
 

@@ -1,6 +1,6 @@
 """Dispatchers: the seam that moves payload rows to their experts' ranks and back (protocol.py)."""
 
 from lshmoe.moe.dispatch.build import build_dispatcher
-from lshmoe.moe.dispatch.protocol import Dispatcher, DispatchMeta, Inflight
+from lshmoe.moe.dispatch.protocol import Dispatcher, DispatchMeta, Inflight, TokenRows
 
-__all__ = ["Dispatcher", "DispatchMeta", "Inflight", "build_dispatcher"]
+__all__ = ["Dispatcher", "DispatchMeta", "Inflight", "TokenRows", "build_dispatcher"]

@@ -1,25 +1,39 @@
-"""Which dispatcher a layer gets: the one registration point of the dispatcher seam."""
+"""Which dispatcher a layer gets: the one registration point of the dispatcher seam (`moe.a2a`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lshmoe.distributed.comm import Comm, Group
+from lshmoe.moe.dispatch.dedup import DedupDispatcher
 from lshmoe.moe.dispatch.flat import AllToAllDispatcher
 from lshmoe.moe.dispatch.hierarchical import HierarchicalDispatcher
 from lshmoe.moe.dispatch.local import LocalDispatcher
 from lshmoe.moe.dispatch.pipelined import PipelinedDispatcher
 from lshmoe.moe.dispatch.protocol import Dispatcher
 
-KINDS = ("flat", "hierarchical")  # moe.a2a
+
+def _flat(comm: Comm, group: Group, num_experts: int, layer: int, chunks: int) -> Dispatcher:
+    flat = AllToAllDispatcher(comm, group, num_experts, layer)
+    return PipelinedDispatcher(flat, chunks) if chunks > 1 else flat
+
+
+# kind -> builder(comm, group, num_experts, layer, chunks); config validation rejects chunks > 1
+# for every kind but flat.
+BUILDERS: dict[str, Callable[..., Dispatcher]] = {
+    "flat": _flat,
+    "hierarchical": lambda comm, group, e, layer, chunks: HierarchicalDispatcher(
+        comm, group, e, layer, comm.group("node").size
+    ),
+    "dedup": lambda comm, group, e, layer, chunks: DedupDispatcher(comm, group, e, layer),
+}
+KINDS = tuple(BUILDERS)
 
 
 def build_dispatcher(
     comm: Comm, group: Group, num_experts: int, layer: int, kind: str = "flat", chunks: int = 1
 ) -> Dispatcher:
-    """EP size 1: local; `hierarchical`: two-level; `flat`: one all-to-all, cut into `chunks`
-    pipelined micro-ops when chunks > 1 (config validation rejects chunks > 1 with hierarchical)."""
+    """EP size 1: local; otherwise the `kind` (flat cut into `chunks` pipelined micro-ops when chunks > 1)."""
     if group.size == 1:
         return LocalDispatcher(num_experts)
-    if kind == "hierarchical":
-        return HierarchicalDispatcher(comm, group, num_experts, layer, comm.group("node").size)
-    flat = AllToAllDispatcher(comm, group, num_experts, layer)
-    return PipelinedDispatcher(flat, chunks) if chunks > 1 else flat
+    return BUILDERS[kind](comm, group, num_experts, layer, chunks)

@@ -22,7 +22,8 @@ from lshmoe.distributed.async_autograd import AsyncAllToAll
 from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
-from lshmoe.moe.dispatch.protocol import DispatchMeta, Inflight
+from lshmoe.distributed.wire import NO_WIRES, PLAIN, Wire, Wires
+from lshmoe.moe.dispatch.protocol import DispatchMeta, Inflight, TokenRows
 from lshmoe.moe.permute import inverse_permutation
 
 
@@ -52,11 +53,13 @@ def permuted_all_to_all(
     tag: Tag,
     before: torch.Tensor | None = None,
     after: torch.Tensor | None = None,
+    wire: Wire = PLAIN,
 ) -> torch.Tensor:
-    """Rows reordered by `before` (None = as they are), exchanged, the received rows reordered by `after`."""
+    """Rows reordered by `before` (None = as they are), exchanged (through `wire`), the received rows
+    reordered by `after`."""
     if before is not None:
         x = x.index_select(0, before)
-    y = all_to_all(x, comm, group, recv_splits, send_splits, tag)
+    y = all_to_all(x, comm, group, recv_splits, send_splits, tag, wire)
     return y if after is None else y.index_select(0, after)
 
 
@@ -81,7 +84,8 @@ class AllToAllDispatcher:
     def tag(self, op: MoEOp) -> Tag:
         return Tag.moe(self.layer, op)
 
-    def plan(self, counts_E: torch.Tensor) -> FlatMeta:
+    def plan(self, counts_E: torch.Tensor, tokens: TokenRows | None = None, wires: Wires = NO_WIRES) -> FlatMeta:
+        """Every payload row travels as is (`tokens` is not used)."""
         W, G = self.group.size, self.num_local
         send_WG = counts_E.to(device=self.comm.device, dtype=torch.int64).view(W, G)
         recv_WG = self.comm.all_to_all_single(send_WG, None, None, self.group, self.tag(MoEOp.COUNTS)).cpu()
@@ -90,7 +94,12 @@ class AllToAllDispatcher:
         if regroup is not None:
             regroup, ungroup = regroup.to(self.comm.device), ungroup.to(self.comm.device)
         return FlatMeta(
-            **split_fields(send_WG, recv_WG), regroup_R=regroup, ungroup_R=ungroup, send_WG=send_WG, recv_WG=recv_WG
+            **split_fields(send_WG, recv_WG),
+            regroup_R=regroup,
+            ungroup_R=ungroup,
+            send_WG=send_WG,
+            recv_WG=recv_WG,
+            wires=wires,
         )
 
     def run_experts(self, experts, received_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
@@ -99,15 +108,25 @@ class AllToAllDispatcher:
     def dispatch(self, payload_MD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
         tag = self.tag(MoEOp.DISPATCH)
         return permuted_all_to_all(
-            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, tag, after=meta.regroup_R
+            payload_MD,
+            self.comm,
+            self.group,
+            meta.out_splits,
+            meta.in_splits,
+            tag,
+            after=meta.regroup_R,
+            wire=meta.wires.dispatch,
         )
 
     def combine(self, out_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
         tag = self.tag(MoEOp.COMBINE)
-        return permuted_all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.ungroup_R)
+        return permuted_all_to_all(
+            out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.ungroup_R, wire=meta.wires.combine
+        )
 
     def dispatch_start(self, payload_MD: torch.Tensor, meta: FlatMeta) -> Inflight:
-        h = AsyncAllToAll(self.comm, self.group, meta.out_splits, meta.in_splits, self.tag(MoEOp.DISPATCH))
+        tag = self.tag(MoEOp.DISPATCH)
+        h = AsyncAllToAll(self.comm, self.group, meta.out_splits, meta.in_splits, tag, meta.wires.dispatch)
         return Inflight(h, h.start(payload_MD))
 
     def dispatch_wait(self, inflight: Inflight, meta: FlatMeta) -> torch.Tensor:
@@ -117,7 +136,8 @@ class AllToAllDispatcher:
     def combine_start(self, out_RD: torch.Tensor, meta: FlatMeta) -> Inflight:
         if meta.ungroup_R is not None:
             out_RD = out_RD.index_select(0, meta.ungroup_R)
-        h = AsyncAllToAll(self.comm, self.group, meta.in_splits, meta.out_splits, self.tag(MoEOp.COMBINE))
+        tag = self.tag(MoEOp.COMBINE)
+        h = AsyncAllToAll(self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.wires.combine)
         return Inflight(h, h.start(out_RD))
 
     def combine_wait(self, inflight: Inflight, meta: FlatMeta) -> torch.Tensor:

@@ -25,8 +25,9 @@ import torch
 
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
+from lshmoe.distributed.wire import NO_WIRES, Wires
 from lshmoe.moe.dispatch.flat import FlatMeta, permuted_all_to_all, regroup_index
-from lshmoe.moe.dispatch.protocol import SyncDispatcherBase
+from lshmoe.moe.dispatch.protocol import SyncDispatcherBase, TokenRows
 from lshmoe.moe.permute import inverse_permutation
 
 
@@ -67,7 +68,8 @@ class HierarchicalDispatcher(SyncDispatcherBase):
         self.R, self.N = ranks_per_node, W // ranks_per_node
         self.node_group, self.lane_group = comm.group("node"), comm.group("lane")
 
-    def plan(self, counts_E: torch.Tensor) -> HierMeta:
+    def plan(self, counts_E: torch.Tensor, tokens: TokenRows | None = None, wires: Wires = NO_WIRES) -> HierMeta:
+        """Every payload row travels as is (`tokens` is not used); both stages use `wires`."""
         W, R, N, G = self.group.size, self.R, self.N, self.num_local
         C_WE = self.comm.all_gather(
             counts_E.to(device=self.comm.device, dtype=torch.int64), self.group, Tag.moe(self.layer, MoEOp.COUNTS)
@@ -107,16 +109,23 @@ class HierarchicalDispatcher(SyncDispatcherBase):
             inv_B=inverse_permutation(perm_B).to(dev),
             b_in=b_in,
             b_out=b_out,
+            wires=wires,
         )
 
     def dispatch(self, payload_MD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
         node, lane = Tag.moe(self.layer, MoEOp.DISPATCH, "node"), Tag.moe(self.layer, MoEOp.DISPATCH, "lane")
-        a = permuted_all_to_all(payload_MD, self.comm, self.node_group, meta.a_out, meta.a_in, node, meta.perm_A)
+        w = meta.wires.dispatch
+        a = permuted_all_to_all(
+            payload_MD, self.comm, self.node_group, meta.a_out, meta.a_in, node, meta.perm_A, wire=w
+        )
         return permuted_all_to_all(
-            a, self.comm, self.lane_group, meta.b_out, meta.b_in, lane, meta.perm_B, meta.regroup_R
+            a, self.comm, self.lane_group, meta.b_out, meta.b_in, lane, meta.perm_B, meta.regroup_R, wire=w
         )
 
     def combine(self, out_RD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
         node, lane = Tag.moe(self.layer, MoEOp.COMBINE, "node"), Tag.moe(self.layer, MoEOp.COMBINE, "lane")
-        b = permuted_all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, lane, meta.ungroup_R)
-        return permuted_all_to_all(b, self.comm, self.node_group, meta.a_in, meta.a_out, node, meta.inv_B, meta.inv_A)
+        w = meta.wires.combine
+        b = permuted_all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, lane, meta.ungroup_R, wire=w)
+        return permuted_all_to_all(
+            b, self.comm, self.node_group, meta.a_in, meta.a_out, node, meta.inv_B, meta.inv_A, wire=w
+        )

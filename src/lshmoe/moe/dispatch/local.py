@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from lshmoe.distributed.wire import NO_WIRES, Wires
 from lshmoe.moe.dispatch.flat import FlatMeta
-from lshmoe.moe.dispatch.protocol import SyncDispatcherBase
+from lshmoe.moe.dispatch.protocol import SyncDispatcherBase, TokenRows
 
 
 class LocalDispatcher(SyncDispatcherBase):
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def plan(self, counts_E: torch.Tensor) -> FlatMeta:
+    def plan(self, counts_E: torch.Tensor, tokens: TokenRows | None = None, wires: Wires = NO_WIRES) -> FlatMeta:
+        """Nothing crosses ranks, so neither `tokens` nor `wires` changes anything."""
         n = int(counts_E.sum())
         c = counts_E.cpu().view(1, -1)
         return FlatMeta(

@@ -21,8 +21,9 @@ from torch import nn
 from lshmoe.distributed.async_autograd import AsyncAllToAll
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
+from lshmoe.distributed.wire import NO_WIRES, Wires
 from lshmoe.moe.dispatch.flat import AllToAllDispatcher, FlatMeta, regroup_index
-from lshmoe.moe.dispatch.protocol import SyncDispatcherBase
+from lshmoe.moe.dispatch.protocol import SyncDispatcherBase, TokenRows
 
 
 def split_counts(counts: torch.Tensor, pieces: int) -> torch.Tensor:
@@ -49,6 +50,7 @@ def pipelined_exchange(
     group: Group,
     layer: int,
     pieces: int,
+    wires: Wires = NO_WIRES,
 ) -> torch.Tensor:
     """Dispatch, experts and combine in `pieces` micro-ops; returns the combined rows in payload order."""
     W, G = send_WG.shape
@@ -66,6 +68,7 @@ def pipelined_exchange(
             recv_parts[i].view(W, G).sum(1).tolist(),
             send_parts[i].view(W, G).sum(1).tolist(),
             Tag.moe(layer, MoEOp.DISPATCH),
+            wires.dispatch,
         )
         handles.append((h, h.start(payload_MD.index_select(0, idx))))
         idx_pieces.append(idx)
@@ -83,9 +86,8 @@ def pipelined_exchange(
         out = experts(rows, recv_i.sum(0).tolist())
         if ungroup is not None:
             out = out.index_select(0, ungroup.to(dev))
-        c = AsyncAllToAll(
-            comm, group, send_parts[i].view(W, G).sum(1).tolist(), recv_i.sum(1).tolist(), Tag.moe(layer, MoEOp.COMBINE)
-        )
+        back = send_parts[i].view(W, G).sum(1).tolist()
+        c = AsyncAllToAll(comm, group, back, recv_i.sum(1).tolist(), Tag.moe(layer, MoEOp.COMBINE), wires.combine)
         inflight.append((c, c.start(out)))
     for c, token in inflight:
         out_pieces.append(c.wait(token))
@@ -103,8 +105,8 @@ class PipelinedDispatcher(SyncDispatcherBase):
         assert pieces > 1, pieces
         self.inner, self.pieces = inner, pieces
 
-    def plan(self, counts_E: torch.Tensor) -> FlatMeta:
-        return self.inner.plan(counts_E)
+    def plan(self, counts_E: torch.Tensor, tokens: TokenRows | None = None, wires: Wires = NO_WIRES) -> FlatMeta:
+        return self.inner.plan(counts_E, tokens, wires)
 
     def dispatch(self, payload_MD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
         return payload_MD  # travels piece by piece inside run_experts
@@ -112,7 +114,15 @@ class PipelinedDispatcher(SyncDispatcherBase):
     def run_experts(self, experts: nn.Module, received_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
         inner = self.inner
         return pipelined_exchange(
-            received_RD, meta.send_WG, meta.recv_WG, experts, inner.comm, inner.group, inner.layer, self.pieces
+            received_RD,
+            meta.send_WG,
+            meta.recv_WG,
+            experts,
+            inner.comm,
+            inner.group,
+            inner.layer,
+            self.pieces,
+            meta.wires,
         )
 
     def combine(self, out_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:

@@ -4,7 +4,12 @@ Shapes: W expert-parallel ranks, M payload rows on the source rank (grouped by g
 order `sort_by_expert` leaves them in), R rows received by this rank for its local experts.
 
 A dispatcher implements five stages over one frozen `DispatchMeta`:
-1. `plan(counts_E) -> meta`: exchange row counts (tag `moe<i>.counts`), decide every split.
+1. `plan(counts_E, tokens=None, wires=NO_WIRES) -> meta`: exchange row counts (tag `moe<i>.counts`),
+   decide every split. `tokens` (`TokenRows`: the token of each payload row and its gate weight) is
+   given when the payload rows are token copies; a dispatcher may use it to send a token once per
+   destination rank and to apply the gate weights there (then `meta.weighted` is True), or ignore
+   it. `wires` are the compressor's codecs for each direction (distributed/wire.py); the
+   dispatcher records them in the meta and hands them to its exchanges.
 2. `dispatch(payload_MD, meta) -> received_RD`: rows to the ranks of their experts, regrouped
    expert-major for the grouped matmul (`meta.local_counts` rows per local expert).
 3. `run_experts(experts, received_RD, meta) -> out_RD`: the local expert computation. Usually
@@ -20,20 +25,32 @@ Rules every implementation keeps:
 - no communication outside these methods, and every rank takes the same collective path whatever
   its load (a rank that sends or receives nothing joins every exchange with empty splits);
 - the exchanges are differentiable: their backward is the reverse exchange, recorded by the ledger;
-- `meta` is frozen and passed from plan to combine; nothing about a call is stored on the dispatcher.
+- `meta` is frozen and passed from plan to combine; nothing about a call is stored on the dispatcher;
+- when `meta.weighted`, `combine` returns rows that already carry the gate weights (and their
+  gradient), and the layer sums them with unit weights; otherwise it weights them itself.
 
 The layer never asks which dispatcher it has. A new one is one file plus one line in `build.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from lshmoe.distributed.async_autograd import AsyncAllToAll
+from lshmoe.distributed.wire import NO_WIRES, Wires
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRows:
+    """Which token each payload row copies (`token_M`, local token index) and its gate weight
+    (`weight_M`, differentiable): what a dispatcher needs to send a token once per destination."""
+
+    token_M: torch.Tensor
+    weight_M: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +60,8 @@ class DispatchMeta:
     in_splits: list[int]  # rows this rank sends to each rank of the group
     out_splits: list[int]  # rows this rank receives from each rank of the group
     local_counts: list[int]  # rows per local expert after regrouping (expert-major)
+    wires: Wires = field(default=NO_WIRES, kw_only=True)  # codecs of the two exchanges
+    weighted: bool = field(default=False, kw_only=True)  # combine's rows carry the gate weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +77,9 @@ class Inflight:
 class Dispatcher(Protocol):
     """See the module docstring for the contract."""
 
-    def plan(self, counts_E: torch.Tensor) -> DispatchMeta: ...
+    def plan(
+        self, counts_E: torch.Tensor, tokens: TokenRows | None = None, wires: Wires = NO_WIRES
+    ) -> DispatchMeta: ...
 
     def dispatch(self, payload_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor: ...
 
