@@ -43,10 +43,17 @@ class _Restore(torch.autograd.Function):
     def backward(ctx, g_ND: torch.Tensor):
         (inverse_N,) = ctx.saved_tensors
         g_MD = g_ND.new_zeros((ctx.m, g_ND.shape[1])).index_add_(0, inverse_N, g_ND)
-        a = ctx.alpha
-        if a == 1.0:
-            return g_MD, -g_MD, g_ND, None, None
-        return g_MD, -a * g_MD, a * g_ND, None, None
+        return restore_grads(g_MD, g_ND, ctx.alpha)
+
+
+def restore_grads(g_MD: torch.Tensor, g_ND: torch.Tensor, alpha: float) -> tuple:
+    """The restore's gradients (out, c, x, inverse, alpha) from the scattered g_MD and the incoming g_ND:
+    g_out = g_MD, g_c = -alpha g_MD, g_x = alpha g_ND (none for c and x when alpha = 0)."""
+    if alpha == 0.0:
+        return g_MD, None, None, None, None
+    if alpha == 1.0:
+        return g_MD, -g_MD, g_ND, None, None
+    return g_MD, -alpha * g_MD, alpha * g_ND, None, None
 
 
 def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:

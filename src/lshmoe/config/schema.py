@@ -271,14 +271,17 @@ class FaultConfig:
 class Config:
     """The whole run."""
 
+    # the core
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # the compressors' options, then one section per system
     lsh: LSHConfig = field(default_factory=LSHConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     scmoe: ScMoEConfig = field(default_factory=ScMoEConfig)
     locmoe: LocMoEConfig = field(default_factory=LocMoEConfig)
     lina: LinaConfig = field(default_factory=LinaConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    # data, optimisation, processes and faults
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)

@@ -9,37 +9,43 @@ the backward traffic too. A `Wire` (distributed/wire.py) encodes either directio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.wire import PLAIN, Wire, send_encoded
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One uneven all-to-all: rank r sends `in_splits[q]` rows to rank q and receives `out_splits[q]`."""
+
+    comm: Comm
+    group: Group
+    out_splits: list[int]
+    in_splits: list[int]
+    tag: str
+    wire: Wire = PLAIN
+
+    def run(self, x: torch.Tensor, codec, backward: bool = False) -> torch.Tensor:
+        """The exchange of `x` (through `codec` when it has one); `backward` swaps the splits."""
+        recv, send = (self.in_splits, self.out_splits) if backward else (self.out_splits, self.in_splits)
+        phase = "backward" if backward else None
+        return send_encoded(
+            x, codec, lambda t: self.comm.all_to_all_single(t, recv, send, self.group, self.tag, phase=phase)
+        )
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        comm: Comm,
-        group: Group,
-        out_splits: list[int],
-        in_splits: list[int],
-        tag: str,
-        wire: Wire,
-    ) -> torch.Tensor:
-        ctx.comm, ctx.group, ctx.splits, ctx.tag, ctx.wire = comm, group, (out_splits, in_splits), tag, wire
-        return send_encoded(x, wire.fwd, lambda t: comm.all_to_all_single(t, out_splits, in_splits, group, tag))
+    def forward(ctx, x: torch.Tensor, ex: Exchange) -> torch.Tensor:
+        ctx.ex = ex
+        return ex.run(x, ex.wire.fwd)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        comm, group, tag = ctx.comm, ctx.group, ctx.tag
-        g = send_encoded(
-            grad.contiguous(),
-            ctx.wire.bwd,
-            lambda t: comm.all_to_all_single(t, in_splits, out_splits, group, tag, phase="backward"),
-        )
-        return g, None, None, None, None, None, None
+        return ctx.ex.run(grad.contiguous(), ctx.ex.wire.bwd, backward=True), None
 
 
 def all_to_all(
@@ -53,4 +59,4 @@ def all_to_all(
 ) -> torch.Tensor:
     """Differentiable all-to-all of rows: rank r sends `in_splits[q]` rows to rank q (each direction
     through `wire`'s codec when it has one)."""
-    return _AllToAll.apply(x, comm, group, list(out_splits), list(in_splits), tag, wire)
+    return _AllToAll.apply(x, Exchange(comm, group, list(out_splits), list(in_splits), tag, wire))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.distributed.wire import NO_WIRES, Wires
@@ -150,17 +151,9 @@ class ReplicaDispatcher(SyncDispatcherBase):
         return out
 
     def dispatch(self, payload_MD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
-        tag = Tag.moe(self.layer, MoEOp.DISPATCH)
-        recv_RD = permuted_all_to_all(
-            payload_MD,
-            self.comm,
-            self.group,
-            meta.out_splits,
-            meta.in_splits,
-            tag,
-            meta.send_M,
-            wire=meta.wires.dispatch,
-        )
+        send_MD = payload_MD if meta.send_M is None else payload_MD.index_select(0, meta.send_M)
+        splits, tag = (meta.out_splits, meta.in_splits), Tag.moe(self.layer, MoEOp.DISPATCH)
+        recv_RD = all_to_all(send_MD, self.comm, self.group, *splits, tag, meta.wires.dispatch)
         return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lshmoe.compress.ops import restore_grads
+
 __all__ = [
     "bucket_ids",
     "compact",
@@ -421,22 +423,14 @@ class _Restore(torch.autograd.Function):
         a = ctx.alpha
         ones = torch.ones_like(inverse_N)
         size_M = torch.zeros(ctx.m, dtype=inverse_N.dtype, device=inverse_N.device).index_add_(0, inverse_N, ones)
-        g_MD = segment_rows(g_ND, segments(inverse_N, size_M), mean=False)
-        if a == 0.0:
-            return g_MD, None, None, None, None
-        if a == 1.0:
-            return g_MD, -g_MD, g_ND, None, None
-        return g_MD, -a * g_MD, a * g_ND, None, None
+        return restore_grads(segment_rows(g_ND, segments(inverse_N, size_M), mean=False), g_ND, a)
 
 
-def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
-    """Mean of the rows of each bucket (as `lshmoe.compress.ops.segment_mean`)."""
-    return _SegmentMean.apply(x_ND, inverse_N, size_M)
+# The fused counterparts of `lshmoe.compress.ops.segment_mean(x_ND, inverse_N, size_M)` and
+# `restore_compensated(out_MD, c_MD, x_ND, inverse_N, alpha)`: same arguments, same results within
+# the tolerances of tests/test_kernels.py; alpha = 0 is the plain gather (no gradient to c or x).
+segment_mean = _SegmentMean.apply
 
 
-def restore_compensated(
-    out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float = 1.0
-) -> torch.Tensor:
-    """out[inv_n] + alpha (x_n - c[inv_n]) for every row n (as `lshmoe.compress.ops.restore_compensated`;
-    alpha = 0 is the plain gather and gives no gradient to c or x)."""
+def restore_compensated(out_MD, c_MD, x_ND, inverse_N, alpha: float = 1.0) -> torch.Tensor:
     return _Restore.apply(out_MD, c_MD, x_ND, inverse_N, float(alpha))
