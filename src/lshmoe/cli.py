@@ -127,6 +127,24 @@ def _under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def prepare(cfg: C.Config) -> None:
+    """Everything that can be checked before a rank starts: the config for the world size, the device,
+    `--resume` (verified), the token data (built once, here) against the sequence length. Raises a
+    one-line UserError."""
+    C.validate(cfg, world_size=cfg.dist.nproc)
+    if cfg.dist.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise C.ConfigError("dist.device=cuda but no CUDA device is visible; use --device cpu")
+    from lshmoe.train.checkpoint import preflight
+    from lshmoe.train.data import load_data
+
+    preflight(cfg)
+    data = load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))
+    data.check_seq_len(cfg.model.seq_len)
+
+
 def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(ns)
     if _under_launcher():
@@ -134,20 +152,15 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
 
         train(cfg)
         return 0
-    C.validate(cfg, world_size=cfg.dist.nproc)
-    from lshmoe.train.checkpoint import preflight
-
-    preflight(cfg)
-    if cfg.dist.nproc == 1:
+    prepare(cfg)
+    if cfg.dist.nproc == 1 and cfg.dist.max_restarts == 0:
         from lshmoe.train.trainer import train
 
         train(cfg)
         return 0
     from lshmoe.distributed.launch import launch
-    from lshmoe.train.data import load_data
 
-    load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))  # build once, here
-    return launch(argv, cfg.dist.nproc)
+    return launch(argv, cfg.dist.nproc, max_restarts=cfg.dist.max_restarts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,7 +219,12 @@ class TrainConfig:
     save_every: int = _f(0, "save a checkpoint every n steps (and at the end); 0 = no checkpoints", ge=0)
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
     ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
-    resume: str = _f("none", "none, auto (latest checkpoint in ckpt_dir if any), or a checkpoint directory")
+    # fault tolerance (with dist.fault and dist.max_restarts)
+    resume: str = _f(
+        "auto",
+        "auto = continue from the latest intact checkpoint in ckpt_dir when there is one (falling back to "
+        "the previous one if it is corrupted), else start afresh; none = start afresh; or a checkpoint directory",
+    )
     grad_sync: str = _f(
         "sync",
         "dense gradients: sync = all-reduced after backward; fair = chunks issued as soon as "
@@ -254,7 +259,18 @@ class DistConfig:
         "return the C heap's free pages to the system every N steps, so resident memory stays flat (glibc); 0 = never",
         ge=0,
     )
-    fault: str = _f("", "fault injection for testing: kind:rank:step, kind in kill|stall|nan|killsave")
+    # fault tolerance (with train.resume)
+    fault: str = _f(
+        "",
+        "fault injection for testing: kind:rank:step[,kind:rank:step...], kind in kill|stall|nan|killsave; "
+        "each fires once per out_dir (recorded in <out_dir>/faults.fired)",
+    )
+    max_restarts: int = _f(
+        0,
+        "--nproc launcher: restart the job up to N times after a rank fails; it resumes from the latest "
+        "checkpoint (under torchrun use its --max-restarts)",
+        ge=0,
+    )
 
 
 @dataclass(kw_only=True)
@@ -273,7 +289,6 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-FAULT_KINDS = ("kill", "stall", "nan", "killsave")
 # Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
 FLAG_PREFIX = {"lsh": "lsh-"}
 
@@ -524,12 +539,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         )
     _validate_lsh(cfg)
     if cfg.dist.fault:
-        parts = cfg.dist.fault.split(":")
-        if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
-            raise ConfigError(
-                f"dist.fault={cfg.dist.fault!r} must be kind:rank:step with kind in "
-                f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5"
-            )
+        from lshmoe.train.faults import parse_faults
+
+        parse_faults(cfg.dist.fault)
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:

@@ -1,9 +1,9 @@
 """Peer health: heartbeats through the rendezvous store, so a failure names the rank that failed.
 
 Every rank runs a daemon thread that publishes `<wall time> <collectives issued>` under
-`lshmoe/hb/<rank>` every `interval_s`, and watches the others:
+`lshmoe/<restart>/hb/<rank>` every `interval_s`, and watches the others:
 
-- a rank whose heartbeat is older than `dead_after_s`, or that posted `lshmoe/failed/<rank>` (a rank
+- a rank whose heartbeat is older than `dead_after_s`, or that posted `.../failed/<rank>` (a rank
   that hit an error writes this before exiting), is declared failed: this rank prints one line naming
   it and exits at once, even if its main thread is blocked inside a collective;
 - when a collective fails on this rank (a peer's connection closed, or the collective timed out),
@@ -12,8 +12,11 @@ Every rank runs a daemon thread that publishes `<wall time> <collectives issued>
   outside them. The result is appended to the `DistError` message.
 
 The store is reached through a dedicated client connection (the same MASTER_ADDR/MASTER_PORT as the
-process group), so the watchdog never shares a socket with the main thread. If the store itself is
-unreachable, the rank hosting it (rank 0 unless torchrun's agent hosts it) is the one that failed.
+process group), so the watchdog never shares a socket with the main thread. A store that cannot be
+reached is retried on a fresh connection every beat (a link that drops for a few seconds is ridden
+out); unreachable for `dead_after_s`, its host (rank 0, or torchrun's agent beside it) is named.
+Keys carry the restart count (TORCHELASTIC_RESTART_COUNT): torchrun's agent keeps its store across
+restarts, and a restarted job must not read the verdicts of the attempt before it.
 """
 
 from __future__ import annotations
@@ -42,34 +45,63 @@ class Watchdog:
     ):
         self.rank, self.world_size, self.seq = rank, world_size, seq
         self.interval_s, self.dead_after_s = interval_s, dead_after_s
-        self.store = store or dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            world_size,
-            is_master=False,
-            timeout=timedelta(seconds=max(5.0, 3 * interval_s)),
-        )
+        self.prefix = f"lshmoe/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # see the module docstring
+        self.where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        self.store: dist.Store | None = store or self._connect()
+        self._own_store = store is None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="lshmoe-watchdog", daemon=True)
 
     # ------------------------------------------------------------------------------ store access
 
-    def _set(self, key: str, value: str) -> None:
+    def _connect(self) -> dist.Store:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            self.world_size,
+            is_master=False,
+            timeout=timedelta(seconds=max(5.0, 3 * self.interval_s)),
+        )
+
+    def _client(self) -> dist.Store:
+        if self.store is None:  # the last call failed: a fresh connection (a late reply must not be misread)
+            self.store = self._connect()
+        return self.store
+
+    def _call(self, fn: Callable[[dist.Store], object]) -> object:
         with self._lock:
-            self.store.set(key, value)
+            try:
+                return fn(self._client())
+            except Exception:
+                if self._own_store:
+                    self.store = None
+                raise
+
+    def _set(self, key: str, value: str) -> None:
+        self._call(lambda st: st.set(self.prefix + key, value))
 
     def _read(self, key: str) -> str | None:
-        with self._lock:
-            if not self.store.check([key]):
+        def read(st: dist.Store) -> str | None:
+            if not st.check([self.prefix + key]):
                 return None
-            return self.store.get(key).decode()
+            return st.get(self.prefix + key).decode()
+
+        return self._call(read)
+
+    def unreachable(self, for_s: float | None = None) -> str:
+        """The verdict when the store cannot be reached."""
+        how_long = f" for {for_s:.0f} s" if for_s is not None else ""
+        return (
+            f"the rendezvous store at {self.where} (rank 0's node) has been unreachable{how_long}: "
+            "rank 0 died or the network to it is down"
+        )
 
     def snapshot(self) -> dict[int, tuple[float, int]]:
         """Last (wall time, collectives issued) of every rank that has heartbeaten."""
         out = {}
         for q in range(self.world_size):
-            v = self._read(f"lshmoe/hb/{q}")
+            v = self._read(f"hb/{q}")
             if v:
                 t, s = v.split()
                 out[q] = (float(t), int(s))
@@ -93,23 +125,27 @@ class Watchdog:
     def mark_failed(self, reason: str) -> None:
         """Tell the peers this rank is going down, and why (best effort)."""
         try:
-            self._set(f"lshmoe/failed/{self.rank}", reason[:500])
+            self._set(f"failed/{self.rank}", reason[:500])
         except Exception:  # noqa: BLE001 - the store may already be gone
             pass
 
     def _beat(self) -> None:
-        self._set(f"lshmoe/hb/{self.rank}", f"{time.time():.3f} {self.seq()}")
+        self._set(f"hb/{self.rank}", f"{time.time():.3f} {self.seq()}")
 
     def _loop(self) -> None:
         started = time.time()
+        lost_since: float | None = None  # when the store stopped answering
         while not self._stop.wait(self.interval_s):
             try:
                 self._beat()
                 verdict = self._check(started)
-            except Exception:  # noqa: BLE001 - the store host is gone
+                lost_since = None
+            except Exception:  # noqa: BLE001 - the store host is gone, or the link to it is down
                 if self._stop.is_set():
                     return
-                verdict = "rank 0 (the host of the rendezvous store) is unreachable; it has failed"
+                lost_since = lost_since or time.time()
+                lost_for = time.time() - lost_since
+                verdict = self.unreachable(lost_for) if lost_for >= self.dead_after_s else None
             if verdict and not self._stop.is_set():
                 print(f"lshmoe: rank {self.rank}: {verdict}; exiting", file=sys.stderr, flush=True)
                 if self.rank == 0:  # this process may host the store: give the peers time to read the verdict
@@ -119,25 +155,25 @@ class Watchdog:
     def post_abort(self, verdict: str) -> None:
         """Share a diagnosed failure so every rank exits with the same verdict (best effort)."""
         try:
-            self._set("lshmoe/abort", f"{verdict} (seen by rank {self.rank})"[:500])
+            self._set("abort", f"{verdict} (seen by rank {self.rank})"[:500])
         except Exception:  # noqa: BLE001
             pass
 
     def _check(self, started: float) -> str | None:
         now = time.time()
-        abort = self._read("lshmoe/abort")
+        abort = self._read("abort")
         if abort:
             return abort
         for q in range(self.world_size):
             if q == self.rank:
                 continue
-            failed = self._read(f"lshmoe/failed/{q}")
+            failed = self._read(f"failed/{q}")
             if failed:
                 return f"rank {q} failed: {failed}"
-            hb = self._read(f"lshmoe/hb/{q}")
+            hb = self._read(f"hb/{q}")
             last = float(hb.split()[0]) if hb else started
             if now - last > self.dead_after_s:
-                return f"rank {q} stopped responding (no heartbeat for {now - last:.0f} s)"
+                return f"rank {q} stopped responding (no heartbeat for {now - last:.0f} s: died, hung or unreachable)"
         return None
 
     # ------------------------------------------------------------------------------ diagnosis
@@ -149,9 +185,9 @@ class Watchdog:
             time.sleep(3 * self.interval_s)
             after = self.snapshot()
         except Exception:  # noqa: BLE001
-            return "rank 0 (the host of the rendezvous store) is unreachable; it has failed"
+            return self.unreachable()
         for q in range(self.world_size):
-            failed = q != self.rank and self._read(f"lshmoe/failed/{q}")
+            failed = q != self.rank and self._read(f"failed/{q}")
             if failed:
                 return f"rank {q} failed: {failed}"
         silent = [q for q in range(self.world_size) if q != self.rank and before.get(q) == after.get(q)]
