@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lshmoe: error: {e}", file=sys.stderr)
         return EXIT_USER
     except DistError as e:
-        print(f"lshmoe: {e}", file=sys.stderr)
+        print(f"lshmoe: {e}", file=sys.stderr, flush=True)
+        if _under_launcher():
+            # NOTE: a rank whose peers are gone exits at once: a thread still blocked on the dead peer or
+            # store (gloo's, the watchdog's) would be unwound at interpreter exit and abort the process.
+            sys.stdout.flush()
+            os._exit(EXIT_DIST)
         return EXIT_DIST
     except NumericalError as e:
         if rank == 0:

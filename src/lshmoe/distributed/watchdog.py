@@ -51,7 +51,12 @@ class Watchdog:
         self._own_store = store is None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._last_ok = time.time()  # the last store call that answered
         self._thread = threading.Thread(target=self._loop, name="lshmoe-watchdog", daemon=True)
+        # NOTE: a store call can block far beyond the store's timeout when the link to it is down (seen:
+        # `get` on an established connection waited > 30 s with a 5 s timeout), so the verdict on the
+        # store is taken by a second thread that never touches the network.
+        self._judge = threading.Thread(target=self._judge_loop, name="lshmoe-watchdog-judge", daemon=True)
 
     # ------------------------------------------------------------------------------ store access
 
@@ -70,13 +75,18 @@ class Watchdog:
         return self.store
 
     def _call(self, fn: Callable[[dist.Store], object]) -> object:
-        with self._lock:
-            try:
-                return fn(self._client())
-            except Exception:
-                if self._own_store:
-                    self.store = None
-                raise
+        if not self._lock.acquire(timeout=max(5.0, 3 * self.interval_s)):
+            raise TimeoutError("the store connection is held by a call that does not return")
+        try:
+            out = fn(self._client())
+            self._last_ok = time.time()
+            return out
+        except Exception:
+            if self._own_store:
+                self.store = None
+            raise
+        finally:
+            self._lock.release()
 
     def _set(self, key: str, value: str) -> None:
         self._call(lambda st: st.set(self.prefix + key, value))
@@ -112,6 +122,7 @@ class Watchdog:
     def start(self) -> Watchdog:
         self._beat()
         self._thread.start()
+        self._judge.start()
         return self
 
     def stop(self) -> None:
@@ -119,8 +130,9 @@ class Watchdog:
         unwound by the runtime through C++ frames, which aborts the process ("terminate called without an
         active exception"), so the thread must be gone before the process ends."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=max(5.0, 3 * self.interval_s) + 1.0)
+        for t in (self._judge, self._thread):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout=max(5.0, 3 * self.interval_s) + 1.0)
 
     def mark_failed(self, reason: str) -> None:
         """Tell the peers this rank is going down, and why (best effort)."""
@@ -134,23 +146,28 @@ class Watchdog:
 
     def _loop(self) -> None:
         started = time.time()
-        lost_since: float | None = None  # when the store stopped answering
         while not self._stop.wait(self.interval_s):
             try:
                 self._beat()
                 verdict = self._check(started)
-                lost_since = None
-            except Exception:  # noqa: BLE001 - the store host is gone, or the link to it is down
-                if self._stop.is_set():
-                    return
-                lost_since = lost_since or time.time()
-                lost_for = time.time() - lost_since
-                verdict = self.unreachable(lost_for) if lost_for >= self.dead_after_s else None
-            if verdict and not self._stop.is_set():
-                print(f"lshmoe: rank {self.rank}: {verdict}; exiting", file=sys.stderr, flush=True)
-                if self.rank == 0:  # this process may host the store: give the peers time to read the verdict
-                    time.sleep(2 * self.interval_s)
-                os._exit(EXIT_PEER_FAILED)
+            except Exception:  # noqa: BLE001 - the store host is gone, or the link to it is down: the judge decides
+                continue
+            if verdict:
+                self._exit(verdict)
+
+    def _judge_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            lost_for = time.time() - self._last_ok
+            if lost_for >= self.dead_after_s:
+                self._exit(self.unreachable(lost_for))
+
+    def _exit(self, verdict: str) -> None:
+        if self._stop.is_set():
+            return
+        print(f"lshmoe: rank {self.rank}: {verdict}; exiting", file=sys.stderr, flush=True)
+        if self.rank == 0:  # this process may host the store: give the peers time to read the verdict
+            time.sleep(2 * self.interval_s)
+        os._exit(EXIT_PEER_FAILED)
 
     def post_abort(self, verdict: str) -> None:
         """Share a diagnosed failure so every rank exits with the same verdict (best effort)."""
