@@ -33,6 +33,7 @@ BENCHES = {
     "locmoe": ("lshmoe.bench.locmoe_bench", "inter-node bytes, balance and loss versus the locality weight"),
     "lina-train": ("lshmoe.bench.lina_train", "all-to-all slowdown and step time: sync vs fair vs Lina priority"),
     "lina-infer": ("lshmoe.bench.lina_infer", "inference MoE-layer latency: Lina's popularity placement vs uniform"),
+    "chaos": ("lshmoe.bench.chaos", "ranks killed again and again, restarts, final state bitwise vs uninterrupted"),
 }
 
 

@@ -12,9 +12,11 @@ Every rank runs a daemon thread that publishes `<wall time> <collectives issued>
   outside them. The result is appended to the `DistError` message.
 
 The store is reached through a dedicated client connection (the same MASTER_ADDR/MASTER_PORT as the
-process group), so the watchdog never shares a socket with the main thread. A store that cannot be
-reached is retried on a fresh connection every beat (a link that drops for a few seconds is ridden
-out); unreachable for `dead_after_s`, its host (rank 0, or torchrun's agent beside it) is named.
+process group), so the watchdog never shares a socket with the main thread. A store connection that
+fails (closed or reset: its host process is gone) names the store's host (rank 0, or torchrun's agent
+beside it) at once. A call that blocks (a link that is down: TCP keeps retransmitting) is waited for:
+a few seconds are ridden out, and when the store has not answered for `dead_after_s` a second thread,
+which never touches the network, names it.
 Keys carry the restart count (TORCHELASTIC_RESTART_COUNT): torchrun's agent keeps its store across
 restarts, and a restarted job must not read the verdicts of the attempt before it.
 """
@@ -52,6 +54,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_ok = time.time()  # the last store call that answered
+        self.store_failed = False  # the last store call raised: best-effort writes are skipped
         self._thread = threading.Thread(target=self._loop, name="lshmoe-watchdog", daemon=True)
         # NOTE: a store call can block far beyond the store's timeout when the link to it is down (seen:
         # `get` on an established connection waited > 30 s with a 5 s timeout), so the verdict on the
@@ -70,7 +73,7 @@ class Watchdog:
         )
 
     def _client(self) -> dist.Store:
-        if self.store is None:  # the last call failed: a fresh connection (a late reply must not be misread)
+        if self.store is None:  # a call timed out: a fresh connection (a late reply must not be misread)
             self.store = self._connect()
         return self.store
 
@@ -79,10 +82,11 @@ class Watchdog:
             raise TimeoutError("the store connection is held by a call that does not return")
         try:
             out = fn(self._client())
-            self._last_ok = time.time()
+            self._last_ok, self.store_failed = time.time(), False
             return out
-        except Exception:
-            if self._own_store:
+        except Exception as e:
+            self.store_failed = True
+            if "timed out" in str(e).lower() and self._own_store:
                 self.store = None
             raise
         finally:
@@ -98,6 +102,10 @@ class Watchdog:
             return st.get(self.prefix + key).decode()
 
         return self._call(read)
+
+    def closed(self) -> str:
+        """The verdict when the store's connection closed: its host process has gone."""
+        return f"the rendezvous store at {self.where} closed its connection: rank 0 (its host) has failed"
 
     def unreachable(self, for_s: float | None = None) -> str:
         """The verdict when the store cannot be reached."""
@@ -130,12 +138,16 @@ class Watchdog:
         unwound by the runtime through C++ frames, which aborts the process ("terminate called without an
         active exception"), so the thread must be gone before the process ends."""
         self._stop.set()
+        # with the store gone the process exits at once (os._exit), so there is nothing to wait for
+        wait_s = 0.5 if self.store_failed else max(5.0, 3 * self.interval_s) + 1.0
         for t in (self._judge, self._thread):
             if t.is_alive() and t is not threading.current_thread():
-                t.join(timeout=max(5.0, 3 * self.interval_s) + 1.0)
+                t.join(timeout=wait_s)
 
     def mark_failed(self, reason: str) -> None:
         """Tell the peers this rank is going down, and why (best effort)."""
+        if self.store_failed:
+            return
         try:
             self._set(f"failed/{self.rank}", reason[:500])
         except Exception:  # noqa: BLE001 - the store may already be gone
@@ -150,8 +162,12 @@ class Watchdog:
             try:
                 self._beat()
                 verdict = self._check(started)
-            except Exception:  # noqa: BLE001 - the store host is gone, or the link to it is down: the judge decides
-                continue
+            except Exception as e:  # noqa: BLE001
+                if self._stop.is_set():
+                    return
+                if "timed out" in str(e).lower() or isinstance(e, TimeoutError):
+                    continue  # the link to the store may be down: the judge decides after dead_after_s
+                verdict = self.closed()
             if verdict:
                 self._exit(verdict)
 
@@ -171,6 +187,8 @@ class Watchdog:
 
     def post_abort(self, verdict: str) -> None:
         """Share a diagnosed failure so every rank exits with the same verdict (best effort)."""
+        if self.store_failed:
+            return
         try:
             self._set("abort", f"{verdict} (seen by rank {self.rank})"[:500])
         except Exception:  # noqa: BLE001
@@ -197,16 +215,18 @@ class Watchdog:
 
     def diagnose(self) -> str:
         """Which peer is to blame for a failed collective (takes about three heartbeat intervals)."""
+        if self.store_failed:
+            return self.unreachable()
         try:
             before = self.snapshot()
             time.sleep(3 * self.interval_s)
             after = self.snapshot()
+            for q in range(self.world_size):
+                failed = q != self.rank and self._read(f"failed/{q}")
+                if failed:
+                    return f"rank {q} failed: {failed}"
         except Exception:  # noqa: BLE001
             return self.unreachable()
-        for q in range(self.world_size):
-            failed = q != self.rank and self._read(f"failed/{q}")
-            if failed:
-                return f"rank {q} failed: {failed}"
         silent = [q for q in range(self.world_size) if q != self.rank and before.get(q) == after.get(q)]
         if silent:
             return f"rank {', '.join(map(str, silent))} stopped responding (died or hung)"
