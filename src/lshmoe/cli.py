@@ -133,11 +133,14 @@ def prepare(cfg: C.Config) -> None:
     `--resume` (verified), the token data (built once, here) against the sequence length. Raises a
     one-line UserError."""
     C.validate(cfg, world_size=cfg.dist.nproc)
-    if cfg.dist.device == "cuda":
+    if "cuda" in (cfg.dist.device, "nccl" if cfg.dist.backend == "nccl" else ""):
         import torch
 
         if not torch.cuda.is_available():
-            raise C.ConfigError("dist.device=cuda but no CUDA device is visible; use --device cpu")
+            what = "dist.device=cuda" if cfg.dist.device == "cuda" else "dist.backend=nccl"
+            raise C.ConfigError(f"{what} but no CUDA device is visible; use --device cpu / --backend gloo")
+    if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
+        raise C.ConfigError("dist.backend=nccl needs dist.device=cuda (or auto); use --backend gloo on the CPU")
     from lshmoe.train.checkpoint import preflight
     from lshmoe.train.data import load_data
 
