@@ -19,7 +19,7 @@ LEAVES = {dotted: (f, tp) for dotted, f, tp in C.leaf_fields()}
 FLAGS = cli._flag_names()
 # Paths the fuzz must not scatter over the disk, and the corpus choice (the `installed` corpus is ~30 MB):
 # these are fixed by the base arguments instead.
-FIXED = {"data.cache_dir", "train.out_dir", "train.ckpt_dir", "data.corpus", "data.path", "dist.max_restarts"}
+FIXED = {"data.cache_dir", "train.out_dir", "train.ckpt_dir", "data.corpus", "data.path", "fault.max_restarts"}
 FUZZED = sorted(set(LEAVES) - FIXED)
 
 

@@ -228,12 +228,12 @@ def _dispatch_worker(comm):
     experts.reset_parameters(3, 0, 0.5, 0.5)
     with torch.no_grad():
         ref_ND = experts(rows_ND, counts_E.tolist())
-        disp = ReplicaDispatcher(comm, comm.group("world"), E, "t", SKEWED, align=1)
+        disp = ReplicaDispatcher(comm, comm.group("world"), E, 0, SKEWED, align=1)
         meta = disp.plan(counts_E)
         local = disp.dispatch(rows_ND, meta)
         out_ND = disp.combine(experts(local, meta.local_counts), meta)
         # source-major form: rows stay [source][expert]; the experts run once per source
-        sm = ReplicaDispatcher(comm, comm.group("world"), E, "t2", SKEWED, align=1, source_major=True)
+        sm = ReplicaDispatcher(comm, comm.group("world"), E, 1, SKEWED, align=1, source_major=True)
         meta2 = sm.plan(counts_E)
         parts = torch.split(sm.dispatch(rows_ND, meta2), meta2.out_splits)
         outs = [experts(p, c) for p, c in zip(parts, meta2.recv_WE.tolist(), strict=True)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from cli_util import corpus
 
-from lshmoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
-from lshmoe.models.gpt import is_expert_param
+from lshmoe.config import Config, DataConfig, LinaConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
+from lshmoe.moe.param_kinds import is_expert_param
 from lshmoe.sched.timeline import (
     Event,
     a2a_delays,
@@ -27,14 +27,13 @@ def _cfg(tmp, policy, dtype="float64") -> dict:
     return Config(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, moe_every=1),
         moe=MoEConfig(num_experts=4, d_expert=16),
+        lina=LinaConfig(grad_sync=policy, chunk_mb=CHUNK_MB),
         data=DataConfig(path=str(corpus(tmp)), vocab_size=300, cache_dir=str(tmp / "cache")),
         train=TrainConfig(
             batch_size=2,
             out_dir=str(tmp / "run"),
             progress=False,
             dtype=dtype,
-            grad_sync=policy,
-            chunk_mb=CHUNK_MB,
             warmup_steps=0,
         ),
     ).to_dict()
@@ -47,7 +46,7 @@ def _train_worker(comm, cfg_dict, steps):
         tr.train_step(s)
     params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     recs = list(comm.ledger.timeline)
-    numels = [p.numel() for n, p in tr.model.named_parameters() if not is_expert_param(n)]
+    numels = [p.numel() for n, p in tr.model.named_parameters() if not is_expert_param(p)]
     if tr.sched is not None:
         tr.sched.close()
     return {"params": params, "timeline": recs, "numels": numels}

@@ -10,7 +10,7 @@ import torch
 from conftest import EXACT
 from moe_cases import D, init_layer, rank_input
 
-from lshmoe.config import Config, ConfigError, ModelConfig, MoEConfig, validate
+from lshmoe.config import Config, ConfigError, LocMoEConfig, ModelConfig, MoEConfig, validate
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.locality import (
     GrAPGate,
@@ -176,25 +176,27 @@ def test_bytes_per_link_class_match_a_fixed_routing(kind):
 
 
 def _node_bias_worker(comm):
-    from lshmoe.models.gpt import GPTMoE, is_node_param
+    from lshmoe.models.gpt import GPTMoE
+    from lshmoe.moe.param_kinds import is_node_param
     from lshmoe.train.grad_sync import GradSync
 
     cfg = Config(
         model=ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=6, moe_every=1),
-        moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0, node_bias=True, locality_weight=0.1),
+        moe=MoEConfig(num_experts=4, top_k=2, d_expert=12, capacity_factor=1.0),
+        locmoe=LocMoEConfig(node_bias=True, locality_weight=0.1),
     )
-    model = GPTMoE(cfg.model, cfg.moe, 50, comm).double()
+    model = GPTMoE(cfg.model, cfg.moe, 50, comm, settings=cfg).double()
     model.reset_parameters(11)
     ids = torch.randint(0, 50, (2, 7), generator=generator(3, "batch", comm.rank))
     model(ids[:, :-1], ids[:, 1:]).loss.backward()
-    raw = {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)}
+    raw = {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(p)}
     sync = GradSync(model, comm)
     sync.sync()
     return {
         "node": model.my_node,
         "raw": raw,
         "norm": float(sync.global_norm()),
-        "synced": {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(n)},
+        "synced": {n: p.grad.clone() for n, p in model.named_parameters() if is_node_param(p)},
     }
 
 

@@ -27,7 +27,7 @@ COARSE = LSHConfig(
 
 def _layer(comm, lsh: LSHConfig | None, activation="gelu", E=4, K=2, layer_id=0):
     cfg = MoEConfig(num_experts=E, top_k=K, d_expert=5, activation=activation, compress="lsh" if lsh else "identity")
-    layer = MoELayer(cfg, D, comm, layer_id=layer_id, lsh=lsh, seed=3).double()
+    layer = MoELayer(cfg, D, comm, layer_id=layer_id, settings=Config(lsh=lsh or LSHConfig()), seed=3).double()
     init_layer(layer, cfg)
     return layer
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import EXACT
 from moe_cases import D, full_expert_params, init_layer, rank_input, router_weight, starve_router
 
-from lshmoe.config import MoEConfig
+from lshmoe.config import Config, LinaConfig, MoEConfig
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.reference import reference_moe
 from lshmoe.testing import run_ranks
@@ -104,8 +104,8 @@ def test_expert_parallel_equals_dense_reference(world):
 def _pipeline_worker(comm, pieces):
     out = []
     for chunks in (1, pieces):
-        cfg = MoEConfig(num_experts=8, top_k=2, d_expert=5, activation="swiglu", a2a_chunks=chunks)
-        layer = MoELayer(cfg, D, comm, layer_id=0).double()
+        cfg = MoEConfig(num_experts=8, top_k=2, d_expert=5, activation="swiglu")
+        layer = MoELayer(cfg, D, comm, layer_id=0, settings=Config(lina=LinaConfig(a2a_chunks=chunks))).double()
         init_layer(layer, cfg)
         x, cot = rank_input(comm.rank, 6 + 5 * comm.rank, starve=comm.rank == 1)
         x.requires_grad_(True)

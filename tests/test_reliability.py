@@ -123,4 +123,4 @@ def test_node_bias_checkpoint_resumes_on_the_same_nodes_and_refuses_others(tmp_p
     rc, err, _ = _train(tmp_path, out, *args, "--ranks-per-node", "1", "--resume", "auto", steps=6)
     assert rc == 0 and "resumed from" in err, err
     rc, err, _ = _train(tmp_path, out, *args, "--ranks-per-node", "2", "--resume", "auto", steps=8)
-    assert rc == 2 and "per-node router biases (moe.node_bias) for 2 nodes; this run has 1 nodes" in err, err
+    assert rc == 2 and "per-node router biases (locmoe.node_bias) for 2 nodes; this run has 1 nodes" in err, err

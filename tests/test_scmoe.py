@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import EXACT
 
-from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
+from lshmoe.config import Config, LSHConfig, ModelConfig, MoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.blocks import MLP, Block
 from lshmoe.models.scmoe import SharedExpertBlock, ShortcutPair, block_time, eq11_slot
@@ -44,7 +44,7 @@ def _pair(comm, arch="scmoe", shortcut="pos2", combine="cg1", overlap=False, slo
         overlap=overlap,
         slot=slot,
         warmup=0,
-        lsh=lsh,
+        settings=Config(lsh=lsh or LSHConfig()),
         seed=seed,
     ).double()
     g = generator(seed, "pair")
@@ -78,7 +78,7 @@ def test_no_shortcut_is_exactly_the_shared_expert_moe(combine):
     p = _pair(comm, shortcut="none", combine=combine)
     m, e = _cfgs()
     mlp_block = Block(D, 2, MLP(D, int(2.0 * D)), "layernorm").double()
-    shared = SharedExpertBlock(m, e, comm, 1, combine=combine, lsh=None, seed=0).double()
+    shared = SharedExpertBlock(m, e, comm, 1, combine=combine, settings=None, seed=0).double()
     with torch.no_grad():
         mlp_block.norm1.load_state_dict(p.normA1.state_dict())
         mlp_block.attn.load_state_dict(p.attnA.state_dict())

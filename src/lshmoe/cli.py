@@ -54,6 +54,8 @@ def _flag_names() -> dict[str, list[str]]:
         elif counts[key] == 1:
             flags.append(f"--{key.replace('_', '-')}")
         out[dotted] = flags
+    for old, new in C.ALIASES.items():  # a moved key keeps its old dotted flag
+        out[new].append(f"--{old}")
     return out
 
 
@@ -157,14 +159,14 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
         train(cfg)
         return 0
     prepare(cfg)
-    if cfg.dist.nproc == 1 and cfg.dist.max_restarts == 0:
+    if cfg.dist.nproc == 1 and cfg.fault.max_restarts == 0:
         from lshmoe.train.trainer import train
 
         train(cfg)
         return 0
     from lshmoe.distributed.launch import launch
 
-    return launch(argv, cfg.dist.nproc, max_restarts=cfg.dist.max_restarts)
+    return launch(argv, cfg.dist.nproc, max_restarts=cfg.fault.max_restarts)
 
 
 def main(argv: list[str] | None = None) -> int:

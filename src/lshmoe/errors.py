@@ -25,4 +25,4 @@ class DistError(RuntimeError):
 
 
 class NumericalError(RuntimeError):
-    """A non-finite loss or gradient under `train.nan_policy=stop` (a checkpoint was saved first)."""
+    """A non-finite loss or gradient under `fault.nan_policy=stop` (a checkpoint was saved first)."""

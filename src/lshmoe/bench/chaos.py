@@ -2,7 +2,7 @@
 uninterrupted run ends.
 
 A seeded schedule picks `--failures` faults: a random rank SIGKILLed at a random step, about a third
-of them inside a checkpoint save (after the shards are written, before the commit). The job runs on
+of them inside a checkpoint save (after that rank's shards are written, before the commit). The job runs on
 the emulated cluster (`--nodes` x `--ranks-per-node` namespaces, root + iproute2; loopback with the
 same topology otherwise) with a checkpoint every `--save-every` steps, under the restart loop of
 `lshmoe train --max-restarts` (each attempt a fresh rendezvous, TORCHELASTIC_RESTART_COUNT set), so
@@ -306,7 +306,8 @@ def report(res: dict, name: str = "chaos") -> None:
         f"{spec['steps']} training steps on {where}, a checkpoint every {spec['save_every']} steps, "
         f"`--timeout-s {spec['timeout_s']:g}`, seed {spec['seed']}. Schedule: {', '.join(res['schedule'])} "
         "(`kill`: SIGKILL before that step; `killsave`: SIGKILL inside the save of that step's checkpoint, "
-        "shards written, nothing committed). After each failure the job restarts and resumes from the "
+        "the rank's shards written, nothing committed, so the job resumes from the checkpoint before). "
+        "After each failure the job restarts and resumes from the "
         "latest complete checkpoint. *Detect*: kill -> every rank gone; *restart*: new attempt -> resumed "
         "(process start, rendezvous, checkpoint verification and load); *wall lost*: kill -> back at the "
         f"step it had reached.\n\n{summary}\n\n{tbl}\n\n{verdict} Wall time lost in all: "

@@ -21,6 +21,7 @@ from torch import nn
 from lshmoe.config import MoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.moe.layer import MoEOutput
+from lshmoe.moe.param_kinds import ParamKind, mark
 
 
 def have_deepspeed() -> bool:
@@ -61,6 +62,9 @@ class DeepSpeedMoE(nn.Module):
             drop_tokens=cfg.capacity_factor is not None,
         )
         self.moe.set_deepspeed_parallelism()
+        for p in self.moe.parameters():  # DeepSpeed marks its expert weights allreduce=False
+            if not getattr(p, "allreduce", True):
+                mark(p, ParamKind.EXPERT)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape

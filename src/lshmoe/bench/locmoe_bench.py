@@ -81,7 +81,7 @@ def capacity_report(cfg: Config, ckpt_path: Path) -> list[dict]:
     """Theorem 1's bound from a trained checkpoint (loaded on one rank), per MoE layer."""
     data = load_data(cfg.data)
     comm = Comm.local()
-    model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, lsh=cfg.lsh, seed=cfg.train.seed)
+    model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, settings=cfg, seed=cfg.train.seed)
     opt = torch.optim.AdamW(model.parameters())
     entries = ckpt.state_entries(model, opt, 0, {})
     ckpt.load(ckpt_path, {k: v for k, v in entries.items() if k.startswith("model/")})

@@ -28,9 +28,15 @@ import torch
 
 from lshmoe.compress.hashing import codes_from_projections, combine_codes, draw_projections, hash_codes
 from lshmoe.compress.ops import restore_compensated, segment_mean
+from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
+from lshmoe.compress.registry import CompressorContext
 from lshmoe.compress.target import HashCountController
 from lshmoe.config import LSHConfig
+from lshmoe.moe.permute import inverse_permutation
 from lshmoe.seeding import generator
+
+# How each number of `stats` reduces in the metrics (the others are per-step means over ranks).
+_PROBED = ("lsh_restore_err", "lsh_restore_err_nocomp", "lsh_restore_err_identity", "lsh_alpha_fit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +48,18 @@ class LSHMeta:
     full_codes_N: torch.Tensor  # L_max-hash ids, for the probe's per-L' centroids
 
 
-class LSHCompressor:
+def build(ctx: CompressorContext) -> LSHCompressor | None:
+    """The registry's entry: an LSH compressor for the layers `lsh.layers` selects (None elsewhere)."""
+    cfg = getattr(ctx.settings, "lsh", None) or LSHConfig()
+    ids = cfg.layer_ids()
+    if ids is not None and ctx.layer_id not in ids:
+        return None
+    return LSHCompressor(cfg, ctx.num_experts, ctx.d_model, ctx.layer_id, ctx.seed)
+
+
+class LSHCompressor(CompressorBase):
+    name = "lsh"
+
     def __init__(self, cfg: LSHConfig, num_experts: int, d_model: int, layer_id: int, seed: int = 0):
         self.cfg, self.num_experts, self.d_model = cfg, num_experts, d_model
         self.layer_id, self.seed = layer_id, seed
@@ -55,12 +72,33 @@ class LSHCompressor:
         self.alpha = {"identity": 1.0, "none": 0.0, "calibrated": 0.0}[cfg.compensation]
         self._fitted = False
         self._proj: tuple[tuple, torch.Tensor] | None = None
-        self.stats: dict[str, float] = {}
+        self._stats: dict[str, float] = {}
+
+    @property
+    def stats(self) -> dict[str, Stat]:
+        def reduce(k: str) -> Reduce:
+            return Reduce.PER_PROBE if k in _PROBED else Reduce.PROBES if k == "lsh_probe_n" else Reduce.MEAN
+
+        return {k: Stat(v, reduce(k)) for k, v in self._stats.items()}
+
+    def active(self, training: bool) -> bool:
+        return training or self.cfg.eval_compress
+
+    # ------------------------------------------------------------------------------ checkpointed state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The L controller's running averages (the projections are a function of the step)."""
+        if self.controller is None:
+            return {}
+        st = self.controller.state_dict()
+        return {"controller": torch.tensor([st["rate"], st["error"]], dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "controller" in state and self.controller is not None:
+            rate, err = state["controller"].tolist()
+            self.controller.load_state_dict({"rate": rate, "error": err})
 
     # ------------------------------------------------------------------------------ projections
-
-    def set_step(self, step: int) -> None:
-        self.step = step
 
     def projection_key(self) -> tuple:
         epoch = self.step // self.cfg.redraw_every if self.cfg.redraw_every else 0
@@ -121,7 +159,7 @@ class LSHCompressor:
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
         centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
         t2 = time.perf_counter()
-        self.stats = {
+        self._stats = {
             "lsh_hashes": float(self.num_hashes),
             "lsh_hash_s": t1 - t0,
             "lsh_cluster_s": t2 - t1,
@@ -144,10 +182,23 @@ class LSHCompressor:
             out_ND = restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha)
         else:
             out_ND = out_MD.index_select(0, meta.inverse_N)
-        self.stats["lsh_restore_s"] = time.perf_counter() - t0
+        self._stats["lsh_restore_s"] = time.perf_counter() - t0
         return out_ND
 
     # ------------------------------------------------------------------------------ restore-error probe
+
+    def probe_due(self, training: bool) -> bool:
+        """Every `probe_every` training steps (10 by default when a mode needs the measurement)."""
+        needs = self.cfg.target == "error" or self.cfg.compensation == "calibrated"
+        every = self.cfg.probe_every or (10 if needs else 0)
+        return training and every > 0 and self.step % every == 0
+
+    def probe(self, meta: LSHMeta, evaluate: Evaluate, all_reduce: AllReduce) -> None:
+        """Evaluate the experts on sampled rows and on their centroids, sum the error statistics
+        over the world, then fit the residual scale and feed the error target."""
+        rows_PD, counts_E, ctx = self.probe_rows(meta)
+        sums = self.probe_sums(evaluate(rows_PD, counts_E), rows_PD, ctx)
+        self.probe_update(all_reduce(sums).cpu(), ctx)
 
     def probe_candidates(self) -> list[int]:
         if self.cfg.target == "error":
@@ -166,8 +217,7 @@ class LSHCompressor:
             _, inv, size = torch.unique(
                 self.keys(meta.full_codes_N, meta.expert_N, L), return_inverse=True, return_counts=True
             )
-            cent = x.new_zeros((size.numel(), x.shape[1])).index_add_(0, inv, x) / size.to(x.dtype)[:, None]
-            blocks.append(cent.index_select(0, inv.index_select(0, idx_S)))
+            blocks.append(segment_mean(x, inv, size).index_select(0, inv.index_select(0, idx_S)))
         rows = torch.cat(blocks)
         expert_P = expert_S.repeat(len(blocks))
         order = torch.sort(expert_P, stable=True).indices
@@ -178,8 +228,7 @@ class LSHCompressor:
         """Sufficient statistics of the restore error, float64 [1 + 3 C] for C candidate L':
         |E(x)|^2, then per candidate |dE|^2, <dE, dx>, |dx|^2 with dE = E(x) - E(c), dx = x - c.
         Sums over ranks give the error for any residual scale a: |dE - a dx|^2 / |E(x)|^2."""
-        unsort = torch.empty_like(ctx["order"])
-        unsort[ctx["order"]] = torch.arange(ctx["order"].numel(), device=unsort.device)
+        unsort = inverse_permutation(ctx["order"])
         out = out_PD.index_select(0, unsort).double().chunk(ctx["blocks"])
         rows = rows_PD.index_select(0, unsort).double().chunk(ctx["blocks"])
         sums = [out[0].square().sum()]
@@ -208,7 +257,7 @@ class LSHCompressor:
         if self.controller is not None and self.cfg.target == "error":
             self.controller.observe_errors(errs)
         s_oo, s_ox, s_xx = s[1 + 3 * j : 4 + 3 * j]
-        self.stats.update(
+        self._stats.update(
             lsh_restore_err=errs[j],
             lsh_restore_err_nocomp=(s_oo / norm) ** 0.5,
             lsh_restore_err_identity=max(0.0, s_oo - 2 * s_ox + s_xx) ** 0.5 / norm**0.5,

@@ -1,8 +1,8 @@
 """The two differentiable steps of LSH-MoE with hand-written backward passes.
 
 Autograd's generic backward of `index_add / size` and `E(c)[inv] + (x - c[inv])` makes about a
-dozen passes over the N routed rows; these functions make the minimum (CPU reference and the
-contract the fused GPU kernels follow):
+dozen passes over the N routed rows; these functions make the minimum, and they are the reference
+any faster implementation of the same steps is tested against:
 
     segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m
                    backward: g_x = (g_c / size)[inv]                       one gather over N

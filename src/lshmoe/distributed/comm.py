@@ -1,4 +1,4 @@
-"""The one door to torch.distributed (DESIGN.md §2).
+"""The one door to torch.distributed (docs/design.md §2).
 
 `Comm` owns this rank's process groups and its `CommLedger`. Every collective in lshmoe is a
 method call here, so every byte that crosses ranks is recorded with its op, group, phase, tag,

@@ -57,7 +57,7 @@ def with_restarts(run_attempt: Callable[[int], int], max_restarts: int) -> int:
         rc = run_attempt(attempt)
         if rc in FINAL_STATUSES or attempt >= max_restarts:
             if rc not in FINAL_STATUSES and max_restarts:
-                print(f"lshmoe: giving up after {max_restarts} restart(s) (dist.max_restarts)", file=sys.stderr)
+                print(f"lshmoe: giving up after {max_restarts} restart(s) (fault.max_restarts)", file=sys.stderr)
             return rc
         attempt += 1
         print(

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from lshmoe.distributed.tags import MoEOp, Tag
+
 PHASES = ("forward", "backward", "optimizer", "eval", "metrics", "setup")
 A2A_OPS = ("all_to_all",)
 ALLREDUCE_OPS = ("all_reduce",)
@@ -194,11 +196,12 @@ class CommLedger:
             key = f"{r.tag}@{r.phase}"
             out.by_tag[key] = out.by_tag.get(key, 0.0) + seconds
             wire = r.wire_send_bytes
-            if r.op in A2A_OPS or r.tag.endswith(".counts"):  # count exchanges belong to the MoE exchange
+            counts = Tag(r.tag).is_moe(MoEOp.COUNTS)
+            if r.op in A2A_OPS or counts:  # count exchanges belong to the MoE exchange
                 out.a2a_calls += 1
                 out.a2a_time_s += seconds
                 out.a2a_exposed_s += blocked
-                if r.tag.endswith(".counts"):
+                if counts:
                     out.a2a_meta_bytes += wire
                 elif r.phase == "backward":
                     out.a2a_bytes_bwd += wire

@@ -3,7 +3,7 @@
 Shapes: W ranks, E experts (every rank holds all E, so any rank can serve any replica), M payload
 rows on the source rank (grouped by expert, as `sort_by_expert` leaves them), R rows received.
 
-The interface is that of `lshmoe.moe.dispatch.AllToAllDispatcher`:
+It implements the dispatcher protocol (`lshmoe.moe.dispatch.protocol`):
 1. `plan(counts_E)`: take the placement for this call (from the policy, e.g. Lina's two-phase
    scheduler, which may run its own collectives first), cut each expert's rows into one contiguous
    piece per replica (`placement.send_table`), and exchange the per-(destination, expert) row counts
@@ -15,9 +15,10 @@ The interface is that of `lshmoe.moe.dispatch.AllToAllDispatcher`:
 3. `combine(out_RD, meta)`: the inverse regroup, the reverse all-to-all, the inverse reorder.
 
 With `source_major=True` the received rows stay in arrival order [source][expert] (no regroup) and
-the caller runs the experts once per source with `meta.recv_WE[source]` as the group sizes: every
+`run_experts` runs the experts once per source with `meta.recv_WE[source]` as the group sizes: every
 piece is then its own matmul, which (with aligned cuts, see `placement.split_sizes`) gives each row
-exactly the arithmetic of an unreplicated forward. The inference engine uses this form.
+exactly the arithmetic of an unreplicated forward. The inference engine uses this form; the CPU time
+of the last expert computation is kept in `last_compute_s` for its metrics.
 
 Every rank takes the same collective path whatever the placement and the load: a rank that serves
 no expert, or an expert that receives no rows, still joins every exchange with empty splits.
@@ -25,26 +26,27 @@ no expert, or an expert that receives no rows, still joins every exchange with e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
+from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.infer.placement import SPLIT_ALIGN, Placement, send_table
-from lshmoe.moe.dispatch import regroup_index
+from lshmoe.moe.dispatch.flat import permuted_all_to_all, regroup_index, split_fields
+from lshmoe.moe.dispatch.protocol import DispatchMeta, SyncDispatcherBase
+from lshmoe.moe.permute import inverse_permutation
 
 PlacementPolicy = Callable[[torch.Tensor], Placement]  # counts_E of this rank -> the placement of this call
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaMeta:
-    """What dispatch and combine need from plan (field names shared with `DispatchMeta`)."""
+class ReplicaMeta(DispatchMeta):
+    """What dispatch and combine need from plan; `local_counts` has one entry per expert (length E)."""
 
-    in_splits: list[int]  # rows this rank sends to each rank
-    out_splits: list[int]  # rows this rank receives from each rank
-    local_counts: list[int]  # rows per expert after regrouping (length E, expert-major)
     regroup_R: torch.Tensor | None  # received order -> expert-major order (None when already so)
     ungroup_R: torch.Tensor | None  # its inverse
     send_M: torch.Tensor | None  # payload order -> send order (None when already so)
@@ -69,12 +71,10 @@ def send_order(send_WE: torch.Tensor, placement: Placement) -> tuple[torch.Tenso
             sizes.append(int(send_WE[d, e]))
     seg_M = torch.repeat_interleave(torch.tensor(keys, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64))
     send = torch.sort(seg_M, stable=True).indices
-    unsend = torch.empty_like(send)
-    unsend[send] = torch.arange(send.numel())
-    return send, unsend
+    return send, inverse_permutation(send)
 
 
-class ReplicaDispatcher:
+class ReplicaDispatcher(SyncDispatcherBase):
     """Uneven-split all-to-all over `group` to the replicas of each expert (see the module docstring)."""
 
     def __init__(
@@ -82,14 +82,15 @@ class ReplicaDispatcher:
         comm: Comm,
         group: Group,
         num_experts: int,
-        tag: str,
+        layer: int,
         policy: PlacementPolicy | Placement,
         *,
         align: int = SPLIT_ALIGN,
         source_major: bool = False,
     ):
-        self.comm, self.group, self.tag, self.num_experts = comm, group, tag, num_experts
+        self.comm, self.group, self.layer, self.num_experts = comm, group, layer, num_experts
         self.policy, self.align, self.source_major = policy, align, source_major
+        self.last_compute_s = 0.0
 
     def placement_for(self, counts_E: torch.Tensor) -> Placement:
         placement = self.policy if isinstance(self.policy, Placement) else self.policy(counts_E)
@@ -104,7 +105,9 @@ class ReplicaDispatcher:
         placement = self.placement_for(counts_E)
         dev = self.comm.device
         send_WE = send_table(counts_E.cpu(), placement, self.align)
-        recv_WE = self.comm.all_to_all_single(send_WE.to(dev), None, None, self.group, f"{self.tag}.counts").cpu()
+        recv_WE = self.comm.all_to_all_single(
+            send_WE.to(dev), None, None, self.group, Tag.moe(self.layer, MoEOp.COUNTS)
+        ).cpu()
         order = send_order(send_WE, placement)
         send, unsend = (None, None) if order is None else (order[0].to(dev), order[1].to(dev))
         regroup = ungroup = None
@@ -115,9 +118,7 @@ class ReplicaDispatcher:
             else:
                 regroup, ungroup = regroup.to(dev), ungroup.to(dev)
         return ReplicaMeta(
-            in_splits=send_WE.sum(1).tolist(),
-            out_splits=recv_WE.sum(1).tolist(),
-            local_counts=recv_WE.sum(0).tolist(),
+            **split_fields(send_WE, recv_WE),
             regroup_R=regroup,
             ungroup_R=ungroup,
             send_M=send,
@@ -126,14 +127,34 @@ class ReplicaDispatcher:
             recv_WE=recv_WE,
         )
 
+    def run_experts(self, experts: nn.Module, received_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
+        """Expert-major rows: one grouped matmul. Source-major: one per source (module docstring)."""
+        c0 = time.process_time()
+        if not self.source_major:
+            out = experts(received_RD, meta.local_counts)
+        else:
+            outs = [
+                experts(rows, counts)
+                for rows, counts, n in zip(
+                    torch.split(received_RD, meta.out_splits), meta.recv_WE.tolist(), meta.out_splits, strict=True
+                )
+                if n
+            ]
+            out = torch.cat(outs) if outs else experts(received_RD, meta.local_counts)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.last_compute_s = time.process_time() - c0
+        return out
+
     def dispatch(self, payload_MD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
-        if meta.send_M is not None:
-            payload_MD = payload_MD.index_select(0, meta.send_M)
-        recv_RD = all_to_all(payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, f"{self.tag}.dispatch")
+        tag = Tag.moe(self.layer, MoEOp.DISPATCH)
+        recv_RD = permuted_all_to_all(
+            payload_MD, self.comm, self.group, meta.out_splits, meta.in_splits, tag, meta.send_M
+        )
         return recv_RD if meta.regroup_R is None else recv_RD.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
-        if meta.ungroup_R is not None:
-            out_RD = out_RD.index_select(0, meta.ungroup_R)
-        back_MD = all_to_all(out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, f"{self.tag}.combine")
-        return back_MD if meta.unsend_M is None else back_MD.index_select(0, meta.unsend_M)
+        tag = Tag.moe(self.layer, MoEOp.COMBINE)
+        return permuted_all_to_all(
+            out_RD, self.comm, self.group, meta.in_splits, meta.out_splits, tag, meta.ungroup_R, meta.unsend_M
+        )

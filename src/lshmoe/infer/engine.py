@@ -29,30 +29,15 @@ from pathlib import Path
 
 import torch
 
-from lshmoe.config import Config, ConfigError, MoEConfig, from_dict
+from lshmoe.config import DTYPES, Config, InferConfig, MoEConfig, from_dict, validate_inference
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.infer.dispatch import ReplicaDispatcher
 from lshmoe.infer.metrics import BatchMetrics
-from lshmoe.infer.profile import DEFAULT_PATH_LEN, PathProfile, build_profile
+from lshmoe.infer.profile import PathProfile, build_profile
 from lshmoe.infer.scheduler import TwoPhaseScheduler
 from lshmoe.models.gpt import GPTMoE, LMOutput
-from lshmoe.moe.layer import MoELayer, MoEOutput, MoEState
+from lshmoe.moe.layer import MoELayer, MoEOutput
 from lshmoe.train import checkpoint as ckpt
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-@dataclass(kw_only=True)
-class InferConfig:
-    """Lina's inference placement."""
-
-    placement: str = "popularity"  # popularity (Lina) or uniform (expert e on rank e // (E / W))
-    path_len: int = DEFAULT_PATH_LEN  # l: previous MoE layers in a token's path
-    estimate_top_k: int = 2  # experts kept from each token's path distribution
-    match_k: int = 2  # phase 2 compares the top-k experts of the estimate and of the actual load
-    ordered_match: bool = False  # compare the top-k as ordered lists (true) or as sets (false)
-    profile_routes: str = "top1"  # profile the next layer's top-1 expert (the paper) or "all" K routed experts
-    dtype: str | None = None  # compute dtype; None = the training dtype of the config
 
 
 def expert_local_view(comm: Comm) -> Comm:
@@ -64,62 +49,41 @@ def expert_local_view(comm: Comm) -> Comm:
     return view
 
 
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What every MoE layer of a served model shares: the world it dispatches over, the two-phase
+    scheduler, and each layer id's index among the MoE layers."""
+
+    world: Comm
+    scheduler: TwoPhaseScheduler
+    index_of: dict[int, int]
+
+
 class LinaMoELayer(MoELayer):
-    """`MoELayer` with all experts local and a replica dispatcher over `world`'s world group."""
+    """`MoELayer` with all experts local and, from construction, a replica dispatcher over the
+    serving world (source-major: one matmul per source, so each row gets an unreplicated forward's
+    arithmetic); records every call's routing and timing with the scheduler."""
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        d_model: int,
-        comm: Comm,
-        layer_id: int,
-        *,
-        lsh=None,
-        seed: int = 0,
-        world: Comm,
-        scheduler: TwoPhaseScheduler,
-        index_of: dict[int, int],
-    ):
-        super().__init__(cfg, d_model, comm, layer_id, lsh=lsh, seed=seed)
+    def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, serving: Serving, **layer_kw):
+        index, world = serving.index_of[layer_id], serving.world
+        policy = serving.scheduler.policy(index)
+        replicas = ReplicaDispatcher(world, world.group("world"), cfg.num_experts, layer_id, policy, source_major=True)
+        super().__init__(cfg, d_model, comm, layer_id, dispatcher=replicas, **layer_kw)
         assert self.experts.num_local == cfg.num_experts, "build with expert_local_view(comm)"
-        self.index, self.scheduler = index_of[layer_id], scheduler
-        self.compute_s = 0.0
-        self.dispatcher = ReplicaDispatcher(
-            world,
-            world.group("world"),
-            cfg.num_experts,
-            f"moe{layer_id}",
-            scheduler.policy(self.index),
-            source_major=True,
-        )
-
-    def compute(self, st: MoEState) -> MoEState:
-        """Run the experts once per source rank on its rows (arrival order [source][expert]): every
-        replica piece is its own matmul, so each row gets the arithmetic of an unreplicated forward."""
-        meta = st.dmeta
-        c0 = time.process_time()
-        outs = [
-            self.experts(rows, counts)
-            for rows, counts, n in zip(
-                torch.split(st.data, meta.out_splits), meta.recv_WE.tolist(), meta.out_splits, strict=True
-            )
-            if n
-        ]
-        local_out = torch.cat(outs) if outs else self.experts(st.data, meta.local_counts)
-        if local_out.is_cuda:
-            torch.cuda.synchronize(local_out.device)
-        self.compute_s = time.process_time() - c0
-        st.data = self.dispatcher.combine(local_out, meta)
-        return st
+        self.index, self.scheduler, self.replicas = index, serving.scheduler, replicas
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         t0 = time.perf_counter()
-        st = self.compute(self.begin(x))
-        out = self.finish(st)
+        st = self.begin(x)
+        out = self.finish(self.compute(st))
         if out.y_TD.is_cuda:
             torch.cuda.synchronize(out.y_TD.device)
         self.scheduler.routed(
-            self.index, st.route.topk_ids_TK, sum(st.dmeta.local_counts), time.perf_counter() - t0, self.compute_s
+            self.index,
+            st.route.topk_ids_TK,
+            sum(st.dmeta.local_counts),
+            time.perf_counter() - t0,
+            self.replicas.last_compute_s,
         )
         return out
 
@@ -128,18 +92,12 @@ class InferenceEngine:
     """A GPT-MoE for inference with per-batch expert placement (see the module docstring)."""
 
     def __init__(self, cfg: Config, comm: Comm, vocab_size: int, icfg: InferConfig | None = None):
-        icfg = icfg or InferConfig()
-        if cfg.model.arch != "gpt":
-            raise ConfigError(f"Lina inference supports model.arch=gpt, not {cfg.model.arch!r}")
-        if cfg.moe.node_bias:
-            raise ConfigError(
-                "Lina inference cannot serve a model trained with moe.node_bias: its routing depends "
-                "on the node a token is on, which replica placement changes"
-            )
+        icfg = icfg or cfg.infer
+        validate_inference(cfg)
         self.cfg, self.comm, self.icfg = cfg, comm, icfg
         ecfg = dataclasses.replace(cfg.moe, compress="identity", ep_size=0)
         m = cfg.model
-        moe_ids = [i for i in range(m.n_layers) if (i + 1) % m.moe_every == 0]
+        moe_ids = m.moe_block_ids()
         self.scheduler = TwoPhaseScheduler(
             comm,
             ecfg.num_experts,
@@ -149,9 +107,8 @@ class InferenceEngine:
             match_k=icfg.match_k,
             ordered_match=icfg.ordered_match,
         )
-        factory = functools.partial(
-            LinaMoELayer, world=comm, scheduler=self.scheduler, index_of={lid: i for i, lid in enumerate(moe_ids)}
-        )
+        serving = Serving(comm, self.scheduler, {lid: i for i, lid in enumerate(moe_ids)})
+        factory = functools.partial(LinaMoELayer, serving=serving)
         self.model = GPTMoE(m, ecfg, vocab_size, expert_local_view(comm), factory, seed=cfg.train.seed)
         self.model.to(device=comm.device, dtype=DTYPES[icfg.dtype or cfg.train.dtype])
         self.model.reset_parameters(cfg.train.seed)

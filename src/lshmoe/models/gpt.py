@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
+from lshmoe.config import LocMoEConfig, ModelConfig, MoEConfig, ScMoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.blocks import MLP, Block, make_norm
 from lshmoe.models.scmoe import SharedExpertBlock, ShortcutPair
 from lshmoe.moe.layer import MoELayer, MoEOutput
+from lshmoe.moe.param_kinds import is_expert_param
 from lshmoe.seeding import generator
 
 INIT_STD = 0.02
@@ -38,10 +39,11 @@ class LMOutput:
 
 
 def build_units(
-    mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, lsh: LSHConfig | None, seed: int
+    mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, settings: object, seed: int
 ) -> list[nn.Module]:
     """The model's blocks for `mcfg.arch`; each unit maps x -> (x, MoEOutput or None) and has `layer_id`."""
     D, units = mcfg.d_model, []
+    sc = getattr(settings, "scmoe", None) or ScMoEConfig()
     if mcfg.arch in ("scmoe", "dgmoe"):
         pair = mcfg.moe_every == 2
         for i in range(1 if pair else 0, mcfg.n_layers, mcfg.moe_every):
@@ -53,43 +55,39 @@ def build_units(
                     i,
                     with_mlp_block=pair,
                     arch=mcfg.arch,
-                    shortcut=mcfg.shortcut,
-                    combine=mcfg.combine,
-                    overlap=mcfg.overlap,
-                    slot=mcfg.expert_slot,
-                    warmup=mcfg.slot_warmup,
-                    lsh=lsh,
+                    shortcut=sc.shortcut,
+                    combine=sc.combine,
+                    overlap=sc.overlap,
+                    slot=sc.expert_slot,
+                    warmup=sc.slot_warmup,
+                    settings=settings,
                     seed=seed,
                 )
             )
         return units
+    moe_ids = set(mcfg.moe_block_ids())
     for i in range(mcfg.n_layers):
-        if (i + 1) % mcfg.moe_every:
+        if i not in moe_ids:
             unit: nn.Module = Block(
                 D, mcfg.n_heads, MLP(D, int(round(mcfg.mlp_ratio * D))), mcfg.norm, mcfg.dropout, is_moe=False
             )
         elif mcfg.arch == "shared":
-            unit = SharedExpertBlock(mcfg, ecfg, comm, i, combine=mcfg.combine, lsh=lsh, seed=seed)
+            unit = SharedExpertBlock(mcfg, ecfg, comm, i, combine=sc.combine, settings=settings, seed=seed)
         else:
             unit = Block(
-                D, mcfg.n_heads, moe_factory(ecfg, D, comm, i, lsh=lsh, seed=seed), mcfg.norm, mcfg.dropout, is_moe=True
+                D,
+                mcfg.n_heads,
+                moe_factory(ecfg, D, comm, i, settings=settings, seed=seed),
+                mcfg.norm,
+                mcfg.dropout,
+                is_moe=True,
             )
         unit.layer_id = i
         units.append(unit)
     return units
 
 
-def is_expert_param(name: str) -> bool:
-    """Expert weights are sharded over the EP group and never all-reduced across it."""
-    return ".experts." in name
-
-
-def is_node_param(name: str) -> bool:
-    """Per-node parameters: replicated within a node, reduced over the node's ranks only."""
-    return name.endswith("router.node_bias")
-
-
-MoEFactory = Callable[..., nn.Module]  # (moe cfg, d_model, comm, layer_id, *, lsh, seed) -> layer
+MoEFactory = Callable[..., nn.Module]  # (moe cfg, d_model, comm, layer_id, *, settings, seed) -> layer
 
 
 class GPTMoE(nn.Module):
@@ -104,17 +102,18 @@ class GPTMoE(nn.Module):
         comm: Comm,
         moe_factory: MoEFactory = MoELayer,
         *,
-        lsh: LSHConfig | None = None,
+        settings: object = None,
         seed: int = 0,
     ):
         super().__init__()
         self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
+        self.locmoe = getattr(settings, "locmoe", None) or LocMoEConfig()
         self.my_node = comm.node_of.get(comm.rank, 0)  # keys the per-node parameters in checkpoints
         D = mcfg.d_model
         self.tok_emb = nn.Embedding(vocab_size, D)
         self.pos_emb = nn.Embedding(mcfg.seq_len, D)
         self.drop = nn.Dropout(mcfg.dropout)
-        self.blocks = nn.ModuleList(build_units(mcfg, ecfg, comm, moe_factory, lsh, seed))
+        self.blocks = nn.ModuleList(build_units(mcfg, ecfg, comm, moe_factory, settings, seed))
         self.norm_f = make_norm(mcfg.norm, D)
         self.moe_ids = [u.layer_id for u in self.blocks if u.is_moe]
 
@@ -126,7 +125,7 @@ class GPTMoE(nn.Module):
         ]
 
     def set_step(self, step: int) -> None:
-        """Tell every MoE layer the training step (LSH projections and probes are keyed by it)."""
+        """Tell every MoE layer the training step (compressors key their randomness and probes by it)."""
         for layer in self.moe_layers:
             if hasattr(layer, "set_step"):
                 layer.set_step(step)
@@ -137,7 +136,7 @@ class GPTMoE(nn.Module):
         out_std = INIT_STD / math.sqrt(2 * self.mcfg.n_layers)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if is_expert_param(name):
+                if is_expert_param(p):
                     continue
                 if name.endswith("bias"):
                     p.zero_()
@@ -166,7 +165,7 @@ class GPTMoE(nn.Module):
             (
                 e.aux_loss_weight * o.aux["load_balance"]
                 + e.z_loss_weight * o.aux["z_loss"]
-                + e.locality_weight * o.aux.get("locality", 0.0)
+                + self.locmoe.locality_weight * o.aux.get("locality", 0.0)
                 for o in moe.values()
             ),
             start=wide.new_zeros(()),

@@ -25,12 +25,14 @@ expert twice (hB's pass takes its next-ranked expert instead). Its hA pass is di
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
 
-from lshmoe.config import LSHConfig, ModelConfig, MoEConfig
+from lshmoe.config import ModelConfig, MoEConfig
 from lshmoe.distributed.comm import Comm
+from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.models.blocks import MLP, CausalSelfAttention, make_norm
 from lshmoe.moe.layer import MoELayer, MoEOutput
 
@@ -86,6 +88,7 @@ def merge_outputs(a: MoEOutput, b: MoEOutput, y: torch.Tensor) -> MoEOutput:
         rows_routed=a.rows_routed + b.rows_routed,
         rows_sent=a.rows_sent + b.rows_sent,
         stats=stats,
+        reduce={**a.reduce, **b.reduce},
     )
 
 
@@ -93,22 +96,14 @@ class SharedExpertBlock(nn.Module):
     """The shared-expert MoE baseline: a dense shared expert and routed experts on the same input."""
 
     def __init__(
-        self,
-        mcfg: ModelConfig,
-        ecfg: MoEConfig,
-        comm: Comm,
-        layer_id: int,
-        *,
-        combine: str,
-        lsh: LSHConfig | None,
-        seed: int,
+        self, mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, layer_id: int, *, combine: str, settings: Any, seed: int
     ):
         super().__init__()
         D = mcfg.d_model
         self.is_moe, self.layer_id = True, layer_id
         self.norm1, self.attn = make_norm(mcfg.norm, D), CausalSelfAttention(D, mcfg.n_heads, mcfg.dropout)
         self.norm2, self.se = make_norm(mcfg.norm, D), MLP(D, int(round(mcfg.mlp_ratio * D)))
-        self.moe = MoELayer(ecfg, D, comm, layer_id, lsh=lsh, seed=seed)
+        self.moe = MoELayer(ecfg, D, comm, layer_id, settings=settings, seed=seed)
         self.combine = Combiner(combine, D)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
@@ -135,7 +130,7 @@ class ShortcutPair(nn.Module):
         overlap: bool,
         slot: int,
         warmup: int,
-        lsh: LSHConfig | None,
+        settings: object,
         seed: int,
     ):
         super().__init__()
@@ -154,7 +149,7 @@ class ShortcutPair(nn.Module):
         if arch == "scmoe":
             self.se = MLP(D, int(round(mcfg.mlp_ratio * D)))
             self.combine = Combiner(combine, D)
-        self.moe = MoELayer(ecfg, D, comm, layer_id, lsh=lsh, seed=seed)
+        self.moe = MoELayer(ecfg, D, comm, layer_id, settings=settings, seed=seed)
         self.comm, self.layer_id = comm, layer_id
         self.slot, self.warmup = slot, warmup  # slot < 0: adaptive after `warmup` synchronous steps
         self._times: dict[str, float] = {}
@@ -204,8 +199,16 @@ class ShortcutPair(nn.Module):
         if not (self.training and self._measuring()):
             return
         for rec in reversed(self.comm.ledger.records):
-            for kind in ("dispatch", "combine"):
-                if rec.tag == f"moe{self.layer_id}.{kind}" and rec.phase == "forward" and kind not in self._step_seen:
+            tag = Tag(rec.tag)
+            for op in (MoEOp.DISPATCH, MoEOp.COMBINE):
+                kind = op.value
+                if (
+                    tag.layer == self.layer_id
+                    and tag.op == kind
+                    and tag.part is None
+                    and rec.phase == "forward"
+                    and kind not in self._step_seen
+                ):
                     self._step_seen.add(kind)
                     self._note(kind, rec.seconds)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lshmoe.moe.grouped_mm import grouped_mm
+from lshmoe.moe.param_kinds import ParamKind, mark
 from lshmoe.seeding import generator
 
 ACTIVATIONS = ("gelu", "swiglu", "linear", "identity")
@@ -39,6 +40,8 @@ class GroupedExperts(nn.Module):
         if activation == "linear":
             self.w_GDD = nn.Parameter(torch.empty(G, D, D))
             self.b_GD = nn.Parameter(torch.empty(G, D))
+        for p in self.parameters():
+            mark(p, ParamKind.EXPERT)
 
     def reset_parameters(self, seed: int, layer_id: int, std_in: float, std_out: float) -> None:
         """Draw every local expert from its own (seed, layer, global expert) generator."""

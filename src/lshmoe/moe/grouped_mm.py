@@ -2,9 +2,10 @@
 
     out_NF[rows of group g] = x_ND[rows of group g] @ w_GDF[g]
 
-On CUDA with float32/bfloat16/float16 inputs this uses `torch._grouped_mm` (one kernel for all
-groups); everywhere else (CPU, float64, misaligned shapes) it loops over the groups, which on a CPU
-is as fast as it gets and keeps float64 exactness for the reference tests. Groups may be empty.
+On CUDA with bfloat16 inputs this uses `torch._grouped_mm` (one kernel for all groups; the only
+dtype the kernel takes); everywhere else (CPU, float32, float64, misaligned shapes) it loops over
+the groups, which on a CPU is as fast as it gets and keeps float64 exactness for the reference
+tests. Groups may be empty.
 """
 
 from __future__ import annotations

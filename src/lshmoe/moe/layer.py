@@ -1,4 +1,4 @@
-"""The expert-parallel MoE layer: the six steps of DESIGN.md §1, one call each.
+"""The expert-parallel MoE layer: the six steps of docs/design.md, one call each.
 
     x_TD ─► router ─► capacity ─► permute ─► compress ─► dispatch ─► experts ─► combine ─► restore ─► unpermute ─► y_TD
 
@@ -8,21 +8,22 @@ drops), M payload rows actually sent (N for the identity compressor, #buckets fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from lshmoe.compress.base import IDENTITY, Compressor
-from lshmoe.compress.lsh import LSHCompressor, LSHMeta
-from lshmoe.config import ConfigError, LSHConfig, MoEConfig
+from lshmoe.compress.protocol import Compressor, Reduce, Stat
+from lshmoe.compress.registry import CompressorContext, build_compressor
+from lshmoe.config import LinaConfig, LocMoEConfig, MoEConfig
 from lshmoe.distributed.comm import Comm
+from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
-from lshmoe.moe.dispatch import AllToAllDispatcher, DispatchMeta, Inflight, build_dispatcher
+from lshmoe.moe.dispatch import Dispatcher, DispatchMeta, Inflight, build_dispatcher
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
-from lshmoe.moe.pipeline import pipelined_exchange
 from lshmoe.moe.router import RouterOutput, TopKRouter
+from lshmoe.seeding import generator
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,11 +35,14 @@ class MoEOutput:
     rows_routed: int  # N
     rows_sent: int  # M
     stats: dict[str, float] = field(default_factory=dict)  # per-layer metrics (compressor, bytes saved)
+    reduce: dict[str, Reduce] = field(default_factory=dict)  # how each of `stats` reduces (default SUM)
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MoEState:
-    """What the stages of one MoE call pass on (see MoELayer.begin / compute / finish)."""
+    """What the stages of one MoE call pass on (MoELayer.begin -> compute -> finish); each stage
+    returns a new state with its own field filled: `received` (begin, synchronous), `combined`
+    (compute, synchronous), or `inflight` (an exchange issued for the next stage to wait for)."""
 
     shape: torch.Size
     x_TD: torch.Tensor
@@ -52,30 +56,37 @@ class MoEState:
     cmeta: object
     dmeta: DispatchMeta
     overlap: bool
+    received: torch.Tensor | None = None  # rows for the local experts (expert-major)
+    combined: torch.Tensor | None = None  # expert outputs back in payload order
     inflight: Inflight | None = None
-    data: torch.Tensor | None = None
-
-
-def build_compressor(cfg: MoEConfig, lsh: LSHConfig | None, d_model: int, layer_id: int, seed: int) -> Compressor:
-    if cfg.compress == "lsh":
-        lsh = lsh or LSHConfig()
-        ids = lsh.layer_ids()
-        if ids is None or layer_id in ids:
-            return LSHCompressor(lsh, cfg.num_experts, d_model, layer_id, seed)
-    return IDENTITY
 
 
 class MoELayer(nn.Module):
-    """Top-k routed experts, sharded over the `ep` group of `comm`."""
+    """Top-k routed experts, sharded over the `ep` group of `comm`.
+
+    `settings` is the run's config tree (`lshmoe.config.Config`, or any object with the sections the
+    layer reads; None = defaults): the layer reads `locmoe` (locality routing), `lina` (micro-op
+    pipelining) and its compressor's own section (e.g. `lsh`). `dispatcher` replaces the one
+    `moe.a2a` selects (Lina's inference engine passes its replica dispatcher)."""
 
     def __init__(
-        self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, lsh: LSHConfig | None = None, seed: int = 0
+        self,
+        cfg: MoEConfig,
+        d_model: int,
+        comm: Comm,
+        layer_id: int,
+        *,
+        settings: object = None,
+        seed: int = 0,
+        dispatcher: Dispatcher | None = None,
     ):
         super().__init__()
         group = comm.group("ep")
         self.cfg, self.layer_id, self.comm, self.ep_group = cfg, layer_id, comm, group
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         num_local = cfg.num_experts // group.size
+        loc = getattr(settings, "locmoe", None) or LocMoEConfig()
+        lina = getattr(settings, "lina", None) or LinaConfig()
         self.router = TopKRouter(
             d_model,
             cfg.num_experts,
@@ -83,33 +94,43 @@ class MoELayer(nn.Module):
             jitter=cfg.jitter,
             normalize_weights=cfg.normalize_weights,
             gate=cfg.router,
-            node_bias=cfg.node_bias,
+            node_bias=loc.node_bias,
         )
         # Which node hosts each global expert: expert e lives on EP rank e // num_local.
         self.node_of_E = torch.tensor(
             [comm.node_of.get(group.ranks[e // num_local], 0) for e in range(cfg.num_experts)]
         )
         self.my_node = comm.node_of.get(comm.rank, 0)
-        per_node = cfg.num_experts // (int(self.node_of_E.max()) + 1)
-        if cfg.node_limit and cfg.node_limit < int(self.node_of_E.max()) + 1 and cfg.node_limit * per_node < cfg.top_k:
-            raise ConfigError(
-                f"moe.node_limit={cfg.node_limit} nodes hold {cfg.node_limit * per_node} experts, fewer "
-                f"than moe.top_k={cfg.top_k}; raise node_limit to >= {-(-cfg.top_k // per_node)}"
-            )
-        self.router.set_topology(self.node_of_E, self.my_node, cfg.node_limit, locality=cfg.locality_weight > 0)
+        self.router.set_topology(self.node_of_E, self.my_node, loc.node_limit, locality=loc.locality_weight > 0)
         self.experts = GroupedExperts(
             num_local, d_model, cfg.d_expert, cfg.activation, first_expert=group.index * num_local
         )
-        self.compressor = build_compressor(cfg, lsh, d_model, layer_id, seed)
-        self.dispatcher = build_dispatcher(comm, group, cfg.num_experts, tag=f"moe{layer_id}", kind=cfg.a2a)
-        self.lsh = lsh
+        ctx = CompressorContext(cfg.num_experts, d_model, layer_id, seed, settings)
+        self.compressor = build_compressor(cfg.compress, ctx)
+        self.identity = build_compressor("identity", ctx)
+        self.dispatcher = dispatcher or build_dispatcher(
+            comm, group, cfg.num_experts, layer_id, kind=cfg.a2a, chunks=lina.a2a_chunks
+        )
         self.step = 0
 
+    def reset_parameters(self, seed: int = 0, std: float = 0.02, out_std: float | None = None) -> None:
+        """Initialise independently of the parallel layout: the router from one (seed, layer)
+        generator (identical on every rank), each expert from its (seed, layer, global id) one, so a
+        layer built on W ranks computes the same function as on one. `out_std` scales the experts'
+        output projections (default `std`); a per-node bias starts at zero."""
+        with torch.no_grad():
+            w = getattr(self.router, "weight", None)
+            if isinstance(w, nn.Parameter):
+                g = generator(seed, "router", self.layer_id)
+                w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64).mul_(std))
+            if self.router.node_bias is not None:
+                self.router.node_bias.zero_()
+        self.experts.reset_parameters(seed, self.layer_id, std, std if out_std is None else out_std)
+
     def set_step(self, step: int) -> None:
-        """The training step (seeds LSH projections and schedules the restore-error probe)."""
+        """The training step (seeds the compressor's randomness and schedules its probe)."""
         self.step = step
-        if isinstance(self.compressor, LSHCompressor):
-            self.compressor.set_step(step)
+        self.compressor.set_step(step)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         return self.finish(self.compute(self.begin(x)))
@@ -123,7 +144,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
-        compressor = self._active_compressor()
+        compressor = self.compressor if self.compressor.active(self.training) else self.identity
         route = route if route is not None else self.router(x_TD)
         keep_TK = None
         if self.cfg.capacity_factor is not None:
@@ -147,49 +168,29 @@ class MoELayer(nn.Module):
             dmeta=dmeta,
             overlap=overlap,
         )
-        if self._pipelined():
-            st.data = payload_MD  # dispatched piece by piece in compute()
-        elif overlap:
-            st.inflight = self.dispatcher.dispatch_start(payload_MD, dmeta)
-        else:
-            st.data = self.dispatcher.dispatch(payload_MD, dmeta)
-        return st
-
-    def _pipelined(self) -> bool:
-        return self.cfg.a2a_chunks > 1 and isinstance(self.dispatcher, AllToAllDispatcher)
+        if overlap:
+            return replace(st, inflight=self.dispatcher.dispatch_start(payload_MD, dmeta))
+        return replace(st, received=self.dispatcher.dispatch(payload_MD, dmeta))
 
     def compute(self, st: MoEState) -> MoEState:
         """Wait for the dispatch, run the local experts, start the combine."""
-        if self._pipelined():
-            st.data = pipelined_exchange(
-                st.data,
-                st.dmeta.send_WG,
-                st.dmeta.recv_WG,
-                self.experts,
-                self.comm,
-                self.ep_group,
-                f"moe{self.layer_id}",
-                self.cfg.a2a_chunks,
-            )
-            st.overlap = False
-            return st
-        local_rows = self.dispatcher.dispatch_wait(st.inflight, st.dmeta) if st.overlap else st.data
-        local_out = self.experts(local_rows, st.dmeta.local_counts)
+        d = self.dispatcher
+        received = d.dispatch_wait(st.inflight, st.dmeta) if st.overlap else st.received
+        local_out = d.run_experts(self.experts, received, st.dmeta)
         if st.overlap:
-            st.inflight = self.dispatcher.combine_start(local_out, st.dmeta)
-        else:
-            st.data = self.dispatcher.combine(local_out, st.dmeta)
-        return st
+            return replace(st, received=None, inflight=d.combine_start(local_out, st.dmeta))
+        return replace(st, received=None, combined=d.combine(local_out, st.dmeta))
 
     def finish(self, st: MoEState) -> MoEOutput:
         """Wait for the combine, restore every row, combine with the gate weights."""
-        out_MD = self.dispatcher.combine_wait(st.inflight, st.dmeta) if st.overlap else st.data
+        out_MD = self.dispatcher.combine_wait(st.inflight, st.dmeta) if st.overlap else st.combined
         out_ND = st.compressor.restore(out_MD, st.cmeta)
         T = st.x_TD.shape[0]
         y_TD = unpermute_combine(out_ND, st.perm_N, st.route.weights_TK, T)
-        if isinstance(st.cmeta, LSHMeta) and self._probe_due():
+        if st.compressor.probe_due(self.training):
             self._probe(st.compressor, st.cmeta)
         K = st.route.topk_ids_TK.shape[-1]
+        stats, reduce = self._stats(st.compressor, st.counts_E, st.sent_counts_E, st.x_TD)
         return MoEOutput(
             y_TD=y_TD.view(st.shape),
             aux=st.route.aux,
@@ -197,51 +198,45 @@ class MoELayer(nn.Module):
             dropped=torch.tensor(T * K - st.perm_N.numel()),
             rows_routed=st.rows,
             rows_sent=st.payload_rows,
-            stats=self._stats(st.compressor, st.counts_E, st.sent_counts_E, st.x_TD),
+            stats=stats,
+            reduce=reduce,
         )
 
     # ---------------------------------------------------------------------------- compression extras
 
-    def _active_compressor(self) -> Compressor:
-        if not self.training and self.lsh is not None and not self.lsh.eval_compress:
-            return IDENTITY
-        return self.compressor
-
-    def _probe_every(self) -> int:
-        if self.lsh is None:
-            return 0
-        needs = self.lsh.target == "error" or self.lsh.compensation == "calibrated"
-        return self.lsh.probe_every or (10 if needs else 0)
-
-    def _probe_due(self) -> bool:
-        every = self._probe_every()
-        return self.training and every > 0 and self.step % every == 0
-
     @torch.no_grad()
-    def _probe(self, compressor: LSHCompressor, cmeta: LSHMeta) -> None:
-        """Off the gradient path: evaluate the experts on sampled rows and their centroids (all ranks
-        take part on the same steps; its exchanges are recorded in phase `metrics`)."""
-        with self.comm.ledger.in_phase("metrics"):
-            rows_PD, counts_E, ctx = compressor.probe_rows(cmeta)
-            meta = self.dispatcher.plan(counts_E)
-            out = self.experts(self.dispatcher.dispatch(rows_PD, meta), meta.local_counts)
-            sums = compressor.probe_sums(self.dispatcher.combine(out, meta), rows_PD, ctx).to(self.comm.device)
-            self.comm.all_reduce(sums, self.comm.group("world"), f"moe{self.layer_id}.probe")
-            compressor.probe_update(sums.cpu(), ctx)
+    def _probe(self, compressor: Compressor, cmeta: object) -> None:
+        """The compressor's off-path measurement: the experts evaluated exactly on rows it picks,
+        through the same dispatcher (every rank takes part on the same steps; its exchanges are
+        recorded in phase `metrics`)."""
+        d, comm = self.dispatcher, self.comm
+
+        def evaluate(rows_PD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+            meta = d.plan(counts_E)
+            return d.combine(d.run_experts(self.experts, d.dispatch(rows_PD, meta), meta), meta)
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(comm.device)
+            comm.all_reduce(t, comm.group("world"), Tag.moe(self.layer_id, MoEOp.PROBE))
+            return t
+
+        with comm.ledger.in_phase("metrics"):
+            compressor.probe(cmeta, evaluate, all_reduce)
 
     def _stats(
         self, compressor: Compressor, counts_E: torch.Tensor, sent_E: torch.Tensor, x_TD: torch.Tensor
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], dict[str, Reduce]]:
         stats = {"rows_routed": float(counts_E.sum()), "rows_sent": float(sent_E.sum())}
         if int(self.node_of_E.max()) > 0:  # several nodes: how much of the routing stays on this one
             stats["rows_local"] = float(counts_E.cpu()[self.node_of_E == self.my_node].sum())
-        if compressor is IDENTITY:
-            return stats
+        if compressor is self.identity:
+            return stats, {}
         W, me = self.ep_group.size, self.ep_group.index
         saved_W = (counts_E - sent_E).view(W, -1).sum(1)
         wire_rows = float(saved_W.sum() - saved_W[me])
         row_bytes = x_TD.shape[-1] * x_TD.element_size()
         # dispatch + combine each move the saved rows once per direction of the pass
         stats["a2a_saved_bytes_fwd"] = stats["a2a_saved_bytes_bwd"] = 2 * wire_rows * row_bytes
-        stats.update(compressor.stats)
-        return stats
+        comp: dict[str, Stat] = compressor.stats
+        stats.update({k: s.value for k, s in comp.items()})
+        return stats, {k: s.reduce for k, s in comp.items()}

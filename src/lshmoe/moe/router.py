@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lshmoe.moe.locality import GrAPGate, locality_loss, node_limited_mask
+from lshmoe.moe.param_kinds import ParamKind, mark
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,8 +79,9 @@ class TopKRouter(nn.Module):
             self.grap = GrAPGate(d_model, num_experts)
         else:
             self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        # Per-node bias (`is_node_param`): the same on the ranks of one node, different between nodes.
-        self.register_parameter("node_bias", nn.Parameter(torch.zeros(num_experts)) if node_bias else None)
+        # Per-node bias (ParamKind.NODE): the same on the ranks of one node, different between nodes.
+        bias = mark(nn.Parameter(torch.zeros(num_experts)), ParamKind.NODE) if node_bias else None
+        self.register_parameter("node_bias", bias)
         self.node_of_E: torch.Tensor | None = None
         self.local_E: torch.Tensor | None = None
         self.node_limit = 0

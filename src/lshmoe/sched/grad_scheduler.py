@@ -22,14 +22,14 @@ the same average gradient as DDP's. The Comm tells the scheduler when each all-t
 from __future__ import annotations
 
 import collections
-import math
 import threading
 
 import torch
 from torch import nn
 
 from lshmoe.distributed.comm import Comm
-from lshmoe.models.gpt import is_expert_param, is_node_param
+from lshmoe.distributed.tags import MoEOp, Tag
+from lshmoe.moe.param_kinds import is_expert_param, is_node_param
 
 POLICIES = ("fair", "priority")
 
@@ -39,9 +39,7 @@ class GradScheduler:
         assert policy in POLICIES, policy
         self.comm, self.policy, self.chunk_bytes = comm, policy, max(1, chunk_bytes)
         self.params = [
-            p
-            for n, p in model.named_parameters()
-            if p.requires_grad and not is_expert_param(n) and not is_node_param(n)
+            p for p in model.parameters() if p.requires_grad and not is_expert_param(p) and not is_node_param(p)
         ]  # GradSync reduces those within the node
         self.group = comm.group("grad")
         self._cv = threading.Condition()
@@ -59,10 +57,6 @@ class GradScheduler:
         self._thread.start()
         comm.listeners.append(self)
 
-    @staticmethod
-    def chunk_count(numel: int, element_size: int, chunk_bytes: int) -> int:
-        return max(1, math.ceil(numel * element_size / chunk_bytes))
-
     # ---------------------------------------------------------------------------- events (main thread)
 
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -73,7 +67,7 @@ class GradScheduler:
         per = max(1, self.chunk_bytes // flat.element_size())
         with self._cv:
             for start in range(0, flat.numel(), per):
-                self._queue.append((flat[start : start + per], f"grad.chunk.{self._seq}"))
+                self._queue.append((flat[start : start + per], Tag.of("grad", "chunk", self._seq)))
                 self._seq += 1
                 self._pending += 1
             self._cv.notify_all()
@@ -81,16 +75,16 @@ class GradScheduler:
     def a2a_begin(self, tag: str, phase: str) -> None:
         with self._cv:
             self._a2a_running += 1
-            layer = tag.split(".")[0]
-            if phase == "backward" and tag.startswith(f"{layer}.combine"):
-                self._window.add(layer)
+            t = Tag(tag)
+            if phase == "backward" and t.is_moe(MoEOp.COMBINE):
+                self._window.add(t.layer)
 
     def a2a_end(self, tag: str, phase: str) -> None:
         with self._cv:
             self._a2a_running -= 1
-            layer = tag.split(".")[0]
-            if phase == "backward" and tag.startswith(f"{layer}.dispatch"):
-                self._window.discard(layer)
+            t = Tag(tag)
+            if phase == "backward" and t.is_moe(MoEOp.DISPATCH):
+                self._window.discard(t.layer)
             self._cv.notify_all()
 
     # ---------------------------------------------------------------------------- scheduler thread

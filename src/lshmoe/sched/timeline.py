@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lshmoe.distributed.ledger import CommRecord
+from lshmoe.distributed.tags import MoEOp, Tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +47,13 @@ def backward_windows(events: list[Event]) -> list[tuple[float, float]]:
     for e in events:
         if e.kind != "a2a" or e.phase != "backward":
             continue
-        layer = e.tag.split(".")[0]
-        if e.tag.startswith(f"{layer}.combine") and layer not in open_at:
+        tag = Tag(e.tag)
+        layer = tag.layer
+        if layer is None:
+            continue
+        if tag.op == MoEOp.COMBINE.value and layer not in open_at:
             open_at[layer] = e.start
-        elif e.tag.startswith(f"{layer}.dispatch") and layer in open_at:
+        elif tag.op == MoEOp.DISPATCH.value and layer in open_at:
             windows.append((open_at.pop(layer), e.end))
     return windows
 

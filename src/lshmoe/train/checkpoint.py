@@ -12,7 +12,8 @@ loads on W':
 - `model/<bank>/e<global expert>`: one entry per expert of each expert bank, so a rank loads exactly
   the experts it owns under the new expert-parallel layout;
 - `optim/<same key>/{exp_avg,exp_avg_sq,step}`: the AdamW state, split the same way;
-- `rng/rank<r>`: each rank's torch generator state; `lsh/rank<r>/moe<i>`: the LSH target controller;
+- `rng/rank<r>`: each rank's torch generator state;
+- `compressor/rank<r>/moe<i>/<name>`: each compressor's `state_dict()` (e.g. LSH's L controller);
 - `trainer/{step,train_time_s,skipped_steps}`: the `RunState`.
 Learning-rate schedule, data position and LSH projections are functions of the step, so restoring
 the step restores them. `meta.json` holds the model config; loading into an incompatible model is a
@@ -47,18 +48,18 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.errors import UserError
-from lshmoe.models.gpt import is_expert_param, is_node_param
+from lshmoe.moe.param_kinds import is_expert_param, is_node_param
 from lshmoe.train import integrity
 
 FORMAT = 2  # 2: with manifest.json
 # Model config fields that change parameter shapes or their meaning; a checkpoint only loads into the same.
 SHAPE_FIELDS = {
     "model": ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "mlp_ratio", "norm"),
-    "moe": ("num_experts", "d_expert", "activation", "node_bias"),
+    "moe": ("num_experts", "d_expert", "activation"),
+    "locmoe": ("node_bias",),
 }
 
 
@@ -69,8 +70,8 @@ class CheckpointError(UserError):
 def _expert_layout(model: nn.Module) -> dict[str, int]:
     """Expert bank parameter name -> global id of this rank's first expert in it."""
     out = {}
-    for name, _ in model.named_parameters():
-        if is_expert_param(name):
+    for name, p in model.named_parameters():
+        if is_expert_param(p):
             owner = model.get_submodule(name.rsplit(".", 1)[0])
             out[name] = owner.first_expert
     return out
@@ -93,7 +94,7 @@ def state_entries(
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         st = _adam_state(opt, p)
-        if is_node_param(name):  # one entry per node; the ranks of a node hold identical copies
+        if is_node_param(p):  # one entry per node; the ranks of a node hold identical copies
             key = f"{name}/node{getattr(model, 'my_node', 0)}"
             out[f"model/{key}"] = p.data
             for k in ("exp_avg", "exp_avg_sq", "step"):
@@ -123,8 +124,8 @@ class RunState:
     skipped_steps: int = 0
 
 
-def _lsh_key(rank: int, layer: nn.Module) -> str:
-    return f"lsh/rank{rank}/moe{layer.layer_id}"
+def _compressor_prefix(rank: int, layer: nn.Module) -> str:
+    return f"compressor/rank{rank}/moe{layer.layer_id}/"
 
 
 def run_entries(model: nn.Module, rank: int, state: RunState) -> dict[str, torch.Tensor]:
@@ -135,10 +136,9 @@ def run_entries(model: nn.Module, rank: int, state: RunState) -> dict[str, torch
         "trainer/skipped_steps": torch.tensor(state.skipped_steps),
     }
     for layer in model.moe_layers:
-        comp = getattr(layer, "compressor", None)
-        if isinstance(comp, LSHCompressor) and comp.controller is not None:
-            st = comp.controller.state_dict()
-            out[_lsh_key(rank, layer)] = torch.tensor([st["rate"], st["error"]], dtype=torch.float64)
+        comp = getattr(layer, "compressor", None)  # a peer system's layer has none
+        for name, t in (comp.state_dict() if comp is not None else {}).items():
+            out[_compressor_prefix(rank, layer) + name] = t
     return out
 
 
@@ -185,10 +185,13 @@ def restore_run(
     if rng not in missing:
         torch.set_rng_state(entries[rng])
     for layer in model.moe_layers:
-        key = _lsh_key(comm.rank, layer)
-        if key in entries and key not in missing:
-            rate, err = entries[key].tolist()
-            layer.compressor.controller.load_state_dict({"rate": rate, "error": err})
+        comp = getattr(layer, "compressor", None)
+        if comp is None:
+            continue
+        prefix = _compressor_prefix(comm.rank, layer)
+        comp.load_state_dict(
+            {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix) and k not in missing}
+        )
     state = RunState(
         step=int(entries["trainer/step"]),
         train_time_s=float(entries["trainer/train_time_s"]),
@@ -360,9 +363,9 @@ def check_compatible(
                 f"checkpoint {path} was saved with {k}={v}, this run has {k}={want.get(k)}; "
                 "use the checkpoint's model config"
             )
-    if nodes is not None and cfg.moe.node_bias and meta.get("nodes") != nodes:
+    if nodes is not None and cfg.locmoe.node_bias and meta.get("nodes") != nodes:
         raise CheckpointError(
-            f"checkpoint {path} holds per-node router biases (moe.node_bias) for "
+            f"checkpoint {path} holds per-node router biases (locmoe.node_bias) for "
             f"{meta.get('nodes')} nodes; this run has {nodes} nodes"
         )
 
@@ -410,7 +413,7 @@ def save(
     inside: Callable[[], None] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (see the module docstring); return its directory. `inside()` (a fault
-    hook) runs once the shards are written, before anything is committed."""
+    hook) runs once this rank's shards are written, before the ranks agree to commit."""
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     failure: BaseException | None = None
@@ -430,9 +433,9 @@ def save(
         integrity.write_json_durably(tmp / f"sums.rank{comm.rank}.part", sums)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk, a vanished directory
         failure = e
-    _agree(comm, failure, step, root, tmp)
     if inside is not None:
         inside()
+    _agree(comm, failure, step, root, tmp)
     if comm.rank == 0:
         try:
             _commit(root, tmp, final, step, meta, comm.world_size, keep_last)

@@ -1,12 +1,12 @@
 """Fault injection for testing recovery: the trainer calls a `FaultInjector` at named points.
 
-`dist.fault` is a comma-separated list of `kind:rank:step` (e.g. `kill:1:5,killsave:0:12`):
+`fault.inject` (flag `--fault`) is a comma-separated list of `kind:rank:step` (e.g. `kill:1:5,killsave:0:12`):
 
 - `kill`: SIGKILL this rank at the start of step `step` (after `step` steps are done);
 - `stall`: sleep forever at the start of step `step` (the watchdog must name it);
 - `nan`: fill one expert gradient with NaN after the backward of step `step`;
-- `killsave`: SIGKILL this rank inside the save of the checkpoint `step_<step>`, after its shards are
-  written and before the checkpoint is committed (so the save is left incomplete).
+- `killsave`: SIGKILL this rank inside the save of the checkpoint `step_<step>`, after its own shards
+  are written and before the ranks agree to commit (so the save is left incomplete, whichever rank).
 
 Each fault fires once per output directory: before it acts, the rank appends it to
 `<out_dir>/faults.fired` (one JSON line: the fault, the step, the wall time), and an injector built
@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lshmoe.config.schema import FAULT_KINDS as KINDS
 from lshmoe.errors import ConfigError
 
-KINDS = ("kill", "stall", "nan", "killsave")
 FIRED_FILE = "faults.fired"
 
 
@@ -50,7 +50,7 @@ def parse_faults(spec: str) -> list[Fault]:
         parts = item.split(":")
         if len(parts) != 3 or parts[0] not in KINDS or not all(p.isdigit() for p in parts[1:]):
             raise ConfigError(
-                f"dist.fault={spec!r}: item {item!r} must be kind:rank:step with kind in "
+                f"fault.inject={spec!r}: item {item!r} must be kind:rank:step with kind in "
                 f"{', '.join(KINDS)}, e.g. kill:1:5 (several: kill:1:5,killsave:0:12)"
             )
         out.append(Fault(parts[0], int(parts[1]), int(parts[2])))
@@ -113,6 +113,6 @@ class FaultInjector:
             poison()
 
     def inside_save(self, step: int) -> None:
-        """Inside the save of checkpoint `step`, shards written, nothing committed: `killsave`."""
+        """Inside the save of checkpoint `step`, this rank's shards written, nothing committed: `killsave`."""
         if self._take("killsave", step):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lshmoe.distributed.comm import Comm
-from lshmoe.models.gpt import is_expert_param, is_node_param
+from lshmoe.moe.param_kinds import is_expert_param, is_node_param
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -41,9 +41,9 @@ class GradSync:
     def __init__(self, model: nn.Module, comm: Comm, bucket_bytes: int = BUCKET_BYTES):
         self.comm = comm
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.dense = [p for n, p in named if not is_expert_param(n) and not is_node_param(n)]
-        self.expert = [p for n, p in named if is_expert_param(n)]
-        self.node = [p for n, p in named if is_node_param(n)]
+        self.dense = [p for _, p in named if not is_expert_param(p) and not is_node_param(p)]
+        self.expert = [p for _, p in named if is_expert_param(p)]
+        self.node = [p for _, p in named if is_node_param(p)]
         self.dense_buckets = _buckets(self.dense, bucket_bytes)
         self.expert_buckets = _buckets(self.expert, bucket_bytes)
         self.node_buckets = _buckets(self.node, bucket_bytes)

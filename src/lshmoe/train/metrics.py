@@ -12,9 +12,10 @@ excluded from the communication share) and rank 0 writes one `train` record with
   compression rate)
 - dropped_tokens: assignments dropped by capacity per step, summed over ranks and layers
 - expert_load: per MoE layer, rows per expert per step, summed over ranks
-- layers: per MoE layer, its own numbers (`MoEOutput.stats`): rows and bytes summed over ranks,
-  seconds averaged over ranks, `compression_rate` = rows sent / rows routed, and the sampled
-  restore errors averaged over the probes of the interval
+- layers: per MoE layer, its own numbers (`MoEOutput.stats`), each reduced as `MoEOutput.reduce`
+  declares: rows and bytes summed over ranks, a compressor's seconds and parameters averaged over
+  ranks, its probe measurements averaged over the probes of the interval; `compression_rate` =
+  rows sent / rows routed
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lshmoe.compress.protocol import Reduce
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.ledger import StepComm
 
@@ -50,6 +52,20 @@ SCALARS = (
     "rows_sent",
     "dropped_tokens",
     "grad_norm",
+)
+# Per-step values taken from the ledger's StepComm summary.
+FROM_LEDGER = (
+    "a2a_bytes",
+    "a2a_bytes_fwd",
+    "a2a_bytes_bwd",
+    "a2a_meta_bytes",
+    "allreduce_bytes",
+    "a2a_time_s",
+    "a2a_exposed_s",
+    "inter_node_bytes",
+    "intra_node_bytes",
+    "allreduce_time_s",
+    "comm_time_s",
 )
 MEAN_OVER_RANKS = {
     "loss",
@@ -76,6 +92,7 @@ class IntervalStats:
         self.sums = dict.fromkeys(SCALARS, 0.0)
         self.load = torch.zeros(len(self.moe_layers), self.num_experts, dtype=torch.float64)
         self.layer_sums: dict[int, dict[str, float]] = {}
+        self.layer_reduce: dict[int, dict[str, Reduce]] = {}
 
     def add(
         self,
@@ -83,26 +100,17 @@ class IntervalStats:
         comm_step: StepComm,
         load_LE: torch.Tensor,
         layer_stats: dict[int, dict[str, float]] | None = None,
+        layer_reduce: dict[int, dict[str, Reduce]] | None = None,
     ) -> None:
+        """One step's values; `layer_reduce` says how each per-layer stat reduces (default SUM)."""
         self.steps += 1
+        for layer, reduce in (layer_reduce or {}).items():
+            self.layer_reduce.setdefault(layer, {}).update(reduce)
         for layer, stats in (layer_stats or {}).items():
             acc = self.layer_sums.setdefault(layer, {})
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
-        merged = dict(values)
-        merged.update(
-            a2a_bytes=comm_step.a2a_bytes,
-            a2a_bytes_fwd=comm_step.a2a_bytes_fwd,
-            a2a_bytes_bwd=comm_step.a2a_bytes_bwd,
-            a2a_meta_bytes=comm_step.a2a_meta_bytes,
-            allreduce_bytes=comm_step.allreduce_bytes,
-            a2a_time_s=comm_step.a2a_time_s,
-            a2a_exposed_s=comm_step.a2a_exposed_s,
-            inter_node_bytes=comm_step.inter_node_bytes,
-            intra_node_bytes=comm_step.intra_node_bytes,
-            allreduce_time_s=comm_step.allreduce_time_s,
-            comm_time_s=comm_step.comm_time_s,
-        )
+        merged = {**values, **{k: getattr(comm_step, k) for k in FROM_LEDGER}}
         for k in SCALARS:
             self.sums[k] += float(merged.get(k, 0.0))
         self.load += load_LE.double()
@@ -137,7 +145,7 @@ class IntervalStats:
             f"moe{layer}": float(load[i].std(unbiased=False) / mean[i]) for i, layer in enumerate(self.moe_layers)
         }
         summed = dict(zip(layer_keys, vec[len(SCALARS) + n_load :].tolist(), strict=True))
-        rec["layers"] = _layer_record(summed, steps=n, world=W)
+        rec["layers"] = _layer_record(summed, self.layer_reduce, steps=n, world=W)
         st = rec["step_time_s"]
         rec["tokens_per_s"] = W * tokens_per_rank_step / st if st > 0 else 0.0
         rec["comm_share"] = rec["comm_time_s"] / st if st > 0 else 0.0
@@ -147,19 +155,24 @@ class IntervalStats:
         return rec
 
 
-def _layer_record(summed: dict[tuple[int, str], float], steps: int, world: int) -> dict[str, dict[str, float]]:
-    """Per-layer interval values from cross-rank sums (see the module docstring for the rules)."""
+def _layer_record(
+    summed: dict[tuple[int, str], float], reduce: dict[int, dict[str, Reduce]], steps: int, world: int
+) -> dict[str, dict[str, float]]:
+    """Per-layer interval values from cross-rank sums, each by its declared `Reduce` (SUM when none:
+    the layer's own rows and bytes)."""
     out: dict[str, dict[str, float]] = {}
     for layer in sorted({layer for layer, _ in summed}):
         s = {k: v for (lay, k), v in summed.items() if lay == layer}
+        how = reduce.get(layer, {})
+        probes = sum(v for k, v in s.items() if how.get(k) is Reduce.PROBES)
         rec: dict[str, float] = {}
-        probes = s.get("lsh_probe_n", 0.0)
         for k, v in s.items():
-            if k == "lsh_probe_n":
+            kind = how.get(k, Reduce.SUM)
+            if kind is Reduce.PROBES:
                 continue
-            if k.startswith("lsh_restore_err") or k == "lsh_alpha_fit":
+            if kind is Reduce.PER_PROBE:
                 rec[k] = v / probes if probes else float("nan")
-            elif k.endswith("_s") or k in ("lsh_hashes", "lsh_alpha"):
+            elif kind is Reduce.MEAN:
                 rec[k] = v / steps / world
             else:
                 rec[k] = v / steps

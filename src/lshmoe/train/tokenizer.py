@@ -6,8 +6,6 @@ with the end-of-text token so the model sees document boundaries.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -36,7 +34,3 @@ def encode_docs(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
         ids.extend(enc.ids)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int32)
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))

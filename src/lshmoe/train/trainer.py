@@ -9,7 +9,7 @@ every `eval_every` steps (and at the end) all ranks compute the validation loss 
 
 A non-finite loss or gradient is detected from the global gradient norm (identical on every rank,
 so all ranks take the same path); the first offending parameter is named, and the step is skipped
-or the run saves and stops (`train.nan_policy`).
+or the run saves and stops (`fault.nan_policy`).
 
 What a checkpoint holds and how it is restored lives in `train/checkpoint.py` (`save_run`,
 `restore_run`); injected faults (for tests and `lshmoe bench chaos`) in `train/faults.py`: the loop
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lshmoe.config import Config, validate
+from lshmoe.config import DTYPES, Config, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.errors import DataError, NumericalError, UserError
@@ -46,7 +46,6 @@ from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
 from lshmoe.train.optim import build_optimizer, lr_at, set_lr
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 NO_BAD_PARAM = 1 << 30
 
 
@@ -71,22 +70,22 @@ class Trainer:
         self.cfg, self.comm, self.data = cfg, comm, data
         tc = cfg.train
         torch.manual_seed(tc.seed * 1000 + comm.rank)  # dropout and router jitter differ per rank
-        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory, lsh=cfg.lsh, seed=tc.seed)
+        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory, settings=cfg, seed=tc.seed)
         self.model.to(device=comm.device, dtype=DTYPES[tc.dtype])
         self.model.reset_parameters(tc.seed)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
         self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
         self.sched = None
-        if tc.grad_sync != "sync":
-            self.sched = GradScheduler(self.model, comm, tc.grad_sync, int(tc.chunk_mb * 2**20))
+        if cfg.lina.grad_sync != "sync":
+            self.sched = GradScheduler(self.model, comm, cfg.lina.grad_sync, int(cfg.lina.chunk_mb * 2**20))
             comm.ledger.enable_timeline(50_000)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.moe_ids = self.model.moe_ids
         self.stats = IntervalStats(self.moe_ids, cfg.moe.num_experts)
         self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
         self.out_dir = Path(tc.out_dir)
-        self.faults = FaultInjector(cfg.dist.fault, comm.rank, self.out_dir)
+        self.faults = FaultInjector(cfg.fault.inject, comm.rank, self.out_dir)
         self.state = ckpt.RunState()
         resume = ckpt.resolve_resume(cfg, comm, lambda m: _log(comm.rank, m))
         if resume is not None:
@@ -139,7 +138,9 @@ class Trainer:
         }
         self.last_comm = ledger.end_step()
         self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
-        self.stats.add(values, self.last_comm, load, self.last_layer_stats)
+        self.stats.add(
+            values, self.last_comm, load, self.last_layer_stats, {i: out.moe[i].reduce for i in self.moe_ids}
+        )
         return values
 
     def _poison_a_gradient(self) -> None:
@@ -165,11 +166,11 @@ class Trainer:
             else (f"the gradient of {self.param_names[i]}" if i < NO_BAD_PARAM else "the synchronised gradients")
         )
         self.state.skipped_steps += 1
-        if self.cfg.train.nan_policy == "stop":
+        if self.cfg.fault.nan_policy == "stop":
             self.opt.zero_grad(set_to_none=True)
             path = self.save_checkpoint(step) if self.cfg.train.save_every else None
             saved = f"; saved {path}" if path else " (no checkpoint: train.save_every=0)"
-            raise NumericalError(f"non-finite value in {what} at step {step}; stopping (train.nan_policy=stop){saved}")
+            raise NumericalError(f"non-finite value in {what} at step {step}; stopping (fault.nan_policy=stop){saved}")
         n = self.state.skipped_steps
         _log(self.comm.rank, f"step {step}: non-finite value in {what}; step skipped ({n} so far)")
 
@@ -347,7 +348,8 @@ def train(cfg: Config) -> TrainResult:
     """Run a training job in this process (one rank of it under torchrun or the local launcher)."""
     comm = init_comm(cfg.dist, cfg.moe.ep_size)
     try:
-        validate(cfg, comm.world_size)
+        ep_nodes = len({comm.node_of.get(r, 0) for r in comm.group("ep").ranks})
+        validate(cfg, comm.world_size, nodes=ep_nodes)
         data = load_data(cfg.data, lambda m: _log(comm.rank, m))
         data.check_seq_len(cfg.model.seq_len)
         _agree_on_data(comm, data, cfg)

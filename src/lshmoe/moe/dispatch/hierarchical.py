@@ -23,13 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
-from lshmoe.moe.dispatch import DispatchMeta, Inflight, regroup_index
+from lshmoe.distributed.tags import MoEOp, Tag
+from lshmoe.moe.dispatch.flat import FlatMeta, permuted_all_to_all, regroup_index
+from lshmoe.moe.dispatch.protocol import SyncDispatcherBase
+from lshmoe.moe.permute import inverse_permutation
 
 
 @dataclass(frozen=True, slots=True)
-class HierMeta(DispatchMeta):
+class HierMeta(FlatMeta):
     perm_A: torch.Tensor  # payload -> phase-A send order
     inv_A: torch.Tensor
     a_in: list[int]  # phase A splits per node-mate
@@ -53,19 +55,14 @@ def _perm(order: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def _inverse(p: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(p)
-    inv[p] = torch.arange(p.numel())
-    return inv
+class HierarchicalDispatcher(SyncDispatcherBase):
+    """The two-level exchange (see the module docstring). Its exchanges are synchronous: the
+    overlap halves (`*_start`) complete each exchange inside its stage."""
 
-
-class HierarchicalDispatcher:
-    """Drop-in replacement of AllToAllDispatcher with the two-level exchange (see the module docstring)."""
-
-    def __init__(self, comm: Comm, group: Group, num_experts: int, tag: str, ranks_per_node: int):
+    def __init__(self, comm: Comm, group: Group, num_experts: int, layer: int, ranks_per_node: int):
         W = group.size
         assert W == comm.world_size and W % ranks_per_node == 0, "hierarchical all-to-all needs EP = world"
-        self.comm, self.group, self.tag = comm, group, tag
+        self.comm, self.group, self.layer = comm, group, layer
         self.num_experts, self.num_local = num_experts, num_experts // W
         self.R, self.N = ranks_per_node, W // ranks_per_node
         self.node_group, self.lane_group = comm.group("node"), comm.group("lane")
@@ -73,7 +70,7 @@ class HierarchicalDispatcher:
     def plan(self, counts_E: torch.Tensor) -> HierMeta:
         W, R, N, G = self.group.size, self.R, self.N, self.num_local
         C_WE = self.comm.all_gather(
-            counts_E.to(device=self.comm.device, dtype=torch.int64), self.group, f"{self.tag}.counts"
+            counts_E.to(device=self.comm.device, dtype=torch.int64), self.group, Tag.moe(self.layer, MoEOp.COUNTS)
         ).cpu()
         S = C_WE.view(W, W, G).sum(-1).tolist()  # S[src][dst] rows
         me = self.group.index
@@ -103,52 +100,23 @@ class HierarchicalDispatcher:
             send_WG=C_WE[me].view(W, G),
             recv_WG=recv_WG,
             perm_A=perm_A.to(dev),
-            inv_A=_inverse(perm_A).to(dev),
+            inv_A=inverse_permutation(perm_A).to(dev),
             a_in=a_in,
             a_out=a_out,
             perm_B=perm_B.to(dev),
-            inv_B=_inverse(perm_B).to(dev),
+            inv_B=inverse_permutation(perm_B).to(dev),
             b_in=b_in,
             b_out=b_out,
         )
 
     def dispatch(self, payload_MD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
-        a = all_to_all(
-            payload_MD.index_select(0, meta.perm_A),
-            self.comm,
-            self.node_group,
-            meta.a_out,
-            meta.a_in,
-            f"{self.tag}.dispatch.node",
+        node, lane = Tag.moe(self.layer, MoEOp.DISPATCH, "node"), Tag.moe(self.layer, MoEOp.DISPATCH, "lane")
+        a = permuted_all_to_all(payload_MD, self.comm, self.node_group, meta.a_out, meta.a_in, node, meta.perm_A)
+        return permuted_all_to_all(
+            a, self.comm, self.lane_group, meta.b_out, meta.b_in, lane, meta.perm_B, meta.regroup_R
         )
-        b = all_to_all(
-            a.index_select(0, meta.perm_B),
-            self.comm,
-            self.lane_group,
-            meta.b_out,
-            meta.b_in,
-            f"{self.tag}.dispatch.lane",
-        )
-        return b if meta.regroup_R is None else b.index_select(0, meta.regroup_R)
 
     def combine(self, out_RD: torch.Tensor, meta: HierMeta) -> torch.Tensor:
-        if meta.ungroup_R is not None:
-            out_RD = out_RD.index_select(0, meta.ungroup_R)
-        b = all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, f"{self.tag}.combine.lane")
-        a = all_to_all(
-            b.index_select(0, meta.inv_B), self.comm, self.node_group, meta.a_in, meta.a_out, f"{self.tag}.combine.node"
-        )
-        return a.index_select(0, meta.inv_A)
-
-    # No asynchronous halves: the overlap API completes each exchange inside its stage.
-    def dispatch_start(self, payload_MD: torch.Tensor, meta: HierMeta) -> Inflight:
-        return Inflight(None, self.dispatch(payload_MD, meta))
-
-    def dispatch_wait(self, inflight: Inflight, meta: HierMeta) -> torch.Tensor:
-        return inflight.token
-
-    def combine_start(self, out_RD: torch.Tensor, meta: HierMeta) -> Inflight:
-        return Inflight(None, self.combine(out_RD, meta))
-
-    def combine_wait(self, inflight: Inflight, meta: HierMeta) -> torch.Tensor:
-        return inflight.token
+        node, lane = Tag.moe(self.layer, MoEOp.COMBINE, "node"), Tag.moe(self.layer, MoEOp.COMBINE, "lane")
+        b = permuted_all_to_all(out_RD, self.comm, self.lane_group, meta.b_in, meta.b_out, lane, meta.ungroup_R)
+        return permuted_all_to_all(b, self.comm, self.node_group, meta.a_in, meta.a_out, node, meta.inv_B, meta.inv_A)

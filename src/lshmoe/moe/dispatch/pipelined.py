@@ -1,5 +1,9 @@
 """All-to-all micro-ops along the token dimension (Lina): experts compute piece i while piece i+1 travels.
 
+`PipelinedDispatcher` wraps the flat dispatcher and fuses its exchanges with the expert computation:
+`dispatch` defers (nothing travels yet), `run_experts` runs the pipelined dispatch/experts/combine and
+returns rows already combined in payload order, and `combine` hands them back.
+
 The payload rows of every (destination rank, local expert) group are cut into `c` near-equal pieces
 (group of n rows: piece i gets n // c rows, plus one for i < n % c). Piece i of every group travels in
 one asynchronous all-to-all; the receiver, which knows the same counts, cuts its own groups the same
@@ -12,10 +16,13 @@ every exchange is asynchronous too (lshmoe.distributed.async_autograd).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lshmoe.distributed.async_autograd import AsyncAllToAll
 from lshmoe.distributed.comm import Comm, Group
-from lshmoe.moe.dispatch import regroup_index
+from lshmoe.distributed.tags import MoEOp, Tag
+from lshmoe.moe.dispatch.flat import AllToAllDispatcher, FlatMeta, regroup_index
+from lshmoe.moe.dispatch.protocol import SyncDispatcherBase
 
 
 def split_counts(counts: torch.Tensor, pieces: int) -> torch.Tensor:
@@ -40,7 +47,7 @@ def pipelined_exchange(
     experts,
     comm: Comm,
     group: Group,
-    tag: str,
+    layer: int,
     pieces: int,
 ) -> torch.Tensor:
     """Dispatch, experts and combine in `pieces` micro-ops; returns the combined rows in payload order."""
@@ -58,7 +65,7 @@ def pipelined_exchange(
             group,
             recv_parts[i].view(W, G).sum(1).tolist(),
             send_parts[i].view(W, G).sum(1).tolist(),
-            f"{tag}.dispatch",
+            Tag.moe(layer, MoEOp.DISPATCH),
         )
         handles.append((h, h.start(payload_MD.index_select(0, idx))))
         idx_pieces.append(idx)
@@ -77,7 +84,7 @@ def pipelined_exchange(
         if ungroup is not None:
             out = out.index_select(0, ungroup.to(dev))
         c = AsyncAllToAll(
-            comm, group, send_parts[i].view(W, G).sum(1).tolist(), recv_i.sum(1).tolist(), f"{tag}.combine"
+            comm, group, send_parts[i].view(W, G).sum(1).tolist(), recv_i.sum(1).tolist(), Tag.moe(layer, MoEOp.COMBINE)
         )
         inflight.append((c, c.start(out)))
     for c, token in inflight:
@@ -87,3 +94,26 @@ def pipelined_exchange(
     if order.numel():
         result = torch.cat(out_pieces).index_select(0, torch.argsort(order))
     return result
+
+
+class PipelinedDispatcher(SyncDispatcherBase):
+    """The flat exchange cut into `pieces` micro-ops, fused with the experts (module docstring)."""
+
+    def __init__(self, inner: AllToAllDispatcher, pieces: int):
+        assert pieces > 1, pieces
+        self.inner, self.pieces = inner, pieces
+
+    def plan(self, counts_E: torch.Tensor) -> FlatMeta:
+        return self.inner.plan(counts_E)
+
+    def dispatch(self, payload_MD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
+        return payload_MD  # travels piece by piece inside run_experts
+
+    def run_experts(self, experts: nn.Module, received_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
+        inner = self.inner
+        return pipelined_exchange(
+            received_RD, meta.send_WG, meta.recv_WG, experts, inner.comm, inner.group, inner.layer, self.pieces
+        )
+
+    def combine(self, out_RD: torch.Tensor, meta: FlatMeta) -> torch.Tensor:
+        return out_RD  # combined piece by piece inside run_experts

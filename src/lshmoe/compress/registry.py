@@ -1,0 +1,44 @@
+"""Compressors by name: the one registration point of the compressor seam (`moe.compress`).
+
+An entry maps a name to `module:function`; the function takes a `CompressorContext` and returns a
+compressor for that layer, or None to send that layer's rows uncompressed. Entries are imported
+when first built, so this module (and the config schema that lists the names) stays import-light.
+Adding a compressor is one new module plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from lshmoe.errors import ConfigError
+
+REGISTRY: dict[str, str] = {
+    "identity": "lshmoe.compress.identity:build",
+    "lsh": "lshmoe.compress.lsh:build",
+}
+NAMES = tuple(REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressorContext:
+    """What a compressor may depend on: the layer's shape and place, and the run's settings (the
+    root config, whose section named like the compressor holds its options; None = defaults)."""
+
+    num_experts: int
+    d_model: int
+    layer_id: int
+    seed: int = 0
+    settings: Any = None
+
+
+def build_compressor(name: str, ctx: CompressorContext):
+    """The compressor `name` for one layer (the identity one where its builder declines)."""
+    from lshmoe.compress.identity import IDENTITY
+
+    if name not in REGISTRY:
+        raise ConfigError(f"moe.compress={name!r} is not a registered compressor; choose one of: {', '.join(NAMES)}")
+    module, fn = REGISTRY[name].split(":")
+    built = getattr(importlib.import_module(module), fn)(ctx)
+    return IDENTITY if built is None else built

@@ -1,0 +1,65 @@
+"""Typed configuration: the schema (schema.py), its machinery (fields.py, io.py) and every rule
+(validate.py). `from lshmoe.config import X` reaches all of them.
+
+A config is a tree of dataclasses, one section per system (see schema.py). Each leaf field declares
+its help text and valid range through `_f(...)`; `validate()` checks ranges, choices and every
+cross-field rule and raises `ConfigError` with one line that names the field, the bad value and what
+is allowed. YAML files and `--flag value` overrides are coerced to the declared types, so a wrong
+type or an unknown key fails the same way, before any process is started.
+"""
+
+from lshmoe.config.fields import _f, coerce, leaf_types
+from lshmoe.config.io import apply_sets, from_dict, leaf_fields, load_yaml, resolve, set_value
+from lshmoe.config.schema import (
+    ALIASES,
+    DTYPES,
+    FAULT_KINDS,
+    FLAG_PREFIX,
+    SECTIONS,
+    Config,
+    DataConfig,
+    DistConfig,
+    FaultConfig,
+    InferConfig,
+    LinaConfig,
+    LocMoEConfig,
+    LSHConfig,
+    ModelConfig,
+    MoEConfig,
+    ScMoEConfig,
+    TrainConfig,
+)
+from lshmoe.config.validate import validate, validate_inference
+from lshmoe.errors import ConfigError
+
+__all__ = [
+    "ALIASES",
+    "DTYPES",
+    "FAULT_KINDS",
+    "FLAG_PREFIX",
+    "SECTIONS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "FaultConfig",
+    "InferConfig",
+    "LSHConfig",
+    "LinaConfig",
+    "LocMoEConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "ScMoEConfig",
+    "TrainConfig",
+    "_f",
+    "apply_sets",
+    "coerce",
+    "from_dict",
+    "leaf_fields",
+    "leaf_types",
+    "load_yaml",
+    "resolve",
+    "set_value",
+    "validate",
+    "validate_inference",
+]

@@ -1,0 +1,266 @@
+"""The config tree: one typed dataclass per section, one section per system.
+
+`Config` holds the core sections (`model`, `moe`, `data`, `train`, `dist`), the compressor's (`lsh`)
+and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing), `lina`
+(all-to-all micro-ops and the gradient scheduler), `infer` (Lina's inference placement) and `fault`
+(fault injection and handling). Fields declare help, range and flag with `_f` (fields.py); the
+YAML/flag machinery is in io.py and every rule in validate.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lshmoe.compress.registry import NAMES as COMPRESSORS
+from lshmoe.config.fields import _f
+
+PLACEMENTS = ("popularity", "uniform")  # Lina's inference placements
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+# The field tables are laid out by hand, one declaration a line or two (a formatter would spread
+# each over five lines).
+# fmt: off
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The GPT-MoE decoder."""
+
+    arch: str = _f("gpt", "gpt: top-k MoE blocks; shared: + a shared dense expert; scmoe: shortcut-connected MoE "
+                   "(ScMoE); dgmoe: two top-1 passes on the current and preceding representations",
+                   choices=("gpt", "shared", "scmoe", "dgmoe"))
+    d_model: int = _f(128, "model (residual stream) width D", ge=1)
+    n_layers: int = _f(4, "number of transformer blocks", ge=1)
+    n_heads: int = _f(4, "attention heads; must divide d_model", ge=1)
+    seq_len: int = _f(128, "tokens per training sequence", ge=2)
+    moe_every: int = _f(2, "an MoE block replaces the MLP in every n-th block (1 = all blocks)", ge=1)
+    mlp_ratio: float = _f(4.0, "dense MLP hidden width as a multiple of d_model", gt=0)
+    norm: str = _f("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
+    dropout: float = _f(0.0, "dropout probability", ge=0, lt=1)
+
+    def moe_block_ids(self) -> list[int]:
+        """Blocks whose MLP is an MoE layer (gpt and shared architectures): every `moe_every`-th."""
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0]
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """The expert-parallel MoE layer: routing, capacity, experts, compressor and dispatcher choice."""
+
+    num_experts: int = _f(8, "experts per MoE layer E", ge=1)
+    top_k: int = _f(2, "experts per token K; 1 <= K <= num_experts", ge=1)
+    d_expert: int = _f(256, "hidden width of each expert FFN", ge=1)
+    activation: str = _f("gelu", "expert FFN kind (identity/linear are analysis experts)",
+                         choices=("gelu", "swiglu", "linear", "identity"))
+    capacity_factor: float | None = _f(None, "tokens per expert = ceil(cf*T*K/E); none = dropless", gt=0)
+    jitter: float = _f(0.0, "multiplicative router-input noise U(1-j, 1+j) in training", ge=0, lt=1)
+    normalize_weights: bool = _f(True, "renormalise the top-k router probabilities to sum to 1")
+    aux_loss_weight: float = _f(0.01, "weight of the Switch/GShard load-balance loss", ge=0)
+    z_loss_weight: float = _f(0.001, "weight of the router z-loss", ge=0)
+    compress: str = _f("identity", "all-to-all payload compressor (lsh = LSH-MoE centroids; see compress/registry.py)",
+                       choices=COMPRESSORS)
+    ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
+    router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
+                     "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
+    a2a: str = _f("flat", "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
+                  choices=("flat", "hierarchical"), flag="a2a")
+
+
+@dataclass(kw_only=True)
+class LSHConfig:
+    """LSH-MoE compression (used when moe.compress=lsh); see docs/lsh.md for how defaults were chosen."""
+
+    family: str = _f("cross_polytope", "hash family: cross-polytope (argmax of [xR; -xR]) or hyperplane (signs)",
+                     choices=("cross_polytope", "hyperplane"), flag="hash-family")
+    num_hashes: int = _f(6, "hash functions L, AND-combined into one bucket id (the maximum in target modes)",
+                         ge=1, le=62, flag="num-hashes")
+    buckets_per_hash: int = _f(4, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)",
+                               ge=2, flag="buckets-per-hash")
+    center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
+    compensation: str = _f("none", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, calibrated a = "
+                           "<E(x)-E(c), x-c> / |x-c|^2 fitted by the probe", choices=("identity", "none", "calibrated"))
+    redraw_every: int = _f(1, "draw new random projections every n steps; 0 = once per run", ge=0)
+    target: str = _f("none", "choose L per layer to hold a target: rate = rows sent / rows routed, error = relative "
+                     "restore error", choices=("none", "rate", "error"), flag="lsh-target")
+    target_value: float = _f(0.2, "the target compression rate or restore-error budget", gt=0, le=1)
+    probe_every: int = _f(0, "measure the restore error every n training steps (0 = only when target=error)", ge=0)
+    probe_rows: int = _f(128, "rows sampled per layer and rank by the restore-error probe", ge=1)
+    ema: float = _f(0.9, "smoothing of the running statistics the target modes choose L from", ge=0, lt=1)
+    layers: str = _f("all", "MoE blocks that compress: all, or comma-separated block indices")
+    eval_compress: bool = _f(True, "compress in evaluation too (false: exact experts at eval)")
+
+    def layer_ids(self) -> set[int] | None:
+        """None = every MoE layer."""
+        if self.layers.strip() == "all":
+            return None
+        return {int(t) for t in self.layers.split(",") if t.strip()}
+
+
+@dataclass(kw_only=True)
+class ScMoEConfig:
+    """ScMoE / DGMoE block wiring (model.arch = shared | scmoe | dgmoe)."""
+
+    overlap: bool = _f(True, "ScMoE/DGMoE: overlap the all-to-alls with the dense work of the window")
+    shortcut: str = _f("pos2", "ScMoE: the routed experts read the preceding block's output (pos1), its "
+                       "post-attention representation (pos2) or its input (pos3); none = shared-expert MoE",
+                       choices=("pos1", "pos2", "pos3", "none"))
+    combine: str = _f("cg1", "shared/ScMoE: add SE and MoE outputs, or gate the SE by sigmoid(w.z) (cg1) or mix both "
+                      "by softmax(W z) (cg2)", choices=("add", "cg1", "cg2"))
+    expert_slot: int = _f(-1, "ScMoE: position of the expert computation in the window; -1 = chosen by the paper's "
+                          "Eq. 11 from times measured in warm-up steps", ge=-1)
+    slot_warmup: int = _f(5, "ScMoE: synchronous steps that measure op and all-to-all times before overlapping", ge=0)
+
+
+@dataclass(kw_only=True)
+class LocMoEConfig:
+    """LocMoE: locality-aware routing (moe.router=locmoe selects its GrAP gate)."""
+
+    locality_weight: float = _f(0.0, "weight mu of the locality loss -log(router mass on node-local experts)",
+                                ge=0, flag="locality-weight")
+    node_bias: bool = _f(False, "learnable per-node router bias whose gradient is reduced within the node only, so "
+                         "each node's routing can lean towards its own experts (LocMoE's epsilon_i)", flag="node-bias")
+    node_limit: int = _f(0, "each token may use experts on at most g nodes (group-limited routing); 0 = no limit",
+                         ge=0, flag="node-limit")
+
+
+@dataclass(kw_only=True)
+class LinaConfig:
+    """Lina in training: all-to-all micro-ops and the gradient all-reduce scheduler."""
+
+    a2a_chunks: int = _f(1, "cut each all-to-all into n micro-ops along the tokens so the experts compute one while "
+                         "the next travels (Lina); 1 = off", ge=1)
+    grad_sync: str = _f("sync", "dense gradients: sync = all-reduced after backward; fair = chunks issued as soon as "
+                        "ready (DDP-like, competing with all-to-alls); priority = Lina: chunks yield to all-to-alls",
+                        choices=("sync", "fair", "priority"))
+    chunk_mb: float = _f(30.0, "size of a gradient all-reduce micro-op (fair/priority), MB", gt=0)
+
+
+@dataclass(kw_only=True)
+class InferConfig:
+    """Lina's inference placement (`lshmoe infer`)."""
+
+    path_len: int = _f(3, "l: previous MoE layers in a token's path", ge=0)
+    placement: str = _f("popularity", "popularity (Lina: replicate hot experts, pack cold ones) or uniform (expert e "
+                        "on rank e // (E / W))", choices=PLACEMENTS)
+    estimate_top_k: int = _f(2, "experts kept from each token's path distribution", ge=1)
+    match_k: int = _f(2, "phase 2 compares the top-k experts of the estimate and of the actual load", ge=1)
+    ordered_match: bool = _f(False, "compare the top-k as ordered lists (true) or as sets (false)")
+    profile_routes: str = _f("top1", "profile the next layer's top-1 expert (the paper) or all K routed experts",
+                             choices=("top1", "all"))
+    dtype: str | None = _f(None, "compute dtype; none = the training dtype", choices=tuple(DTYPES), flag="infer-dtype")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training text and tokenizer."""
+
+    path: str | None = _f(None, "text file or directory of text files; none = embedded docstring corpus", flag="data")
+    corpus: str = _f("stdlib", "embedded corpus: docstrings of the stdlib, or of stdlib + site-packages",
+                     choices=("stdlib", "installed"))
+    vocab_size: int = _f(4096, "BPE vocabulary size (byte-level, trained offline)", ge=260, le=65535)
+    val_fraction: float = _f(0.05, "fraction of documents held out for validation", gt=0, lt=1)
+    cache_dir: str | None = _f(None, "corpus/tokenizer cache; none = $XDG_CACHE_HOME/lshmoe")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, evaluation and logging."""
+
+    steps: int = _f(200, "optimizer steps", ge=1)
+    batch_size: int = _f(8, "sequences per rank per step", ge=1)
+    lr: float = _f(3e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine floor)", ge=0, le=1)
+    warmup_steps: int = _f(20, "linear warmup steps", ge=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", ge=0)
+    beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = _f(0.95, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", ge=0)
+    seed: int = _f(0, "seed for weights, data order and router noise", ge=0)
+    eval_every: int = _f(50, "validate every n steps (and at the end); 0 = only at the end", ge=0)
+    eval_batches: int = _f(8, "validation batches per rank", ge=1)
+    log_every: int = _f(10, "write a metrics line every n steps", ge=1)
+    out_dir: str = _f("runs/latest", "metrics.jsonl and the run summary go here")
+    dtype: str = _f("float32", "parameter and activation dtype", choices=tuple(DTYPES), flag="dtype")
+    progress: bool = _f(True, "progress bar on rank 0")
+    save_every: int = _f(0, "save a checkpoint every n steps (and at the end); 0 = no checkpoints", ge=0)
+    keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
+    ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
+    resume: str = _f("auto", "auto = continue from the latest intact checkpoint in ckpt_dir when there is one "
+                     "(falling back to the previous one if it is corrupted), else start afresh; none = start "
+                     "afresh; or a checkpoint directory")
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Processes and communication."""
+
+    nproc: int = _f(1, "ranks to spawn locally (ignored under torchrun)", ge=1)
+    backend: str = _f("auto", "process-group backend; auto = nccl on CUDA, gloo on CPU",
+                      choices=("auto", "gloo", "nccl"))
+    device: str = _f("auto", "compute device; auto = cuda when every rank can have a GPU",
+                     choices=("auto", "cpu", "cuda"))
+    timeout_s: float = _f(300.0, "seconds a collective may wait for a peer before failing", gt=0)
+    ranks_per_node: int = _f(0, "ranks per node for the topology map; 0 = LOCAL_WORLD_SIZE or all", ge=0)
+    threads: int = _f(0, "torch threads per rank; 0 = cores / local ranks", ge=0)
+    heartbeat_s: float = _f(1.0, "peer heartbeat interval; a peer silent for timeout_s is declared failed; 0 = off",
+                            ge=0)
+    malloc_trim_every: int = _f(10, "return the C heap's free pages to the system every N steps, so resident memory "
+                                "stays flat (glibc); 0 = never", ge=0)
+
+
+@dataclass(kw_only=True)
+class FaultConfig:
+    """Faults: what to do on a non-finite step, restarts after a failure, and fault injection for tests."""
+
+    nan_policy: str = _f("skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)",
+                         choices=("skip", "stop"))
+    inject: str = _f("", "fault injection for testing: kind:rank:step[,kind:rank:step...], kind in "
+                     "kill|stall|nan|killsave; each fires once per out_dir (<out_dir>/faults.fired)", flag="fault")
+    max_restarts: int = _f(0, "--nproc launcher: restart the job up to N times after a rank fails; it resumes from "
+                           "the latest checkpoint (under torchrun use its --max-restarts)", ge=0)
+
+
+# fmt: on
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    lsh: LSHConfig = field(default_factory=LSHConfig)
+    scmoe: ScMoEConfig = field(default_factory=ScMoEConfig)
+    locmoe: LocMoEConfig = field(default_factory=LocMoEConfig)
+    lina: LinaConfig = field(default_factory=LinaConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+FAULT_KINDS = ("kill", "stall", "nan", "killsave")
+# Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
+FLAG_PREFIX = {"lsh": "lsh-"}
+# Keys that moved to a system's own section: the old name keeps working in YAML, --set and flags.
+ALIASES = {
+    **{f"model.{k}": f"scmoe.{k}" for k in ("shortcut", "combine", "overlap", "expert_slot", "slot_warmup")},
+    **{f"moe.{k}": f"locmoe.{k}" for k in ("locality_weight", "node_bias", "node_limit")},
+    "moe.a2a_chunks": "lina.a2a_chunks",
+    "train.grad_sync": "lina.grad_sync",
+    "train.chunk_mb": "lina.chunk_mb",
+    "train.nan_policy": "fault.nan_policy",
+    "dist.fault": "fault.inject",
+}

@@ -1,0 +1,155 @@
+"""Every validation rule of the config tree, in one place.
+
+`validate(cfg, world_size, nodes)` checks each leaf's declared range and choices, then the
+cross-field rules; the first violation raises a one-line ConfigError naming the field, its value
+and what is allowed. Layers and engines check nothing themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lshmoe.config.io import leaf_fields
+from lshmoe.config.schema import Config
+from lshmoe.errors import ConfigError
+
+
+def _range_text(meta: dict[str, Any], tp: Any) -> str:
+    parts = []
+    for op, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if meta.get(op) is not None:
+            bound = meta[op]
+            parts.append(f"{sym} {int(bound) if float(bound).is_integer() else bound}")
+    return " and ".join(parts)
+
+
+def _check_leaf(path: str, value: Any, meta: dict[str, Any], tp: Any) -> None:
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{path}={value!r} is not valid; choose one of: {', '.join(meta['choices'])}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    ok = all(
+        bound is None or cmp(value, bound)
+        for bound, cmp in (
+            (meta.get("ge"), lambda v, b: v >= b),
+            (meta.get("gt"), lambda v, b: v > b),
+            (meta.get("le"), lambda v, b: v <= b),
+            (meta.get("lt"), lambda v, b: v < b),
+        )
+    )
+    if not ok:
+        raise ConfigError(f"{path}={value} is out of range; must be {_range_text(meta, tp)}")
+
+
+def _validate_lsh(cfg: Config) -> None:
+    h = cfg.lsh
+    b = h.buckets_per_hash
+    if h.family == "cross_polytope" and b % 2:
+        raise ConfigError(f"lsh.buckets_per_hash={b} must be even for the cross-polytope family (2, 4, 6, ...)")
+    if h.family == "cross_polytope" and b // 2 > cfg.model.d_model:
+        raise ConfigError(f"lsh.buckets_per_hash={b} is out of range; must be <= 2 * model.d_model")
+    if h.family == "hyperplane" and b & (b - 1):
+        raise ConfigError(f"lsh.buckets_per_hash={b} must be a power of two for the hyperplane family")
+    bits = h.num_hashes * math.log2(b) + math.log2(max(2, cfg.moe.num_experts))
+    if bits > 62:
+        raise ConfigError(
+            f"lsh.num_hashes={h.num_hashes} is out of range for buckets_per_hash={b} and "
+            f"{cfg.moe.num_experts} experts; bucket ids need L*log2(b)+log2(E) <= 62 bits"
+        )
+    try:
+        h.layer_ids()
+    except ValueError:
+        raise ConfigError(f"lsh.layers={h.layers!r} must be 'all' or comma-separated block indices") from None
+
+
+def validate(cfg: Config, world_size: int | None = None, nodes: int | None = None) -> Config:
+    """Check every field and cross-field rule; raise a one-line ConfigError on the first violation.
+
+    `world_size` (when known) enables the checks that depend on it: the expert-parallel size must
+    divide the world size and the number of experts; `nodes` (the topology's node count, when
+    known) the group-limited routing check.
+    """
+    for dotted, f, tp in leaf_fields():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        _check_leaf(dotted, value, dict(f.metadata), tp)
+    m, e, sc, loc = cfg.model, cfg.moe, cfg.scmoe, cfg.locmoe
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    if m.arch in ("scmoe", "dgmoe"):
+        if m.moe_every not in (1, 2) or m.n_layers % m.moe_every:
+            raise ConfigError(
+                f"model.moe_every={m.moe_every} with model.arch={m.arch}: must be 1 (every block) or 2 "
+                f"(Block-MLP + Block-MoE pairs) and divide model.n_layers={m.n_layers}"
+            )
+        if m.moe_every == 1 and sc.shortcut != "pos1" and m.arch == "scmoe":
+            raise ConfigError(
+                f"scmoe.shortcut={sc.shortcut} with model.moe_every=1: MoE in every block takes the shortcut at pos1"
+            )
+        if m.arch == "dgmoe" and (e.top_k != 1 or m.moe_every != 2):
+            raise ConfigError(
+                f"model.arch=dgmoe needs moe.top_k=1 and model.moe_every=2 (got top_k={e.top_k}, "
+                f"moe_every={m.moe_every})"
+            )
+    if e.router == "locmoe" and m.d_model % e.num_experts:
+        raise ConfigError(
+            f"moe.router=locmoe needs model.d_model={m.d_model} divisible by moe.num_experts="
+            f"{e.num_experts} (each expert's gate is the mean of one slice of the width)"
+        )
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
+    if m.moe_every > m.n_layers:
+        raise ConfigError(
+            f"model.moe_every={m.moe_every} is out of range; must be in [1, model.n_layers={m.n_layers}] "
+            "so that the model has at least one MoE block"
+        )
+    _validate_lsh(cfg)
+    if e.a2a == "hierarchical" and cfg.lina.a2a_chunks > 1:
+        raise ConfigError(
+            f"lina.a2a_chunks={cfg.lina.a2a_chunks} needs moe.a2a=flat: micro-op pipelining cuts the flat "
+            "all-to-all (the two-level exchange has no pipelined form)"
+        )
+    if cfg.fault.inject:
+        from lshmoe.train.faults import parse_faults
+
+        parse_faults(cfg.fault.inject)
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
+    if world_size is not None:
+        ep = e.ep_size or world_size
+        if world_size % ep:
+            raise ConfigError(f"moe.ep_size={ep} must divide the world size {world_size}")
+        if e.a2a == "hierarchical" and ep != world_size:
+            raise ConfigError(
+                f"moe.a2a=hierarchical needs the expert-parallel group to be the world "
+                f"(moe.ep_size={e.ep_size}, world size {world_size})"
+            )
+        if e.num_experts % ep:
+            raise ConfigError(
+                f"moe.num_experts={e.num_experts} is not divisible by the expert-parallel size {ep}; "
+                f"use a multiple of {ep} experts or a different ep_size/--nproc"
+            )
+    if nodes is not None and loc.node_limit and loc.node_limit < nodes:
+        per_node = e.num_experts // nodes
+        if loc.node_limit * per_node < e.top_k:
+            raise ConfigError(
+                f"locmoe.node_limit={loc.node_limit} nodes hold {loc.node_limit * per_node} experts, fewer "
+                f"than moe.top_k={e.top_k}; raise node_limit to >= {-(-e.top_k // per_node)}"
+            )
+    return cfg
+
+
+def validate_inference(cfg: Config) -> Config:
+    """The rules of serving a trained model with Lina's placement (`lshmoe infer`)."""
+    if cfg.model.arch != "gpt":
+        raise ConfigError(f"Lina inference supports model.arch=gpt, not {cfg.model.arch!r}")
+    if cfg.locmoe.node_bias:
+        raise ConfigError(
+            "Lina inference cannot serve a model trained with locmoe.node_bias: its routing depends "
+            "on the node a token is on, which replica placement changes"
+        )
+    return cfg

@@ -1,0 +1,43 @@
+"""Parameter kinds, marked on the tensor when a module creates it (never recognised by name).
+
+- dense: replicated on every rank, gradients averaged over the world (the default);
+- expert: sharded over the expert-parallel group, never all-reduced across it;
+- node: replicated within a node and reduced over that node's ranks only (LocMoE's per-node bias).
+
+Gradient sync, Lina's scheduler, checkpoints and initialisation read the mark with `kind_of`. The
+mark is a plain attribute of the Parameter object; `Module.to()`/`.double()` keep the object, so
+the mark survives dtype and device moves.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+_ATTR = "_lshmoe_kind"
+
+
+class ParamKind(str, Enum):
+    DENSE = "dense"
+    EXPERT = "expert"
+    NODE = "node"
+
+
+def mark(p: torch.Tensor, kind: ParamKind) -> torch.Tensor:
+    setattr(p, _ATTR, kind)
+    return p
+
+
+def kind_of(p: torch.Tensor) -> ParamKind:
+    return getattr(p, _ATTR, ParamKind.DENSE)
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """Expert weights are sharded over the EP group and never all-reduced across it."""
+    return kind_of(p) is ParamKind.EXPERT
+
+
+def is_node_param(p: torch.Tensor) -> bool:
+    """Per-node parameters: replicated within a node, reduced over the node's ranks only."""
+    return kind_of(p) is ParamKind.NODE
