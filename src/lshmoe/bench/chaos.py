@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -240,10 +241,25 @@ def run(spec: ChaosSpec, sets: list[str], work: Path) -> dict:
         "clean_wall_s": clean_wall,
         "wall_lost_s": chaos_wall - clean_wall,
         "max_steps_lost": max((r["steps_lost"] or 0 for r in rows), default=0),
+        "load_average": os.getloadavg()[0],  # the 1-minute load at the end: restarts are process starts
     }
 
 
-def report(res: dict, name: str = "chaos") -> None:
+def _load_text(res: dict) -> str:
+    """The machine's load: restart time is mostly the start of the ranks' Python processes (importing torch)."""
+    if res.get("load_average") is not None:
+        load = f"1-minute load average at the end of the run: {res['load_average']:.1f}"
+    elif res.get("load_average_15min") is not None:
+        load = f"15-minute load average right after the run: {res['load_average_15min']:.1f}"
+    else:
+        return ""
+    return (
+        f" {load} on {res.get('machine', {}).get('cores', os.cpu_count())} cores (a shared machine); restart "
+        "time is mostly the start of the ranks' Python processes and grows with the load."
+    )
+
+
+def report(res: dict, name: str = "chaos", command: str | None = None, meta: dict | None = None) -> None:
     spec = res["spec"]
 
     def fmt(v: float | None) -> str:
@@ -311,12 +327,12 @@ def report(res: dict, name: str = "chaos") -> None:
         "latest complete checkpoint. *Detect*: kill -> every rank gone; *restart*: new attempt -> resumed "
         "(process start, rendezvous, checkpoint verification and load); *wall lost*: kill -> back at the "
         f"step it had reached.\n\n{summary}\n\n{tbl}\n\n{verdict} Wall time lost in all: "
-        f"{res['wall_lost_s']:.0f} s over {res['failures_injected']} failures.\n"
+        f"{res['wall_lost_s']:.0f} s over {res['failures_injected']} failures.{_load_text(res)}\n"
     )
     print(summary)
     print(tbl)
     print(verdict)
-    write_section(name, "Chaos: failures survived, nothing lost", body, res)
+    write_section(name, "Chaos: failures survived, nothing lost", body, res, command=command, meta=meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--name", default="chaos", help="report section name")
     p.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
+    p.add_argument("--from-json", metavar="PATH", help="re-render the report of a recorded run (its JSON)")
     a = p.parse_args(argv)
+    if a.from_json:
+        rec = json.loads(Path(a.from_json).read_text())
+        report(rec, a.name, rec["command"], rec["machine"])
+        return 0
     saves = len(range(a.save_every, a.steps, a.save_every))
     if a.failures < 1 or a.save_every < 1 or a.steps < 2 or a.failures > a.steps - 1 or saves < 1:
         p.error("need --failures >= 1, --save-every >= 1, and --steps large enough for the failures and a save")
