@@ -64,14 +64,35 @@ def test_quality_summary_on_recorded_curves():
     assert fast["ttt_reached"] == "2/2" and fast["ttt_speedup"] > 2.0  # twice the speed and a lower curve
 
 
-def test_report_sections_and_index(tmp_path, monkeypatch):
-    monkeypatch.setenv("LSHMOE_DOCS", str(tmp_path))
-    report.write_section("moe_layer", "Title A", "body a", {"x": 1}, command="lshmoe bench layer")
-    report.write_section("cluster", "Title B", "body b ![p](p.png)", {"y": 2}, command="lshmoe bench cluster")
+def test_report_sections_and_index(tmp_path):
+    out = tmp_path / "bench"
+    report.write_section(out, "moe_layer", "Title A", "body a", {"x": 1}, command="lshmoe bench layer")
+    report.write_section(out, "cluster", "Title B", "body b ![p](p.png)", {"y": 2}, command="lshmoe bench cluster")
     doc = (tmp_path / "benchmarks.md").read_text()
     assert doc.index("## Title A") < doc.index("## Title B"), "sections follow ORDER"
     assert "](bench/p.png)" in doc and "Command: `lshmoe bench cluster`" in doc
-    assert json.loads((tmp_path / "bench" / "cluster.json").read_text())["y"] == 2
+    assert json.loads((out / "cluster.json").read_text())["y"] == 2
+
+
+def test_report_rebuild_reproduces_the_committed_one(tmp_path, monkeypatch):
+    docs = Path(__file__).parents[1] / "docs"
+    (tmp_path / "docs" / "bench").mkdir(parents=True)
+    for p in (docs / "bench").glob("*.md"):
+        (tmp_path / "docs" / "bench" / p.name).write_text(p.read_text())
+    monkeypatch.chdir(tmp_path)  # a copy of the repository's docs, rebuilt as `--out docs/bench` does
+    rebuilt = report.rebuild_report(Path("docs/bench"))
+    assert rebuilt == Path("docs/benchmarks.md")
+    assert rebuilt.read_text() == (docs / "benchmarks.md").read_text()
+
+
+def test_soak_report_rerendered_from_its_json_matches_the_committed_section(tmp_path):
+    from lshmoe.bench import soak
+
+    committed = Path(__file__).parents[1] / "docs" / "bench"
+    out = tmp_path / "bench"
+    assert soak.main(["--from-json", str(committed / "soak.json"), "--out", str(out)]) == 0
+    assert (out / "soak.md").read_text() == (committed / "soak.md").read_text()
+    assert json.loads((out / "soak.json").read_text()) == json.loads((committed / "soak.json").read_text())
 
 
 def test_analytic_model_by_hand():

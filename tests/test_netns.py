@@ -63,14 +63,15 @@ def test_teardown_on_ctrl_c():
 
 @pytest.mark.slow
 def test_ledger_bytes_match_interface_counters(tmp_path):
-    from lshmoe.bench.cluster import ABSpec, base_config, run_ab
+    from lshmoe.bench.harness import ABSpec, Cluster, base_config, run_ab
     from lshmoe.bench.variants import apply
 
     cfg = base_config(["model.d_model=64", "model.n_layers=2", "train.batch_size=4", "model.seq_len=64"])
     spec = ABSpec(
         {"baseline": apply(cfg, {}, 4).to_dict()}, rounds=1, warmup_rounds=0, steps_per_round=3, evaluate=False
     )
-    res = run_ab(spec, 2, 2, "1gbit", True, tmp_path)["variants"]["baseline"]
+    cluster = Cluster(nodes=2, ranks_per_node=2, link="1gbit", emulate=True)
+    res = run_ab(spec, cluster, tmp_path)["variants"]["baseline"]
     ledger = sum(res["inter_node_bytes"])
     assert ledger > 1e5
     # TCP/IP headers and acknowledgements ride on top of the payload: a few percent, never less.

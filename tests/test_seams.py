@@ -39,12 +39,10 @@ def _imports(path: Path) -> set[str]:
 def test_no_module_outside_compress_imports_a_concrete_compressor(package):
     concrete = {f"lshmoe.compress.{m.split(':')[0].rsplit('.', 1)[-1]}" for m in REGISTRY.values()}
     concrete |= {"lshmoe.compress.hashing", "lshmoe.compress.ops", "lshmoe.compress.target"}
-    # The LSH analysis benchmark studies the LSH compressor itself; every other module uses the seam.
-    allowed = {"lsh_analysis.py"}
     offenders = [
         f"{p.relative_to(SRC)} imports {sorted(_imports(p) & concrete)}"
         for p in sorted((SRC / package).rglob("*.py"))
-        if p.name not in allowed and _imports(p) & concrete
+        if _imports(p) & concrete
     ]
     assert not offenders, offenders
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark (writes docs/bench/ and docs/benchmarks.md)",
+        help="run a benchmark (writes runs/bench/ and runs/benchmarks.md; --out docs/bench for the committed report)",
         description="Benchmarks: " + ", ".join(f"{k} ({v[1]})" for k, v in BENCHES.items()),
     )
     bench.add_argument("name", choices=sorted(BENCHES))

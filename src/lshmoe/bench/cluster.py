@@ -14,69 +14,14 @@ Run: `lshmoe bench cluster --links 10gbit,2gbit,1gbit,500mbit,200mbit` (root + i
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
-from lshmoe.bench.netns import check_emulation, rate_bits, run_job_ranks
+from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, recorded_args, run_ab
+from lshmoe.bench.netns import rate_bits
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.config import Config, apply_sets, set_value
 from lshmoe.train.data import load_data
-
-# The benchmark model: the default GPT-MoE with 16 sequences per rank, so the expert all-to-all
-# (which grows with tokens) rather than the dense all-reduce (which grows with parameters) dominates
-# the link, as in the paper's setting.
-BENCH_OVERRIDES = {
-    "train.batch_size": "16",
-    "train.progress": "false",
-    "train.eval_batches": "4",
-    "dist.threads": "1",
-    "dist.timeout_s": "300",
-}
-
-
-@dataclass
-class ABSpec:
-    variants: dict[str, dict]
-    rounds: int = 6
-    warmup_rounds: int = 1
-    steps_per_round: int = 4
-    evaluate: bool = True
-    impls: dict[str, str] = field(default_factory=dict)  # variant -> "deepspeed"
-
-
-def base_config(sets: list[str]) -> Config:
-    cfg = Config()
-    for k, v in BENCH_OVERRIDES.items():
-        set_value(cfg, k, v)
-    return apply_sets(cfg, sets)
-
-
-def run_ab(spec: ABSpec, nodes: int, ranks_per_node: int, link: str | None, emulate: bool, out_dir: Path) -> dict:
-    """Run one interleaved A/B measurement; return rank 0's result (see ab_worker)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec_path, result_path = out_dir / "spec.json", out_dir / "result.json"
-    spec_path.write_text(
-        json.dumps(
-            {
-                "variants": spec.variants,
-                "rounds": spec.rounds,
-                "warmup_rounds": spec.warmup_rounds,
-                "steps_per_round": spec.steps_per_round,
-                "evaluate": spec.evaluate,
-                "impls": spec.impls,
-                "out": str(result_path),
-            }
-        )
-    )
-    cmd = [sys.executable, "-m", "lshmoe.bench.ab_worker", str(spec_path)]
-    rc = run_job_ranks(cmd, nodes, ranks_per_node, link, emulate)
-    if rc != 0:
-        raise RuntimeError(f"the A/B ranks failed with status {rc}")
-    return json.loads(result_path.read_text())
 
 
 def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") -> list[dict]:
@@ -161,7 +106,7 @@ def table(rows: list[dict]) -> str:
     )
 
 
-def plot_breakdown(per_link: dict[str, list[dict]], name: str) -> str:
+def plot_breakdown(per_link: dict[str, list[dict]], out: Path, name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,10 +133,10 @@ def plot_breakdown(per_link: dict[str, list[dict]], name: str) -> str:
     ax.set_ylabel("median step time (ms)")
     ax.set_title("Step-time breakdown from the ledger")
     ax.legend(fontsize=8)
-    return save_plot(fig, name)
+    return save_plot(fig, out, name)
 
 
-def plot_speedup(per_link: dict[str, list[dict]], name: str) -> str:
+def plot_speedup(per_link: dict[str, list[dict]], out: Path, name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,26 +153,21 @@ def plot_speedup(per_link: dict[str, list[dict]], name: str) -> str:
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xscale="log", xlabel="inter-node link (Gbit/s, tc tbf)", ylabel="step-time speedup vs baseline")
     ax.legend(fontsize=8)
-    return save_plot(fig, name)
+    return save_plot(fig, out, name)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(
+        "lshmoe bench cluster", __doc__, name="cluster", link="10gbit,2gbit,1gbit,500mbit,200mbit", links=True
+    )
+    p.add_argument("--variants", default="baseline,lsh,lsh-comp")
+    return add_ab_args(p, rounds=6)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench cluster", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--ranks-per-node", type=int, default=2)
-    p.add_argument("--links", default="10gbit,2gbit,1gbit,500mbit,200mbit")
-    p.add_argument("--variants", default="baseline,lsh,lsh-comp")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps-per-round", type=int, default=4)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-emulation", action="store_true", help="run on loopback (no namespaces, no rate limit)")
-    p.add_argument("--name", default="cluster", help="report section name")
-    a = p.parse_args(argv)
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"lshmoe bench cluster: {reason}; rerun with --no-emulation for the unemulated comparison")
-        return 2
-    world = a.nodes * a.ranks_per_node
+    a = parser().parse_args(argv)
+    cluster = cluster_from(a, "lshmoe bench cluster", hint=" for the unemulated comparison")
+    emulate, world = cluster.emulate, cluster.world
     base = base_config(a.set)
     variants = dict(parse_variant(v) for v in a.variants.split(","))
     cfgs = {n: apply(base, o, world).to_dict() for n, o in variants.items()}
@@ -235,22 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     links = a.links.split(",") if emulate else ["loopback"]
     tokens = world * base.train.batch_size * base.model.seq_len
     per_link, raw = {}, {}
-    with tempfile.TemporaryDirectory(prefix="lshmoe-cluster-") as tmp:
-        for link in links:
-            print(f"== {link}: {a.nodes} nodes x {a.ranks_per_node} ranks, variants {', '.join(variants)}", flush=True)
-            res = run_ab(
-                ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False),
-                a.nodes,
-                a.ranks_per_node,
-                None if link == "loopback" else link,
-                emulate,
-                Path(tmp) / link,
-            )
-            raw[link] = res
-            per_link[link] = summarise(res, tokens)
-            print(table(per_link[link]), flush=True)
-    png_b = plot_breakdown(per_link, f"{a.name}_breakdown")
-    png_s = plot_speedup(per_link, f"{a.name}_speedup") if emulate and len(links) > 1 else None
+    for link in links:
+        print(f"== {link}: {a.nodes} nodes x {a.ranks_per_node} ranks, variants {', '.join(variants)}", flush=True)
+        spec = ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False)
+        res = run_ab(spec, replace(cluster, link=None if link == "loopback" else link))
+        raw[link] = res
+        per_link[link] = summarise(res, tokens)
+        print(table(per_link[link]), flush=True)
+    png_b = plot_breakdown(per_link, a.out, f"{a.name}_breakdown")
+    png_s = plot_speedup(per_link, a.out, f"{a.name}_speedup") if emulate and len(links) > 1 else None
     body = [
         f"{a.nodes} emulated nodes x {a.ranks_per_node} gloo ranks "
         f"({'network namespaces, tc tbf on both directions of every inter-node link' if emulate else 'loopback'}),"
@@ -267,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     if png_s:
         body.append(f"![speedup vs link]({png_s})\n")
     write_section(
+        a.out,
         a.name,
         "Emulated cluster: baseline vs LSH-MoE over throttled links",
         "\n".join(body),
-        {"per_link": per_link, "raw": raw, "args": vars(a)},
+        {"per_link": per_link, "raw": raw, "args": recorded_args(a)},
     )
     return 0
 

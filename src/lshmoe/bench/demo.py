@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from lshmoe.bench.cluster import ABSpec, base_config, run_ab, summarise, table
-from lshmoe.bench.netns import check_emulation
+from lshmoe.bench.cluster import summarise, table
+from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, run_ab
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.train.data import load_data
 
@@ -45,40 +44,25 @@ def _plot(rows: list[dict], result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--link", default="500mbit", help="inter-node link rate (tc tbf), e.g. 1gbit")
-    p.add_argument("--rounds", type=int, default=8, help="measured rounds of --steps-per-round steps per variant")
-    p.add_argument("--steps-per-round", type=int, default=4)
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe demo", __doc__, out=None, link="500mbit")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where demo.json and demo.png go")
     p.add_argument("--variants", default="baseline,lsh")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-emulation", action="store_true")
-    a = p.parse_args(argv)
-    reason = None if a.no_emulation else check_emulation()
-    emulate = not a.no_emulation and reason is None
-    if reason:
-        print(
-            f"network emulation unavailable: {reason}; running on loopback instead (communication is nearly free "
-            "there, so expect little speedup)"
-        )
+    return add_ab_args(p, rounds=8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    cluster = cluster_from(a, "lshmoe demo", fallback=True)
     base = base_config(a.set)
     variants = dict(parse_variant(v) for v in a.variants.split(","))
-    cfgs = {n: apply(base, o, 4).to_dict() for n, o in variants.items()}
+    cfgs = {n: apply(base, o, cluster.world).to_dict() for n, o in variants.items()}
     load_data(base.data, print)
-    where = f"2 emulated nodes x 2 ranks, {a.link} link" if emulate else "4 ranks on loopback"
+    where = cluster.where(links="link")
     print(f"training {', '.join(variants)} side by side on {where} ...", flush=True)
-    out = Path(a.out)
-    with tempfile.TemporaryDirectory(prefix="lshmoe-demo-") as tmp:
-        result = run_ab(
-            ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=True),
-            2,
-            2,
-            a.link if emulate else None,
-            emulate,
-            Path(tmp),
-        )
-    rows = summarise(result, 4 * base.train.batch_size * base.model.seq_len)
+    out = a.out
+    result = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=True), cluster)
+    rows = summarise(result, cluster.world * base.train.batch_size * base.model.seq_len)
     print()
     print(table(rows))
     out.mkdir(parents=True, exist_ok=True)

@@ -24,16 +24,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from lshmoe.bench.cluster import base_config
-from lshmoe.bench.netns import check_emulation, run_job_ranks
-from lshmoe.bench.quality import run_job
+from lshmoe.bench.harness import Cluster, base_config, bench_parser, cluster_from, recorded_args, run_spec, run_training
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, DistConfig, validate
 from lshmoe.distributed.setup import init_comm, shutdown
@@ -86,7 +83,7 @@ def trained_checkpoint(cfg: Config, retrain: bool) -> Path:
     cfg.train.ckpt_dir = str(root / "checkpoints")
     print(f"training the skewed model ({cfg.train.steps} steps on {TRAIN_RANKS} ranks) into {root}", flush=True)
     t0 = time.perf_counter()
-    recs = run_job(cfg, 1, TRAIN_RANKS, None, False, root / "run")
+    recs = run_training(cfg, Cluster(nodes=1, ranks_per_node=TRAIN_RANKS), root / "run")
     last = [r for r in recs if r["kind"] == "eval"][-1]
     print(f"trained in {time.perf_counter() - t0:.0f} s, val loss {last['val_loss']:.3f}", flush=True)
     return ckpt.latest(root / "checkpoints")
@@ -157,16 +154,8 @@ def worker(spec: dict) -> None:
         shutdown()
 
 
-def run_inference(spec: dict, nodes: int, rpn: int, link: str | None, emulate: bool, out_dir: Path) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = out_dir / "spec.json"
-    spec = {**spec, "out": str(out_dir / "result.json")}
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "lshmoe.bench.lina_infer", "--worker", str(spec_path)]
-    rc = run_job_ranks(cmd, nodes, rpn, link, emulate)
-    if rc != 0:
-        raise RuntimeError(f"the inference ranks failed with status {rc}")
-    return json.loads(Path(spec["out"]).read_text())
+def run_inference(spec: dict, cluster: Cluster, work_dir: Path) -> dict:
+    return run_spec(["lshmoe.bench.lina_infer", "--worker"], spec, cluster, work_dir, "the inference ranks")
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -235,7 +224,7 @@ def tables(s: dict[str, dict]) -> tuple[str, str]:
     return main, md_table(per_head, per_rows)
 
 
-def plot(result: dict, s: dict[str, dict], name: str) -> str:
+def plot(result: dict, s: dict[str, dict], out: Path, name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,7 +249,7 @@ def plot(result: dict, s: dict[str, dict], name: str) -> str:
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set(xticks=list(range(L)), xlabel="MoE layer", ylabel="rows per rank: max / mean", title="load imbalance")
     ax2.legend(fontsize=8)
-    return save_plot(fig, name)
+    return save_plot(fig, out, name)
 
 
 def verdict(s: dict[str, dict]) -> str:
@@ -294,14 +283,11 @@ def sharing_note(world: int, threads: int, load: list[float]) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench lina-infer", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench lina-infer", __doc__, name="lina_infer", link="10gbit")
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=300, help="training steps of the skewed model")
     p.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint exists")
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--ranks-per-node", type=int, default=2)
-    p.add_argument("--link", default="10gbit", help="inter-node link rate (tc tbf)")
     p.add_argument("--batches", type=int, default=60, help="validation batches scored by each placement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument(
@@ -312,19 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--profile-batches", type=int, default=8, help="training batches per rank for the profile")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the model / training config"
-    )
-    p.add_argument("--no-emulation", action="store_true", help="run on loopback (no namespaces, no rate limit)")
-    p.add_argument("--name", default="lina_infer", help="report section name")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.worker:
         worker(json.loads(Path(a.worker).read_text()))
         return 0
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"lshmoe bench lina-infer: {reason}; rerun with --no-emulation")
-        return 2
+    cluster = cluster_from(a, "lshmoe bench lina-infer")
     cfg = train_config(a.steps, a.set)
     load_data(cfg.data, print)
     path = trained_checkpoint(cfg, a.retrain)
@@ -337,22 +319,18 @@ def main(argv: list[str] | None = None) -> int:
         "profile_batches": a.profile_batches,
         "threads": a.threads,
     }
-    where = (
-        f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} inter-node links"
-        if emulate
-        else f"{a.nodes * a.ranks_per_node} ranks on loopback"
-    )
+    where = cluster.where(links="inter-node links")
     print(f"== inference: {where}, {a.batches} batches per placement", flush=True)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lshmoe-lina-") as tmp:
-        result = run_inference(spec, a.nodes, a.ranks_per_node, a.link, emulate, Path(tmp))
+        result = run_inference(spec, cluster, Path(tmp))
     result["load_average"] = [load_before, os.getloadavg()[0]]
     s = rows_of(result)
     main_tbl, per_tbl = tables(s)
     print(main_tbl)
     print(per_tbl)
     print(verdict(s))
-    png = plot(result, s, a.name)
+    png = plot(result, s, a.out, a.name)
     print(sharing_note(a.nodes * a.ranks_per_node, a.threads, result["load_average"]))
     m = result["model"]
     tokens = a.batch_size * cfg.model.seq_len
@@ -378,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         f"\n\n![lina_infer]({png})\n"
     )
     write_section(
+        a.out,
         a.name,
         f"Lina: popularity-driven expert placement for inference ({where})",
         body,
-        {"summary": s, "result": result, "args": vars(a)},
+        {"summary": s, "result": result, "args": recorded_args(a)},
     )
     return 0
 

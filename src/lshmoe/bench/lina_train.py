@@ -1,7 +1,7 @@
 """Lina in training: all-to-all priority over the gradient all-reduce, on the emulated cluster.
 
 Three ways to synchronise dense gradients, trained side by side in the same rank processes on 2
-emulated nodes x 2 ranks (interleaved blocks of steps, `bench/ab_worker.py`):
+emulated nodes x 2 ranks by default (interleaved blocks of steps, `bench/ab_worker.py`):
   sync      all-reduce after the backward pass (no overlap, so no contention: the reference);
   fair      DDP-like: chunks issued as soon as their gradients are ready, sharing the link with the
             backward all-to-alls (the contention Lina measured, ~1.8x median all-to-all slowdown);
@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
-from lshmoe.bench.cluster import ABSpec, base_config, run_ab, summarise
-from lshmoe.bench.netns import check_emulation
+from lshmoe.bench.cluster import summarise
+from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, recorded_args, run_ab
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply
 from lshmoe.train.data import load_data
@@ -44,32 +43,21 @@ def slowdowns(res: dict, variant: str, reference: str = "sync") -> list[float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench lina-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--link", default="1gbit")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps-per-round", type=int, default=4)
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench lina-train", __doc__, link="1gbit")
     p.add_argument("--chunk-mb", type=float, default=2.0, help="micro-op size (scaled down with the model)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-emulation", action="store_true")
-    a = p.parse_args(argv)
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"lshmoe bench lina-train: {reason}; rerun with --no-emulation")
-        return 2
+    return add_ab_args(p, rounds=6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    cluster = cluster_from(a, "lshmoe bench lina-train")
     base = base_config([*DENSE_HEAVY, f"train.chunk_mb={a.chunk_mb}", *a.set])
-    cfgs = {pol: apply(base, {"train.grad_sync": pol}, 4).to_dict() for pol in ("sync", "fair", "priority")}
+    cfgs = {pol: apply(base, {"train.grad_sync": pol}, cluster.world).to_dict() for pol in ("sync", "fair", "priority")}
     load_data(base.data, print)
-    with tempfile.TemporaryDirectory(prefix="lshmoe-lina-") as tmp:
-        res = run_ab(
-            ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False),
-            2,
-            2,
-            a.link if emulate else None,
-            emulate,
-            Path(tmp),
-        )
-    rows = {r["variant"]: r for r in summarise(res, 4 * base.train.batch_size * base.model.seq_len, baseline="sync")}
+    res = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False), cluster)
+    tokens = cluster.world * base.train.batch_size * base.model.seq_len
+    rows = {r["variant"]: r for r in summarise(res, tokens, baseline="sync")}
     table_rows = []
     for pol in ("sync", "fair", "priority"):
         sd = slowdowns(res, pol) if pol != "sync" else [1.0]
@@ -99,24 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         table_rows,
     )
     print(tbl)
-    png = _plot(res)
-    where = f"2 emulated nodes x 2 ranks, {a.link} links" if emulate else "4 ranks on loopback"
+    png = _plot(res, a.out)
+    where = cluster.where()
     body = (
         f"{where}; dense-heavy GPT-MoE ({', '.join(DENSE_HEAVY)}), gradient micro-ops of {a.chunk_mb} MB; "
         f"{a.rounds} measured rounds of {a.steps_per_round} steps per policy after a warm-up round. "
         "Slowdown: backward all-to-all duration over its median duration under `sync` (rank 0, every MoE "
         f"layer, dispatch and combine).\n\n{tbl}\n\n![lina]({png})\n"
     )
-    write_section(
-        "lina_train",
-        "Lina: all-to-all priority over the gradient all-reduce",
-        body,
-        {"rows": rows, "raw": res, "args": vars(a)},
-    )
+    title = "Lina: all-to-all priority over the gradient all-reduce"
+    write_section(a.out, "lina_train", title, body, {"rows": rows, "raw": res, "args": recorded_args(a)})
     return 0
 
 
-def _plot(res: dict) -> str:
+def _plot(res: dict, out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +117,7 @@ def _plot(res: dict) -> str:
         title="all-to-all slowdown under contention",
     )
     ax.legend()
-    return save_plot(fig, "lina_train")
+    return save_plot(fig, out, "lina_train")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from lshmoe.bench.cluster import base_config
-from lshmoe.bench.netns import check_emulation
-from lshmoe.bench.quality import run_job
+from lshmoe.bench.harness import base_config, bench_parser, cluster_from, recorded_args, run_training
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.bench.variants import apply
 from lshmoe.config import Config
@@ -121,24 +120,21 @@ def capacity_report(cfg: Config, ckpt_path: Path) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench locmoe", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench locmoe", __doc__, name="locmoe", link="1gbit")
     p.add_argument("--mus", default="0,0.001,0.01,0.1")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--link", default="1gbit")
     p.add_argument("--router", default="topk", help="topk (learnable gate) or locmoe (GrAP)")
     p.add_argument("--with-lsh", default="0,0.01", help="mus also run with LSH-MoE compression")
     p.add_argument("--with-node-bias", default="", help="mus also run with a per-node router bias (moe.node_bias)")
     p.add_argument("--failure-seeds", default="0,1,2", help="seeds of the failure scenario ('' = skip it)")
-    p.add_argument("--name", default="locmoe", help="report section name")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-emulation", action="store_true")
-    a = p.parse_args(argv)
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"lshmoe bench locmoe: {reason}; rerun with --no-emulation")
-        return 2
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    cluster = cluster_from(a, "lshmoe bench locmoe")
     base = base_config(
         [
             f"train.steps={a.steps}",
@@ -166,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     cap_rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lshmoe-locmoe-") as tmp:
         failure_seeds = [int(s) for s in a.failure_seeds.split(",") if s]
-        scenarios = (("main", 2, 2, variants, seeds), ("failure", 4, 1, failure, failure_seeds))
-        for scenario, nodes, rpn, vs, ss in scenarios:
+        # the failure scenario is one expert per node: 4 nodes x 1 rank
+        failing = replace(cluster, nodes=4, ranks_per_node=1)
+        scenarios = (("main", cluster, variants, seeds), ("failure", failing, failure, failure_seeds))
+        for scenario, topo, vs, ss in scenarios:
             for seed in ss:
                 for name, over in vs:
                     cfg = apply(
@@ -177,14 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                             "train.seed": str(seed),
                             "train.save_every": str(a.steps),
                         },
-                        nodes * rpn,
+                        topo.world,
                     )
                     out = Path(tmp) / f"{scenario}-{name}-{seed}"
                     print(f"== {scenario} {name} seed {seed}", flush=True)
-                    recs = run_job(cfg, nodes, rpn, a.link, emulate, out)
-                    results.setdefault(f"{scenario}/{name}", {"nodes": nodes, "rpn": rpn, "runs": []})["runs"].append(
-                        summarise_run(recs)
-                    )
+                    recs = run_training(cfg, topo, out)
+                    entry = {"nodes": topo.nodes, "rpn": topo.ranks_per_node, "runs": []}
+                    results.setdefault(f"{scenario}/{name}", entry)["runs"].append(summarise_run(recs))
                     if scenario == "main" and seed == seeds[0] and name == "mu=0.01":
                         cap_rows = capacity_report(cfg, ckpt.latest(out / "checkpoints"))
     rows = []
@@ -243,22 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(tbl)
     print(ctbl)
-    png = _plot(rows, a.name)
-    where = "emulated nodes (network namespaces, tc tbf " + a.link + ")" if emulate else "loopback"
+    png = _plot(rows, a.out, a.name)
+    where = "emulated nodes (network namespaces, tc tbf " + a.link + ")" if cluster.emulate else "loopback"
     body = (
-        f"Router `{a.router}` + locality loss weight mu; main scenario 2 nodes x 2 ranks, failure scenario 4 "
-        f"nodes x 1 rank; {where}; {a.steps} steps, 8 sequences/rank; per-run values are means over the last "
-        "quarter of training, then means over seeds. Bytes are the ledger's per step summed over ranks (all "
-        "collectives, forward and backward).\n\n"
+        f"Router `{a.router}` + locality loss weight mu; main scenario {a.nodes} nodes x {a.ranks_per_node} "
+        f"ranks, failure scenario 4 nodes x 1 rank; {where}; {a.steps} steps, 8 sequences/rank; per-run values "
+        "are means over the last quarter of training, then means over seeds. Bytes are the ledger's per step "
+        "summed over ranks (all collectives, forward and backward).\n\n"
         f"{tbl}\n\n![locmoe]({png})\n\n### Capacity lower bound (Theorem 1) on the trained mu=0.01 model\n\n"
         f"{ctbl}\n"
     )
     title = "LocMoE: locality-aware routing on emulated nodes" + ("" if a.name == "locmoe" else f" ({a.name})")
-    write_section(a.name, title, body, {"rows": rows, "capacity": cap_rows, "args": vars(a)})
+    write_section(a.out, a.name, title, body, {"rows": rows, "capacity": cap_rows, "args": recorded_args(a)})
     return 0
 
 
-def _plot(rows: list[dict], name: str) -> str:
+def _plot(rows: list[dict], out: Path, name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +279,7 @@ def _plot(rows: list[dict], name: str) -> str:
             ax2.plot(ex, [r["val_mean"] for r in extra], marker=marker, linestyle="none", label=tag[1:])
     if any(r["variant"].startswith("main/") and "+" in r["variant"] for r in rows):
         ax1.legend(fontsize=8)
-    return save_plot(fig, name)
+    return save_plot(fig, out, name)
 
 
 if __name__ == "__main__":

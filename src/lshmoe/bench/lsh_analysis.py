@@ -5,7 +5,7 @@ LSH overhead against the all-to-all time it saves.
    (cached after the first run), so the MoE inputs are those of a model that has learned something.
 2. Capture the inputs of every MoE layer on validation batches, cut into per-rank batches of
    `batch_size x seq_len` tokens (the (source rank, expert) groups LSH-MoE hashes).
-3. For every family, b, L and centering: compress each group with `LSHCompressor`, run the trained
+3. For every family, b, L and centering: compress each group with the LSH compressor, run the trained
    experts on the centroids and on the exact rows, and report
      rate        = rows sent / rows routed,
      err         = ||E(x) - (E(c) + x - c)|| / ||E(x)||   (with residual compensation),
@@ -27,11 +27,15 @@ import hashlib
 import itertools
 import json
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from lshmoe.bench.harness import bench_parser, recorded_args
 from lshmoe.bench.report import md_table, median, print_table, save_plot, write_section
-from lshmoe.compress.lsh import LSHCompressor
+from lshmoe.compress.protocol import Compressor
+from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import Config, LSHConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
@@ -81,6 +85,12 @@ def capture(model: GPTMoE, data, cfg: Config, batches: int) -> dict[int, list[to
     return grabbed
 
 
+def lsh_compressor(layer: MoELayer, lsh: LSHConfig, d_model: int) -> Compressor:
+    """The compressor that `moe.compress=lsh` with these hash settings builds for `layer`."""
+    ctx = CompressorContext(layer.num_experts, d_model, layer.layer_id, seed=0, settings=replace(Config(), lsh=lsh))
+    return build_compressor("lsh", ctx)
+
+
 @torch.no_grad()
 def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig) -> dict[str, float]:
     sq_exact = sq_err = sq_nocomp = cross = sq_dx = 0.0
@@ -89,12 +99,13 @@ def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig) -> dict
         route = layer.router(x)
         perm, counts = sort_by_expert(route.topk_ids_TK, layer.num_experts)
         rows = permute_rows(x, perm, layer.top_k)
-        comp = LSHCompressor(lsh, layer.num_experts, x.shape[-1], layer.layer_id, seed=0)
+        # restored without compensation, every row gets its bucket's row: E(c) and c per row
+        comp = lsh_compressor(layer, replace(lsh, compensation="none"), x.shape[-1])
         comp.set_step(step)
         payload, sent_E, meta = comp.compress(rows, counts)
         exact = layer.experts(rows, counts.tolist()).double()
-        e_c = layer.experts(payload, sent_E.tolist()).index_select(0, meta.inverse_N).double()
-        dx = (rows - payload.index_select(0, meta.inverse_N)).double()
+        e_c = comp.restore(layer.experts(payload, sent_E.tolist()), meta).double()
+        dx = (rows - comp.restore(payload, meta)).double()
         sq_exact += float(exact.square().sum())
         sq_err += float((exact - e_c - dx).square().sum())
         sq_nocomp += float((exact - e_c).square().sum())
@@ -119,7 +130,7 @@ def overhead(layer: MoELayer, x: torch.Tensor, lsh: LSHConfig, reps: int = 15) -
         route = layer.router(x)
         perm, counts = sort_by_expert(route.topk_ids_TK, layer.num_experts)
         rows0 = permute_rows(x, perm, layer.top_k)
-    comp = LSHCompressor(lsh, layer.num_experts, x.shape[-1], layer.layer_id, seed=0)
+    comp = lsh_compressor(layer, lsh, x.shape[-1])
     times = []
     for i in range(reps + 2):
         rows = rows0.clone().requires_grad_(True)
@@ -132,13 +143,17 @@ def overhead(layer: MoELayer, x: torch.Tensor, lsh: LSHConfig, reps: int = 15) -
     return median(times[2:])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench lsh", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench lsh", __doc__, cluster=False)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--batches", type=int, default=8, help="rank batches of captured activations")
     p.add_argument("--world", type=int, default=2, help="ranks the wire share (W-1)/W assumes")
     p.add_argument("--link-gbit", type=float, default=1.0)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     torch.set_num_threads(1)  # one rank's share of a 2-core machine running 2 ranks
     cfg = Config()
     model, data = trained_model(cfg, a.train_steps)
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plot(sweep: list[dict]) -> str:
+def _plot(sweep: list[dict], out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,11 +252,11 @@ def _plot(sweep: list[dict]) -> str:
     axes[0].set(xlabel="hashes L", ylabel="compression rate (rows sent / routed)", yscale="log")
     axes[1].set(xlabel="hashes L", ylabel="relative restore error (compensated)")
     axes[0].legend(fontsize=7, ncol=2)
-    return save_plot(fig, "lsh_compression")
+    return save_plot(fig, out, "lsh_compression")
 
 
 def _write(a, cfg: Config, sweep: list[dict], ovh: list[dict], rows: int) -> None:
-    png = _plot(sweep)
+    png = _plot(sweep, a.out)
     table = md_table(
         ["family", "b", "centred", "L", "rate", "err, identity (paper)", "err, none", "err, calibrated", "fitted a"],
         [
@@ -287,10 +302,11 @@ def _write(a, cfg: Config, sweep: list[dict], ovh: list[dict], rows: int) -> Non
         f"rows that leave a rank of {a.world}).\n\n{otable}\n"
     )
     write_section(
+        a.out,
         "lsh_compression",
         "LSH-MoE compression rate, restore error and overhead",
         body,
-        {"sweep": sweep, "overhead": ovh, "args": vars(a)},
+        {"sweep": sweep, "overhead": ovh, "args": recorded_args(a)},
     )
 
 

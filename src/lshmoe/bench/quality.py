@@ -14,33 +14,14 @@ Run: `lshmoe bench quality --seeds 0,1,2` (add `--no-emulation` to train on loop
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from lshmoe.bench.cluster import base_config
-from lshmoe.bench.netns import check_emulation, run_job_ranks
+from lshmoe.bench.harness import base_config, bench_parser, cluster_from, recorded_args, run_training
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.config import Config
 from lshmoe.train.data import load_data
-
-
-def run_job(cfg: Config, nodes: int, rpn: int, link: str | None, emulate: bool, out_dir: Path) -> list[dict]:
-    """One training job; returns its metrics records."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.train.out_dir = str(out_dir)
-    cfg_path = out_dir / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
-    cmd = [sys.executable, "-m", "lshmoe.cli", "train", "--config", str(cfg_path)]
-    rc = run_job_ranks(cmd, nodes, rpn, link, emulate)
-    if rc != 0:
-        raise RuntimeError(f"training job in {out_dir} failed with status {rc}")
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def time_to_target(evals: list[dict], target: float) -> float | None:
@@ -96,7 +77,7 @@ def summarise(runs: dict[str, dict[int, list[dict]]], baseline: str = "baseline"
     return rows, target
 
 
-def _plot(runs: dict[str, dict[int, list[dict]]], name: str) -> str:
+def _plot(runs: dict[str, dict[int, list[dict]]], out: Path, name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,27 +107,22 @@ def _plot(runs: dict[str, dict[int, list[dict]]], name: str) -> str:
     axes[1].set(xlabel="training wall time (s, validation excluded)", ylabel="validation loss")
     for ax in axes:
         ax.legend(fontsize=8)
-    return save_plot(fig, name)
+    return save_plot(fig, out, name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench quality", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench quality", __doc__, name="quality", link="1gbit")
     p.add_argument("--variants", default="baseline,lsh,lsh-comp")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--ranks-per-node", type=int, default=2)
-    p.add_argument("--link", default="1gbit")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-emulation", action="store_true")
-    p.add_argument("--name", default="quality")
-    a = p.parse_args(argv)
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"lshmoe bench quality: {reason}; rerun with --no-emulation")
-        return 2
-    world = a.nodes * a.ranks_per_node
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    cluster = cluster_from(a, "lshmoe bench quality")
+    world = cluster.world
     base = base_config(a.set)
     base.train.steps, base.train.eval_every, base.train.log_every = a.steps, a.eval_every, a.eval_every
     variants = dict(parse_variant(v) for v in a.variants.split(","))
@@ -159,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in names[i % len(names) :] + names[: i % len(names)]:
                 cfg = apply(base, {**variants[v], "train.seed": str(seed)}, world)
                 print(f"== seed {seed} {v}", flush=True)
-                runs[v][seed] = run_job(cfg, a.nodes, a.ranks_per_node, a.link, emulate, Path(tmp) / f"{v}-{seed}")
+                runs[v][seed] = run_training(cfg, cluster, Path(tmp) / f"{v}-{seed}")
                 ev = [r for r in runs[v][seed] if r["kind"] == "eval"]
                 print(f"   final val loss {ev[-1]['val_loss']:.4f} after {ev[-1]['train_time_s']:.0f} s", flush=True)
     ref = "baseline" if "baseline" in runs else next(iter(runs))
@@ -188,12 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     print(tbl)
-    png = _plot(runs, a.name)
-    where = (
-        f"{a.nodes} emulated nodes x {a.ranks_per_node} ranks, {a.link} links"
-        if emulate
-        else f"{world} ranks on loopback"
-    )
+    png = _plot(runs, a.out, a.name)
+    where = cluster.where()
     body = (
         f"{len(seeds)} seeds x {len(names)} variants, {a.steps} steps each ({base.train.batch_size} seqs x "
         f"{base.model.seq_len} tokens per rank per step, same data order per seed), {where}. Validation every "
@@ -203,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     title = "Model quality: same tokens, several seeds" + ("" if a.name == "quality" else f" ({a.name})")
-    write_section(a.name, title, body, {"rows": rows, "target": target, "runs": runs, "args": vars(a)})
+    write_section(a.out, a.name, title, body, {"rows": rows, "target": target, "runs": runs, "args": recorded_args(a)})
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Benchmark results: JSON + markdown section + PNG plots under docs/, and the assembled report.
+"""Benchmark results: JSON + markdown section + PNG plots in one folder, and the assembled report.
 
-Each benchmark writes `docs/bench/<name>.json` (raw numbers and metadata) and `docs/bench/<name>.md`
-(one section: what was measured, the exact command, the machine, the table, its plots).
-`docs/benchmarks.md` is rebuilt from the sections present, in `ORDER`, after every benchmark run.
+Each benchmark writes `<out>/<name>.json` (raw numbers and metadata) and `<out>/<name>.md` (one
+section: what was measured, the exact command, the machine, the table, its plots); `out` is the
+benchmark's `--out` (`runs/bench/` unless asked; `docs/bench/` holds the committed results).
+`benchmarks.md` beside that folder is rebuilt from the sections present, in `ORDER`, after every run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,6 @@ ORDER = [
     "lina_infer",
     "gpu_lsh",
 ]
-
-
-def docs_dir() -> Path:
-    return Path(os.environ.get("LSHMOE_DOCS", "docs"))
 
 
 def machine() -> dict[str, Any]:
@@ -102,6 +99,7 @@ def median(xs: Sequence[float]) -> float:
 
 
 def write_section(
+    out: Path,
     name: str,
     title: str,
     body: str,
@@ -109,43 +107,61 @@ def write_section(
     command: str | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write docs/bench/<name>.{json,md} and rebuild docs/benchmarks.md."""
+    """Write <out>/<name>.{json,md} and rebuild benchmarks.md beside `out`."""
     meta = meta or machine()
     command = command or command_line()
-    out = docs_dir() / "bench"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(
         json.dumps({"name": name, "command": command, "machine": meta, **data}, indent=1, default=str)
     )
     md = f"## {title}\n\nCommand: `{command}`  \nMachine: {machine_line(meta)}\n\n{body.strip()}\n"
     (out / f"{name}.md").write_text(md)
-    rebuild_report()
+    rebuild_report(out)
     return out / f"{name}.md"
 
 
-def rebuild_report() -> Path:
-    out = docs_dir()
+def rebuild_report(out: Path) -> Path:
+    """Assemble `out`'s sections into benchmarks.md beside `out` (docs/bench -> docs/benchmarks.md)."""
+    out = Path(out)
+    rel = f"{out.name}/"  # the sections' links, seen from the report
     sections = []
-    for name in ORDER + sorted(p.stem for p in (out / "bench").glob("*.md") if p.stem not in ORDER):
-        p = out / "bench" / f"{name}.md"
+    for name in ORDER + sorted(p.stem for p in out.glob("*.md") if p.stem not in ORDER):
+        p = out / f"{name}.md"
         if p.exists():
-            sections.append(p.read_text().replace("](", "](bench/").replace("](bench/http", "](http"))
+            sections.append(p.read_text().replace("](", f"]({rel}").replace(f"]({rel}http", "](http"))
+    where = out.as_posix()
     head = (
-        "# lshmoe benchmarks\n\nGenerated from `docs/bench/*.md`; every section names the command that "
-        "produced it and the machine it ran on. Raw numbers are in `docs/bench/*.json`. Times are medians "
-        "of interleaved repetitions unless a section says otherwise.\n\n"
+        f"# lshmoe benchmarks\n\nGenerated from `{where}/*.md`; every section names the command that "
+        f"produced it and the machine it ran on (a benchmark writes to `runs/bench/` unless given `--out`: add "
+        f"`--out {where}` to rerun a section into this report). Raw numbers are in `{where}/*.json`. Times are "
+        "medians of interleaved repetitions unless a section says otherwise.\n\n"
     )
-    path = out / "benchmarks.md"
+    path = out.parent / "benchmarks.md"
     path.write_text(head + "\n".join(sections))
     return path
 
 
-def save_plot(fig: Any, name: str) -> str:
-    """Save a matplotlib figure as docs/bench/<name>.png; return the markdown-relative file name."""
-    out = docs_dir() / "bench"
+def save_plot(fig: Any, out: Path, name: str) -> str:
+    """Save a matplotlib figure as <out>/<name>.png; return the markdown-relative file name."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return f"{name}.png"
+
+
+def bar_groups(
+    ax: Any,
+    groups: Sequence[Any],
+    series: Sequence[Any],
+    value: Callable[[Any, Any], float],
+    group_label: Callable[[Any], str],
+) -> None:
+    """Grouped bars on `ax`: for every group, one bar per series side by side, `value(group, series)` high."""
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        ax.bar([j + i * width for j in range(len(groups))], [value(g, s) for g in groups], width, label=s)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], [group_label(g) for g in groups])

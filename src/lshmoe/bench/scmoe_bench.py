@@ -2,7 +2,7 @@
 
 Variants (each alone and with LSH-MoE compression): top-2 MoE, the shared-expert MoE (shared dense
 expert + top-1), and ScMoE with the shortcut at Pos-1, Pos-2 and Pos-3 (top-1 + shared expert, CG-1),
-plus DGMoE. All train in the same rank processes on 2 emulated nodes x 2 ranks, alternating blocks of
+plus DGMoE. All train in the same rank processes on 2 emulated nodes x 2 ranks (default), alternating blocks of
 steps (`bench/ab_worker.py`); the first round is the ScMoE warm-up in which op and all-to-all times are
 measured and the expert slot is chosen (the paper's Eq. 11).
 
@@ -18,11 +18,9 @@ Run: `lshmoe bench scmoe --link 500mbit`.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from lshmoe.bench.cluster import ABSpec, base_config, plot_breakdown, run_ab, summarise
-from lshmoe.bench.netns import check_emulation
+from lshmoe.bench.cluster import plot_breakdown, summarise
+from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, recorded_args, run_ab
 from lshmoe.bench.report import md_table, median, write_section
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.train.data import load_data
@@ -33,33 +31,21 @@ DEFAULT = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench scmoe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--link", default="500mbit")
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench scmoe", __doc__, link="500mbit")
     p.add_argument("--variants", default=DEFAULT)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps-per-round", type=int, default=4)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-emulation", action="store_true")
-    a = p.parse_args(argv)
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"lshmoe bench scmoe: {reason}; rerun with --no-emulation")
-        return 2
+    return add_ab_args(p, rounds=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    cluster = cluster_from(a, "lshmoe bench scmoe")
     base = base_config([f"model.slot_warmup={a.steps_per_round}", *a.set])
     variants = dict(parse_variant(v) for v in a.variants.split(","))
-    cfgs = {n: apply(base, o, 4).to_dict() for n, o in variants.items()}
+    cfgs = {n: apply(base, o, cluster.world).to_dict() for n, o in variants.items()}
     load_data(base.data, print)
-    with tempfile.TemporaryDirectory(prefix="lshmoe-scmoe-") as tmp:
-        res = run_ab(
-            ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False),
-            2,
-            2,
-            a.link if emulate else None,
-            emulate,
-            Path(tmp),
-        )
-    rows = summarise(res, 4 * base.train.batch_size * base.model.seq_len, baseline="top2")
+    res = run_ab(ABSpec(cfgs, a.rounds, 1, a.steps_per_round, evaluate=False), cluster)
+    rows = summarise(res, cluster.world * base.train.batch_size * base.model.seq_len, baseline="top2")
     for r in rows:
         v = res["variants"][r["variant"]]
         r["a2a_s"] = median(v["a2a_time_s"])
@@ -95,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     print(tbl)
-    png = plot_breakdown({a.link if emulate else "loopback": rows}, "scmoe_breakdown")
-    where = f"2 emulated nodes x 2 ranks, {a.link} links" if emulate else "4 ranks on loopback"
+    png = plot_breakdown({a.link if cluster.emulate else "loopback": rows}, a.out, "scmoe_breakdown")
+    where = cluster.where()
     body = (
         f"{where}; default model (4 blocks, D=128, 8 experts, MoE in blocks 1 and 3, so each ScMoE pair is "
         f"blocks 0-1 and 2-3), {base.train.batch_size} sequences/rank; {a.rounds} measured rounds of "
@@ -105,12 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "issue to completion, summed over the step's all-to-alls.\n\n"
         f"{tbl}\n\n![breakdown]({png})\n"
     )
-    write_section(
-        "scmoe",
-        "ScMoE / DGMoE: overlap of the all-to-all with dense work",
-        body,
-        {"rows": rows, "raw": res, "args": vars(a)},
-    )
+    title = "ScMoE / DGMoE: overlap of the all-to-all with dense work"
+    write_section(a.out, "scmoe", title, body, {"rows": rows, "raw": res, "args": recorded_args(a)})
     return 0
 
 

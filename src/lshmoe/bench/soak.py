@@ -18,6 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from lshmoe.bench.harness import bench_parser, recorded_args
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, apply_sets, from_dict
 from lshmoe.testing import run_ranks
@@ -70,18 +71,21 @@ def slope_mb_per_kstep(samples: list[dict]) -> float:
 EVAL_EVERY, SAVE_EVERY = 500, 1000
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench soak", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench soak", __doc__, cluster=False, name="soak")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--name", default="soak", help="report section name")
     p.add_argument("--from-json", metavar="PATH", help="re-render the report of a recorded run (its JSON)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.from_json:
         rec = json.loads(Path(a.from_json).read_text())
-        report(rec["samples"], rec["args"], rec["command"], rec["machine"])
+        report(a.out, rec["samples"], rec["args"], rec["command"], rec["machine"])
         return 0
     cfg = Config()
     cfg.moe.compress = "lsh"
@@ -99,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             deadline_s=6 * 3600,
             threads=max(1, (os.cpu_count() or 1) // a.nproc),
         )
-    report(per_rank, vars(a))
+    report(a.out, per_rank, recorded_args(a))
     return 0
 
 
-def report(per_rank: list[list[dict]], args: dict, command: str | None = None, meta: dict | None = None) -> None:
+def report(
+    out: Path, per_rank: list[list[dict]], args: dict, command: str | None = None, meta: dict | None = None
+) -> None:
     steps, name = args["steps"], args.get("name", "soak")
     quiet = {s for s in range(0, steps + 1) if s and (s % EVAL_EVERY == 0 or s % SAVE_EVERY == 0 or s == steps)}
     rows = []
@@ -146,7 +152,7 @@ def report(per_rank: list[list[dict]], args: dict, command: str | None = None, m
         ],
     )
     print(tbl)
-    png = _plot(per_rank, name)
+    png = _plot(per_rank, out, name)
     body = (
         f"{steps} training steps of the default GPT-MoE with LSH-MoE compression on {len(per_rank)} gloo ranks, "
         f"through `Trainer.run` (metrics every 10 steps, validation every {EVAL_EVERY}, a checkpoint every "
@@ -158,10 +164,10 @@ def report(per_rank: list[list[dict]], args: dict, command: str | None = None, m
         f"![rss]({png})\n"
     )
     title = "Soak: memory over thousands of steps" + ("" if name == "soak" else f" ({name})")
-    write_section(name, title, body, {"rows": rows, "samples": per_rank, "args": args}, command=command, meta=meta)
+    write_section(out, name, title, body, {"rows": rows, "samples": per_rank, "args": args}, command=command, meta=meta)
 
 
-def _plot(per_rank: list[list[dict]], name: str) -> str:
+def _plot(per_rank: list[list[dict]], out: Path, name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +178,7 @@ def _plot(per_rank: list[list[dict]], name: str) -> str:
         ax.plot([s["step"] for s in samples], [s["rss_mb"] for s in samples], label=f"rank {r}")
     ax.set(xlabel="step", ylabel="resident set size (MB)", title="memory during a long run")
     ax.legend(fontsize=8)
-    return save_plot(fig, name)
+    return save_plot(fig, out, name)
 
 
 if __name__ == "__main__":

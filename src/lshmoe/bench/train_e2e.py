@@ -12,12 +12,12 @@ Run: `lshmoe bench train` (DeepSpeed optional: `pip install torch==2.13.0 deepsp
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
-from lshmoe.bench.cluster import ABSpec, run_ab, summarise
+from lshmoe.bench.cluster import summarise
 from lshmoe.bench.deepspeed_moe import have_deepspeed
-from lshmoe.bench.report import md_table, print_table, save_plot, write_section
+from lshmoe.bench.harness import ABSpec, Cluster, add_ab_args, bench_parser, run_ab
+from lshmoe.bench.report import bar_groups, md_table, print_table, save_plot, write_section
 from lshmoe.config import Config
 from lshmoe.train.data import load_data
 
@@ -29,13 +29,15 @@ def _config(capacity_factor: float | None) -> dict:
     return cfg.to_dict()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench train", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench train", __doc__, cluster=False)
     p.add_argument("--worlds", default="1,2,4")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps-per-round", type=int, default=4)
     p.add_argument("--no-deepspeed", action="store_true")
-    a = p.parse_args(argv)
+    return add_ab_args(p, rounds=6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     variants = {"lshmoe cf=1.25": _config(1.25), "lshmoe dropless": _config(None)}
     impls = {}
     if have_deepspeed() and not a.no_deepspeed:
@@ -46,27 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     load_data(Config().data, print)
     rows = []
     tokens_rank = Config().train.batch_size * Config().model.seq_len
-    with tempfile.TemporaryDirectory(prefix="lshmoe-e2e-") as tmp:
-        for w in [int(x) for x in a.worlds.split(",")]:
-            res = run_ab(
-                ABSpec(variants, a.rounds, 1, a.steps_per_round, evaluate=False, impls=impls),
-                1,
-                w,
-                None,
-                False,
-                Path(tmp) / f"w{w}",
-            )
-            for r in summarise(res, w * tokens_rank, baseline="deepspeed cf=1.25" if impls else "lshmoe cf=1.25"):
-                rows.append({"world": w, **r})
-            print_table(
-                ["W", "variant", "tokens/s", "step ms", "vs DeepSpeed"],
-                [
-                    [w, r["variant"], r["tokens_per_s"], 1000 * r["step_s"], f"{r.get('speedup', 1):.2f}x"]
-                    for r in rows
-                    if r["world"] == w
-                ],
-            )
-    png = _plot(rows)
+    for w in [int(x) for x in a.worlds.split(",")]:
+        spec = ABSpec(variants, a.rounds, 1, a.steps_per_round, evaluate=False, impls=impls)
+        res = run_ab(spec, Cluster(nodes=1, ranks_per_node=w))
+        for r in summarise(res, w * tokens_rank, baseline="deepspeed cf=1.25" if impls else "lshmoe cf=1.25"):
+            rows.append({"world": w, **r})
+        print_table(
+            ["W", "variant", "tokens/s", "step ms", "vs DeepSpeed"],
+            [
+                [w, r["variant"], r["tokens_per_s"], 1000 * r["step_s"], f"{r.get('speedup', 1):.2f}x"]
+                for r in rows
+                if r["world"] == w
+            ],
+        )
+    png = _plot(rows, a.out)
     table = md_table(
         ["W", "MoE layer", "tokens/s", "median step ms", "comm share (ledger)*", "vs DeepSpeed"],
         [
@@ -88,25 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         f"rank).\n\n{table}\n\n*lshmoe's ledger: all-to-all + gradient all-reduce time / step time; DeepSpeed's "
         f"collectives bypass the ledger.\n\n![train e2e]({png})\n"
     )
-    write_section("train_e2e", "End-to-end training throughput (CPU, gloo)", body, {"rows": rows})
+    write_section(a.out, "train_e2e", "End-to-end training throughput (CPU, gloo)", body, {"rows": rows})
     return 0
 
 
-def _plot(rows: list[dict]) -> str:
+def _plot(rows: list[dict], out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    names = sorted({r["variant"] for r in rows})
-    worlds = sorted({r["world"] for r in rows})
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ys = [next((r["tokens_per_s"] for r in rows if r["world"] == w and r["variant"] == name), 0) for w in worlds]
-        ax.bar([j + i * width for j in range(len(worlds))], ys, width, label=name)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
+    bar_groups(
+        ax,
+        sorted({r["world"] for r in rows}),
+        sorted({r["variant"] for r in rows}),
+        lambda w, name: next((r["tokens_per_s"] for r in rows if r["world"] == w and r["variant"] == name), 0),
+        lambda w: f"W={w}",
+    )
     ax.set_ylabel("training tokens/s (all ranks)")
     ax.set_title("GPT-MoE end-to-end training")
     ax.legend(fontsize=8)
-    return save_plot(fig, "train_e2e")
+    return save_plot(fig, out, "train_e2e")
