@@ -26,8 +26,7 @@ def test_schedule_is_seeded_distinct_and_hits_saves():
     assert chaos.schedule(chaos.ChaosSpec(failures=10, steps=120, save_every=10, seed=1)) != a
 
 
-def test_short_chaos_run_survives_every_failure_bitwise(tmp_path, monkeypatch):
-    monkeypatch.setenv("LSHMOE_DOCS", str(tmp_path / "docs"))
+def test_short_chaos_run_survives_every_failure_bitwise(tmp_path):
     spec = chaos.ChaosSpec(failures=3, steps=16, save_every=4, timeout_s=30, emulate=check_emulation() is None)
     sets = [
         f"data.path={corpus(tmp_path)}",
@@ -38,7 +37,7 @@ def test_short_chaos_run_survives_every_failure_bitwise(tmp_path, monkeypatch):
         "model.seq_len=32",
     ]
     res = chaos.run(spec, sets, tmp_path / "work")
-    chaos.report(res)
+    chaos.report(tmp_path / "docs" / "bench", res)
     assert res["status"] == 0, res
     assert res["failures_injected"] == res["failures_survived"] == 3
     assert [r["fault"] for r in res["failures"]] == res["schedule"]

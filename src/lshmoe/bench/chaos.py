@@ -15,7 +15,7 @@ the step it hit, the checkpoint the job resumed from (steps lost), the time to d
 every rank gone), to restart (new attempt -> resumed) and the wall time until the job was back at
 the step it had reached; and the totals against the uninterrupted run.
 
-Run: `lshmoe bench chaos` (10 failures, 120 steps); `--no-emulation` on loopback.
+Run: `lshmoe bench chaos --out docs/bench` (10 failures, 120 steps); `--no-emulation` on loopback.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from lshmoe.bench.netns import EmulatedCluster, check_emulation
+from lshmoe.bench.harness import bench_parser, cluster_from
+from lshmoe.bench.netns import EmulatedCluster
 from lshmoe.bench.report import md_table, write_section
 from lshmoe.config import Config, apply_sets, set_value, validate
 from lshmoe.distributed.launch import loopback_envs, restart_envs, supervise, with_restarts
@@ -69,6 +70,7 @@ class ChaosSpec:
     save_every: int = 10
     nodes: int = 2
     ranks_per_node: int = 2
+    link: str | None = None  # tc tbf rate of the inter-node links; None = unthrottled
     seed: int = 0
     timeout_s: float = 30.0
     emulate: bool = True
@@ -119,7 +121,7 @@ def run_job(spec: ChaosSpec, config: Path, out: Path, faults: list[Fault]) -> tu
         return attempt
 
     if spec.emulate:
-        with EmulatedCluster(spec.nodes, spec.ranks_per_node, link=None) as cluster:
+        with EmulatedCluster(spec.nodes, spec.ranks_per_node, link=spec.link) as cluster:
             base = 29100 + (int(time.time()) % 40) * 20
 
             def start(n: int) -> int:
@@ -259,7 +261,7 @@ def _load_text(res: dict) -> str:
     )
 
 
-def report(res: dict, name: str = "chaos", command: str | None = None, meta: dict | None = None) -> None:
+def report(out: Path, res: dict, name: str = "chaos", command: str | None = None, meta: dict | None = None) -> None:
     spec = res["spec"]
 
     def fmt(v: float | None) -> str:
@@ -294,7 +296,8 @@ def report(res: dict, name: str = "chaos", command: str | None = None, meta: dic
         rows,
     )
     where = (
-        f"the emulated {spec['nodes']} x {spec['ranks_per_node']} cluster (network namespaces, unthrottled veth)"
+        f"the emulated {spec['nodes']} x {spec['ranks_per_node']} cluster (network namespaces, "
+        f"{spec.get('link') or 'unthrottled'} veth)"
         if spec["emulate"]
         else f"loopback ({spec['nodes']} x {spec['ranks_per_node']} topology)"
     )
@@ -332,44 +335,42 @@ def report(res: dict, name: str = "chaos", command: str | None = None, meta: dic
     print(summary)
     print(tbl)
     print(verdict)
-    write_section(name, "Chaos: failures survived, nothing lost", body, res, command=command, meta=meta)
+    write_section(out, name, "Chaos: failures survived, nothing lost", body, res, command=command, meta=meta)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser("lshmoe bench chaos", __doc__, name="chaos", link="none")
+    p.add_argument("--failures", type=int, default=10, help="faults injected [default: 10]")
+    p.add_argument("--steps", type=int, default=120, help="training steps [default: 120]")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint interval [default: 10]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the schedule [default: 0]")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="the job's --timeout-s [default: 30]")
+    p.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
+    p.add_argument("--from-json", metavar="PATH", help="re-render the report of a recorded run (its JSON)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe bench chaos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--failures", type=int, default=10)
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--ranks-per-node", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=30.0)
-    p.add_argument("--no-emulation", action="store_true", help="loopback instead of the emulated cluster")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--name", default="chaos", help="report section name")
-    p.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
-    p.add_argument("--from-json", metavar="PATH", help="re-render the report of a recorded run (its JSON)")
+    p = parser()
     a = p.parse_args(argv)
     if a.from_json:
         rec = json.loads(Path(a.from_json).read_text())
-        report(rec, a.name, rec["command"], rec["machine"])
+        report(a.out, rec, a.name, rec["command"], rec["machine"])
         return 0
     saves = len(range(a.save_every, a.steps, a.save_every))
     if a.failures < 1 or a.save_every < 1 or a.steps < 2 or a.failures > a.steps - 1 or saves < 1:
         p.error("need --failures >= 1, --save-every >= 1, and --steps large enough for the failures and a save")
-    emulate = not a.no_emulation
-    if emulate and (reason := check_emulation()):
-        print(f"chaos: no emulated cluster ({reason}); running on loopback", flush=True)
-        emulate = False
+    cluster = cluster_from(a, "lshmoe bench chaos", fallback=True)
     spec = ChaosSpec(
         failures=a.failures,
         steps=a.steps,
         save_every=a.save_every,
-        nodes=a.nodes,
-        ranks_per_node=a.ranks_per_node,
+        nodes=cluster.nodes,
+        ranks_per_node=cluster.ranks_per_node,
+        link=None if (a.link or "none").lower() == "none" else a.link,
         seed=a.seed,
         timeout_s=a.timeout_s,
-        emulate=emulate,
+        emulate=cluster.emulate,
     )
     if a.work_dir:
         Path(a.work_dir).mkdir(parents=True, exist_ok=True)
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="lshmoe-chaos-") as tmp:
             res = run(spec, a.set, Path(tmp))
-    report(res, a.name)
+    report(a.out, res, a.name)
     ok = res["status"] == 0 and not res["differences"] and res["failures_survived"] == res["failures_injected"]
     return 0 if ok else 1
 
