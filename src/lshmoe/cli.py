@@ -34,6 +34,7 @@ BENCHES = {
     "lina-train": ("lshmoe.bench.lina_train", "all-to-all slowdown and step time: sync vs fair vs Lina priority"),
     "lina-infer": ("lshmoe.bench.lina_infer", "inference MoE-layer latency: Lina's popularity placement vs uniform"),
     "chaos": ("lshmoe.bench.chaos", "ranks killed again and again, restarts, final state bitwise vs uninterrupted"),
+    "hf": ("lshmoe.bench.hf_bench", "fine-tuning tokens/s and memory: lshmoe on a Qwen3-MoE shape vs transformers"),
 }
 
 
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("args", nargs=argparse.REMAINDER)
     demo = sub.add_parser("demo", help="side-by-side baseline vs LSH-MoE on an emulated 2-node cluster", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER)
+    exp = sub.add_parser(
+        "export",
+        help="write a train --hf checkpoint as a Hugging Face checkpoint (experts gathered)",
+        description="Export a `train --hf` checkpoint (saved at any EP size) as sharded safetensors + config.json "
+        "that transformers loads unchanged.",
+    )
+    exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a checkpoints root with 'latest'")
+    exp.add_argument("--hf-out", required=True, help="output directory")
     infer = sub.add_parser("infer", help="score a trained checkpoint with Lina's expert placement", add_help=False)
     infer.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -151,8 +160,33 @@ def prepare(cfg: C.Config) -> None:
     data.check_seq_len(cfg.model.seq_len)
 
 
+def cmd_train_hf(cfg: C.Config, argv: list[str]) -> int:
+    from lshmoe.hf.train import train_hf
+
+    if _under_launcher() or cfg.dist.nproc == 1:
+        train_hf(cfg)
+        return 0
+    C.validate(cfg)
+    from lshmoe.hf import read_config
+
+    read_config(cfg.model.hf)  # a bad directory fails here, once, before any rank starts
+    from lshmoe.distributed.launch import launch
+
+    return launch(argv, cfg.dist.nproc)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from lshmoe.hf.train import export_checkpoint
+
+    out = export_checkpoint(ns.checkpoint, ns.hf_out)
+    print(f"[lshmoe] exported {ns.checkpoint} to {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(ns)
+    if cfg.model.hf:
+        return cmd_train_hf(cfg, argv)
     if _under_launcher():
         from lshmoe.train.trainer import train
 
@@ -180,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
         if ns.verb == "train":
             return cmd_train(ns, argv)
+        if ns.verb == "export":
+            return cmd_export(ns)
         if ns.verb == "bench":
             import importlib
 

@@ -44,6 +44,9 @@ class ModelConfig:
     mlp_ratio: float = _f(4.0, "dense MLP hidden width as a multiple of d_model", gt=0)
     norm: str = _f("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
     dropout: float = _f(0.0, "dropout probability", ge=0, lt=1)
+    hf: str | None = _f(None, "fine-tune a local Hugging Face MoE checkpoint directory (config.json + safetensors + "
+                        "tokenizer) instead of building a GPT-MoE; its own shapes and routing, the moe.* fields set "
+                        "override the routing", flag="hf")
 
     def moe_block_ids(self) -> list[int]:
         """Blocks whose MLP is an MoE layer (gpt and shared architectures): every `moe_every`-th."""
@@ -71,6 +74,26 @@ class MoEConfig:
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
     a2a: str = _f("flat", "all-to-all: flat, or hierarchical (within the node, then between nodes; needs EP = world)",
                   choices=("flat", "hierarchical"), flag="a2a")
+    # routing and experts of modern MoEs (DeepSeek-V3, Qwen-MoE; moe/router.py, moe/shared_experts.py)
+    score: str = _f("softmax", "router scores: softmax over the experts, or an independent sigmoid per expert "
+                    "(DeepSeek-V3)", choices=("softmax", "sigmoid"))
+    n_group: int = _f(0, "group-limited routing: experts in n groups, a group scored by its two best scores; 0 = off",
+                      ge=0)
+    topk_group: int = _f(0, "group-limited routing: only the best topk_group groups are eligible", ge=0)
+    correction_bias: bool = _f(False, "a per-expert bias added to the scores for choosing experts only, not to their "
+                               "weights")
+    bias_update_rate: float = _f(0.0, "auxiliary-loss-free balancing: after each step bias += u * sign(mean load - "
+                                 "load); needs correction_bias; 0 = fixed bias", ge=0)
+    routed_scaling_factor: float = _f(1.0, "multiplies the routed experts' combine weights", gt=0)
+    normalize_top1: bool = _f(False, "with normalize_weights and top_k=1, the weight is 1 (transformers' rule) instead "
+                              "of the raw score")
+    aux_convention: str = _f("lshmoe", "load-balance loss scale: lshmoe = 1 under a uniform router; hf = K times that, "
+                             "as transformers computes it (aux_loss_weight = router_aux_loss_coef)",
+                             choices=("lshmoe", "hf"))
+    seq_aux_weight: float = _f(0.0, "weight of the sequence-level load-balance loss (per sequence, averaged)", ge=0)
+    shared_experts: int = _f(0, "SwiGLU shared experts inside the MoE layer, run while the dispatch travels", ge=0)
+    d_shared: int = _f(0, "hidden width of each shared expert; 0 = d_expert", ge=0)
+    shared_gate: bool = _f(False, "scale the shared experts' output by sigmoid(w . x) (Qwen2-MoE)")
 
 
 @dataclass(kw_only=True)
@@ -195,6 +218,7 @@ class TrainConfig:
     resume: str = _f("auto", "auto = continue from the latest intact checkpoint in ckpt_dir when there is one "
                      "(falling back to the previous one if it is corrupted), else start afresh; none = start "
                      "afresh; or a checkpoint directory")
+    tensorboard: bool = _f(False, "also write the metrics as TensorBoard event files (needs tensorboard)")
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lshmoe.config.io import leaf_fields
-from lshmoe.config.schema import Config
+from lshmoe.config.schema import Config, MoEConfig
 from lshmoe.errors import ConfigError
 
 
@@ -66,6 +66,21 @@ def _validate_lsh(cfg: Config) -> None:
         raise ConfigError(f"lsh.layers={h.layers!r} must be 'all' or comma-separated block indices") from None
 
 
+def _validate_routing(e: MoEConfig) -> None:
+    if e.n_group > 1:
+        if e.num_experts % e.n_group:
+            raise ConfigError(f"moe.n_group={e.n_group} must divide moe.num_experts={e.num_experts}")
+        if not 1 <= e.topk_group <= e.n_group:
+            raise ConfigError(f"moe.topk_group={e.topk_group} is out of range; must be in [1, moe.n_group={e.n_group}]")
+        if e.topk_group * (e.num_experts // e.n_group) < e.top_k:
+            raise ConfigError(
+                f"moe.topk_group={e.topk_group} groups hold {e.topk_group * (e.num_experts // e.n_group)} experts, "
+                f"fewer than moe.top_k={e.top_k}"
+            )
+    if e.bias_update_rate > 0 and not e.correction_bias:
+        raise ConfigError(f"moe.bias_update_rate={e.bias_update_rate} needs moe.correction_bias=true")
+
+
 def validate(cfg: Config, world_size: int | None = None, nodes: int | None = None) -> Config:
     """Check every field and cross-field rule; raise a one-line ConfigError on the first violation.
 
@@ -100,6 +115,7 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             f"moe.router=locmoe needs model.d_model={m.d_model} divisible by moe.num_experts="
             f"{e.num_experts} (each expert's gate is the mean of one slice of the width)"
         )
+    _validate_routing(e)
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
     if m.moe_every > m.n_layers:
@@ -117,6 +133,11 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
         from lshmoe.train.faults import parse_faults
 
         parse_faults(cfg.fault.inject)
+    if cfg.train.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
     if world_size is not None:

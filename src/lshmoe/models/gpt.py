@@ -166,6 +166,7 @@ class GPTMoE(nn.Module):
                 e.aux_loss_weight * o.aux["load_balance"]
                 + e.z_loss_weight * o.aux["z_loss"]
                 + self.locmoe.locality_weight * o.aux.get("locality", 0.0)
+                + e.seq_aux_weight * o.aux.get("seq_load_balance", 0.0)
                 for o in moe.values()
             ),
             start=wide.new_zeros(()),

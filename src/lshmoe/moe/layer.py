@@ -22,7 +22,8 @@ from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
 from lshmoe.moe.dispatch import Dispatcher, DispatchMeta, Inflight, build_dispatcher
 from lshmoe.moe.experts import GroupedExperts
 from lshmoe.moe.permute import permute_rows, sort_by_expert, unpermute_combine
-from lshmoe.moe.router import RouterOutput, TopKRouter
+from lshmoe.moe.router import RouterOutput, RoutingOptions, TopKRouter
+from lshmoe.moe.shared_experts import SharedExperts
 from lshmoe.seeding import generator
 
 
@@ -95,6 +96,7 @@ class MoELayer(nn.Module):
             normalize_weights=cfg.normalize_weights,
             gate=cfg.router,
             node_bias=loc.node_bias,
+            options=RoutingOptions.from_config(cfg),
         )
         # Which node hosts each global expert: expert e lives on EP rank e // num_local.
         self.node_of_E = torch.tensor(
@@ -105,6 +107,10 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(
             num_local, d_model, cfg.d_expert, cfg.activation, first_expert=group.index * num_local
         )
+        self.shared = None
+        if cfg.shared_experts:
+            d_shared = cfg.d_shared or cfg.d_expert
+            self.shared = SharedExperts(d_model, d_shared, cfg.shared_experts, cfg.shared_gate)
         ctx = CompressorContext(cfg.num_experts, d_model, layer_id, seed, settings)
         self.compressor = build_compressor(cfg.compress, ctx)
         self.identity = build_compressor("identity", ctx)
@@ -125,6 +131,12 @@ class MoELayer(nn.Module):
                 w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64).mul_(std))
             if self.router.node_bias is not None:
                 self.router.node_bias.zero_()
+            if self.router.e_score_correction_bias is not None:
+                self.router.e_score_correction_bias.zero_()
+            if self.shared is not None:
+                g = generator(seed, "shared", self.layer_id)
+                for p in self.shared.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).mul_(std))
         self.experts.reset_parameters(seed, self.layer_id, std, std if out_std is None else out_std)
 
     def set_step(self, step: int) -> None:
@@ -132,8 +144,14 @@ class MoELayer(nn.Module):
         self.step = step
         self.compressor.set_step(step)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
-        return self.finish(self.compute(self.begin(x)))
+    def forward(self, x: torch.Tensor, route: RouterOutput | None = None) -> MoEOutput:
+        if self.shared is None:
+            return self.finish(self.compute(self.begin(x, route)))
+        st = self.begin(x, route, overlap=True)  # the shared experts run while the dispatch travels
+        shared_TD = self.shared(st.x_TD)
+        out = self.finish(self.compute(st))
+        out.y_TD = out.y_TD + shared_TD.view(st.shape)
+        return out
 
     # The same six steps in three stages, so that a caller can overlap the exchanges with its own
     # dense work (ScMoE): begin issues the dispatch, compute runs the experts and issues the combine,
@@ -145,7 +163,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         compressor = self.compressor if self.compressor.active(self.training) else self.identity
-        route = route if route is not None else self.router(x_TD)
+        route = route if route is not None else self.router(x_TD, seq_len=shape[-2] if x.dim() == 3 else None)
         keep_TK = None
         if self.cfg.capacity_factor is not None:
             cap = expert_capacity(T, self.num_experts, self.top_k, self.cfg.capacity_factor)

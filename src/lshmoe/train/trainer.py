@@ -37,6 +37,7 @@ from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.errors import DataError, NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
+from lshmoe.moe.router import update_correction_biases
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.allocator import HeapTrimmer
@@ -118,6 +119,7 @@ class Trainer:
             grad_norm = self.sync.clip(tc.grad_clip)
             if math.isfinite(grad_norm):
                 self.opt.step()
+                update_correction_biases(self.model, self.comm)
             else:
                 self._non_finite(step, bad)
             self.opt.zero_grad(set_to_none=True)
