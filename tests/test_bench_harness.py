@@ -22,6 +22,7 @@ CLUSTER_BENCHES = {
     "lina-train": "lshmoe.bench.lina_train",
     "lina-infer": "lshmoe.bench.lina_infer",
     "demo": "lshmoe.bench.demo",
+    "chaos": "lshmoe.bench.chaos",
 }
 CLUSTER_FLAGS = ("--nodes", "--ranks-per-node", "--link", "--set", "--no-emulation")
 

@@ -33,6 +33,7 @@ BENCHES = {
     "locmoe": ("lshmoe.bench.locmoe_bench", "inter-node bytes, balance and loss versus the locality weight"),
     "lina-train": ("lshmoe.bench.lina_train", "all-to-all slowdown and step time: sync vs fair vs Lina priority"),
     "lina-infer": ("lshmoe.bench.lina_infer", "inference MoE-layer latency: Lina's popularity placement vs uniform"),
+    "chaos": ("lshmoe.bench.chaos", "ranks killed again and again, restarts, final state bitwise vs uninterrupted"),
     "hf": ("lshmoe.bench.hf_bench", "fine-tuning tokens/s and memory: lshmoe on a Qwen3-MoE shape vs transformers"),
     "gpu": ("lshmoe.bench.gpu", "CUDA tests, fused LSH kernel times, MoE layer vs transformers: one bounded GPU run"),
 }
@@ -139,6 +140,27 @@ def _under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def prepare(cfg: C.Config) -> None:
+    """Everything that can be checked before a rank starts: the config for the world size, the device,
+    `--resume` (verified), the token data (built once, here) against the sequence length. Raises a
+    one-line UserError."""
+    C.validate(cfg, world_size=cfg.dist.nproc)
+    if "cuda" in (cfg.dist.device, "nccl" if cfg.dist.backend == "nccl" else ""):
+        import torch
+
+        if not torch.cuda.is_available():
+            what = "dist.device=cuda" if cfg.dist.device == "cuda" else "dist.backend=nccl"
+            raise C.ConfigError(f"{what} but no CUDA device is visible; use --device cpu / --backend gloo")
+    if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
+        raise C.ConfigError("dist.backend=nccl needs dist.device=cuda (or auto); use --backend gloo on the CPU")
+    from lshmoe.train.checkpoint import preflight
+    from lshmoe.train.data import load_data
+
+    preflight(cfg)
+    data = load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))
+    data.check_seq_len(cfg.model.seq_len)
+
+
 def cmd_train_hf(cfg: C.Config, argv: list[str]) -> int:
     from lshmoe.hf.train import train_hf
 
@@ -171,20 +193,15 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
 
         train(cfg)
         return 0
-    C.validate(cfg, world_size=cfg.dist.nproc)
-    from lshmoe.train.checkpoint import preflight
-
-    preflight(cfg)
-    if cfg.dist.nproc == 1:
+    prepare(cfg)
+    if cfg.dist.nproc == 1 and cfg.fault.max_restarts == 0:
         from lshmoe.train.trainer import train
 
         train(cfg)
         return 0
     from lshmoe.distributed.launch import launch
-    from lshmoe.train.data import load_data
 
-    load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))  # build once, here
-    return launch(argv, cfg.dist.nproc)
+    return launch(argv, cfg.dist.nproc, max_restarts=cfg.fault.max_restarts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lshmoe: error: {e}", file=sys.stderr)
         return EXIT_USER
     except DistError as e:
-        print(f"lshmoe: {e}", file=sys.stderr)
+        print(f"lshmoe: {e}", file=sys.stderr, flush=True)
+        if _under_launcher():
+            # NOTE: a rank whose peers are gone exits at once: a thread still blocked on the dead peer or
+            # store (gloo's, the watchdog's) would be unwound at interpreter exit and abort the process.
+            sys.stdout.flush()
+            os._exit(EXIT_DIST)
         return EXIT_DIST
     except NumericalError as e:
         if rank == 0:

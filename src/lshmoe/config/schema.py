@@ -230,7 +230,9 @@ class TrainConfig:
     save_every: int = _f(0, "save a checkpoint every n steps (and at the end); 0 = no checkpoints", ge=0)
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
     ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
-    resume: str = _f("none", "none, auto (latest checkpoint in ckpt_dir if any), or a checkpoint directory")
+    resume: str = _f("auto", "auto = continue from the latest intact checkpoint in ckpt_dir when there is one "
+                     "(falling back to the previous one if it is corrupted), else start afresh; none = start "
+                     "afresh; or a checkpoint directory")
     tensorboard: bool = _f(False, "also write the metrics as TensorBoard event files (needs tensorboard)")
 
 
@@ -257,11 +259,14 @@ class DistConfig:
 
 @dataclass(kw_only=True)
 class FaultConfig:
-    """Faults: what to do on a non-finite step, and fault injection for tests."""
+    """Faults: what to do on a non-finite step, restarts after a failure, and fault injection for tests."""
 
     nan_policy: str = _f("skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)",
                          choices=("skip", "stop"))
-    inject: str = _f("", "fault injection for testing: kind:rank:step, kind in kill|stall|nan|killsave", flag="fault")
+    inject: str = _f("", "fault injection for testing: kind:rank:step[,kind:rank:step...], kind in "
+                     "kill|stall|nan|killsave; each fires once per out_dir (<out_dir>/faults.fired)", flag="fault")
+    max_restarts: int = _f(0, "--nproc launcher: restart the job up to N times after a rank fails; it resumes from "
+                           "the latest checkpoint (under torchrun use its --max-restarts)", ge=0)
 
 
 # fmt: on

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lshmoe.config.io import leaf_fields
-from lshmoe.config.schema import FAULT_KINDS, Config, MoEConfig
+from lshmoe.config.schema import Config, MoEConfig
 from lshmoe.errors import ConfigError
 
 
@@ -130,12 +130,9 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             f"all-to-all (moe.a2a={e.a2a} has no pipelined form)"
         )
     if cfg.fault.inject:
-        parts = cfg.fault.inject.split(":")
-        if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
-            raise ConfigError(
-                f"fault.inject={cfg.fault.inject!r} must be kind:rank:step with kind in "
-                f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5"
-            )
+        from lshmoe.train.faults import parse_faults
+
+        parse_faults(cfg.fault.inject)
     if cfg.train.tensorboard:
         import importlib.util
 

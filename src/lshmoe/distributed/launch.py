@@ -5,6 +5,11 @@ MASTER_ADDR and MASTER_PORT set, exactly what torchrun would provide, so one cod
 The launcher watches its children: when one exits with an error, the others get `grace_s` seconds
 to notice on their own (their collectives fail once the peer is gone), then they are terminated.
 The launcher returns the first non-zero exit status, or 0. Ctrl-C terminates every rank.
+
+With `max_restarts` N (like torchrun's `--max-restarts`), a job that failed for any reason but a user
+error, a numerical stop or Ctrl-C is started again, up to N times, each attempt on a fresh rendezvous
+port and with TORCHELASTIC_RESTART_COUNT set as torchrun's agent sets it, so the ranks resume from
+the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 USER_ERROR_STATUS = 2
+NUMERICAL_STOP_STATUS = 4
+INTERRUPTED_STATUS = 130
+# A job that ended with one of these is not restarted: a restart would fail the same way.
+FINAL_STATUSES = (0, USER_ERROR_STATUS, NUMERICAL_STOP_STATUS, INTERRUPTED_STATUS)
 
 
 def free_port() -> int:
@@ -25,9 +35,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], nproc: int, grace_s: float = 10.0) -> int:
-    """Run `python -m lshmoe.cli *argv` on `nproc` local ranks; return the job's exit status."""
-    return supervise([[sys.executable, "-m", "lshmoe.cli", *argv]] * nproc, loopback_envs(nproc, nproc), grace_s)
+def launch(argv: list[str], nproc: int, grace_s: float = 10.0, max_restarts: int = 0) -> int:
+    """Run `python -m lshmoe.cli *argv` on `nproc` local ranks, restarted up to `max_restarts` times
+    after a failure; return the job's exit status."""
+    cmds = [[sys.executable, "-m", "lshmoe.cli", *argv]] * nproc
+    return with_restarts(
+        lambda attempt: supervise(cmds, restart_envs(loopback_envs(nproc, nproc), attempt), grace_s), max_restarts
+    )
+
+
+def restart_envs(envs: list[dict[str, str]], attempt: int) -> list[dict[str, str]]:
+    """The rank environments of attempt `attempt` (0 = the first start), as torchrun's agent numbers them."""
+    return [{**env, "TORCHELASTIC_RESTART_COUNT": str(attempt)} for env in envs]
+
+
+def with_restarts(run_attempt: Callable[[int], int], max_restarts: int) -> int:
+    """Call `run_attempt(attempt)` until it succeeds, fails finally (FINAL_STATUSES) or the restarts are
+    spent; return the last exit status."""
+    attempt = 0
+    while True:
+        rc = run_attempt(attempt)
+        if rc in FINAL_STATUSES or attempt >= max_restarts:
+            if rc not in FINAL_STATUSES and max_restarts:
+                print(f"lshmoe: giving up after {max_restarts} restart(s) (fault.max_restarts)", file=sys.stderr)
+            return rc
+        attempt += 1
+        print(
+            f"lshmoe: restarting the job (restart {attempt} of {max_restarts}); it resumes from the latest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def loopback_envs(world: int, ranks_per_node: int) -> list[dict[str, str]]:

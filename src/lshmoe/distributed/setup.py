@@ -91,6 +91,7 @@ def init_comm(cfg: DistConfig, ep_size: int = 0, timeline: int = 0) -> Comm:
             timeout=timedelta(seconds=cfg.timeout_s),
             rank=env.rank,
             world_size=env.world_size,
+            store=_attempt_store(env, cfg.timeout_s),
         )
     comm = build_comm(env.rank, env.world_size, ep, topo, device, timeline)
     if cfg.heartbeat_s > 0 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
@@ -99,6 +100,25 @@ def init_comm(cfg: DistConfig, ep_size: int = 0, timeline: int = 0) -> Comm:
         ).start()
         _WATCHDOGS.append(comm.watchdog)
     return comm
+
+
+def _attempt_store(env: RankEnv, timeout_s: float) -> dist.Store | None:
+    """Under torchrun's agent store, a store whose keys are this restart attempt's own.
+
+    NOTE: the agent keeps its store across restarts, and (seen with torch 2.13 and gloo) the workers
+    of a restarted attempt read their peers' addresses from the attempt before and never connect; a
+    prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps the attempts apart. None: let torch use env://.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"lshmoe/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
 _WATCHDOGS: list[Watchdog] = []  # started by init_comm; shutdown() stops and joins them

@@ -1,34 +1,45 @@
-"""Checkpoints with torch.distributed.checkpoint: exact resume, resharding, atomic saves.
+"""Checkpoints with torch.distributed.checkpoint: the schema, exact resume, resharding, atomic and
+verified saves.
 
 Layout of `<ckpt_dir>/`:
-    step_00000100/        one checkpoint: DCP shards (*.distcp, .metadata) and meta.json
+    step_00000100/        one checkpoint: DCP shards (*.distcp, .metadata), meta.json, manifest.json
     step_00000200.tmp/    a save in progress (or interrupted: never loaded, removed by the next save)
     latest                the name of the newest complete checkpoint (replaced atomically)
 
-What is saved, under layout-independent keys so that a checkpoint written by W ranks loads on W':
+What is saved (the schema), under layout-independent keys so that a checkpoint written by W ranks
+loads on W':
 - `model/<name>`: dense parameters (replicated; DCP writes them once);
 - `model/<bank>/e<global expert>`: one entry per expert of each expert bank, so a rank loads exactly
   the experts it owns under the new expert-parallel layout;
 - `optim/<same key>/{exp_avg,exp_avg_sq,step}`: the AdamW state, split the same way;
 - `rng/rank<r>`: each rank's torch generator state;
 - `compressor/rank<r>/moe<i>/<name>`: each compressor's `state_dict()` (e.g. LSH's L controller);
-- `trainer/{step,train_time_s,skipped_steps}`.
+- `trainer/{step,train_time_s,skipped_steps}`: the `RunState`.
 Learning-rate schedule, data position and LSH projections are functions of the step, so restoring
 the step restores them. `meta.json` holds the model config; loading into an incompatible model is a
 one-line error, as is a missing or corrupted checkpoint.
 
-Saving: every rank writes into `step_N.tmp`, then rank 0 adds meta.json, renames the directory to
-`step_N`, points `latest` at it and deletes checkpoints beyond `keep_last`. A crash before the rename
-leaves the previous checkpoint and `latest` untouched.
+Saving: every rank writes its shards into `step_N.tmp` and records their SHA-256; then rank 0 adds
+meta.json, writes `manifest.json` last (`train/integrity.py`), renames the directory to `step_N`,
+points `latest` at it and deletes checkpoints beyond `keep_last`. A crash or a full disk before the
+rename leaves the previous checkpoint and `latest` untouched; a failed save is one line on every rank.
+
+Resuming: `train.resume=auto` (the default) takes `latest` when the directory holds a checkpoint,
+verifies every file against the manifest (the ranks share the hashing) and, when a file is missing,
+truncated or altered, says so and falls back to the previous complete checkpoint. An explicit path
+that fails verification is an error. A restarted job (torchrun's or lshmoe's `--max-restarts`, seen
+as TORCHELASTIC_RESTART_COUNT > 0) resumes from the latest checkpoint whatever `train.resume` says.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +52,9 @@ from lshmoe.config import Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.errors import UserError
 from lshmoe.moe.param_kinds import is_expert_param, is_node_param
+from lshmoe.train import integrity
 
-FORMAT = 1
+FORMAT = 2  # 2: with manifest.json
 # Model config fields that change parameter shapes or their meaning; a checkpoint only loads into the same.
 SHAPE_FIELDS = {
     "model": ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "mlp_ratio", "norm"),
@@ -103,7 +115,92 @@ def state_entries(
     return out
 
 
-def model_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class RunState:
+    """The trainer's own counters, saved as `trainer/*`."""
+
+    step: int = 0  # steps done = the next step to run
+    train_time_s: float = 0.0
+    skipped_steps: int = 0
+
+
+def _compressor_prefix(rank: int, layer: nn.Module) -> str:
+    return f"compressor/rank{rank}/moe{layer.layer_id}/"
+
+
+def run_entries(model: nn.Module, rank: int, state: RunState) -> dict[str, torch.Tensor]:
+    """The checkpoint entries besides parameters, optimizer and RNG: trainer counters, compressor state."""
+    out = {
+        "trainer/step": torch.tensor(state.step),
+        "trainer/train_time_s": torch.tensor(state.train_time_s),
+        "trainer/skipped_steps": torch.tensor(state.skipped_steps),
+    }
+    for layer in model.moe_layers:
+        comp = getattr(layer, "compressor", None)  # a peer system's layer has none
+        for name, t in (comp.state_dict() if comp is not None else {}).items():
+            out[_compressor_prefix(rank, layer) + name] = t
+    return out
+
+
+def run_meta(cfg: Config, comm: Comm, vocab_size: int) -> dict[str, Any]:
+    """meta.json: what a later run checks before it loads the tensors."""
+    return {
+        "model": model_signature(cfg, vocab_size),
+        "world_size": comm.world_size,
+        "ep_size": comm.group("ep").size,
+        "nodes": num_nodes(comm),
+        "config": cfg.to_dict(),
+    }
+
+
+def num_nodes(comm: Comm) -> int:
+    return max(comm.node_of.values(), default=0) + 1
+
+
+def save_run(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    comm: Comm,
+    cfg: Config,
+    vocab_size: int,
+    state: RunState,
+    inside_save: Callable[[int], None] | None = None,
+) -> Path:
+    """Save everything a run needs to continue at `state.step` exactly; return the checkpoint directory."""
+    entries = state_entries(model, opt, comm.rank, run_entries(model, comm.rank, state))
+    hook = (lambda: inside_save(state.step)) if inside_save is not None else None
+    meta = run_meta(cfg, comm, vocab_size)
+    return save(checkpoint_root(cfg), state.step, entries, meta, comm, cfg.train.keep_last, inside=hook)
+
+
+def restore_run(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, comm: Comm, cfg: Config, vocab_size: int
+) -> tuple[RunState, dict[str, Any]]:
+    """Load a checkpoint into `model`/`opt`, this rank's RNG and compressors; return its RunState and meta."""
+    meta = read_meta(path)
+    check_compatible(path, meta, cfg, vocab_size, nodes=num_nodes(comm))
+    entries = state_entries(model, opt, comm.rank, run_entries(model, comm.rank, RunState()))
+    missing = load(path, entries)
+    rng = f"rng/rank{comm.rank}"
+    if rng not in missing:
+        torch.set_rng_state(entries[rng])
+    for layer in model.moe_layers:
+        comp = getattr(layer, "compressor", None)
+        if comp is None:
+            continue
+        prefix = _compressor_prefix(comm.rank, layer)
+        comp.load_state_dict(
+            {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix) and k not in missing}
+        )
+    state = RunState(
+        step=int(entries["trainer/step"]),
+        train_time_s=float(entries["trainer/train_time_s"]),
+        skipped_steps=int(entries["trainer/skipped_steps"]),
+    )
+    return state, meta
+
+
+def model_signature(cfg: Config, vocab_size: int | None) -> dict[str, Any]:
     sig = {f"{sec}.{k}": getattr(getattr(cfg, sec), k) for sec, keys in SHAPE_FIELDS.items() for k in keys}
     sig["data.vocab_size(actual)"] = vocab_size
     return sig
@@ -116,22 +213,101 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.train.ckpt_dir) if cfg.train.ckpt_dir else Path(cfg.train.out_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete(root: Path) -> list[Path]:
+    """Committed checkpoints (renamed, with a manifest), newest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.glob("step_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / integrity.MANIFEST).is_file() and _step_of(p) >= 0
+    ]
+    return sorted(found, key=_step_of, reverse=True)
+
+
 def latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it is complete."""
     ptr = root / "latest"
     if not ptr.is_file():
         return None
     path = root / ptr.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    return path if (path / integrity.MANIFEST).is_file() and (path / "meta.json").is_file() else None
 
 
-def resolve_resume(cfg: Config) -> Path | None:
-    """`train.resume`: none, auto (the latest checkpoint if there is one), or a checkpoint path."""
+def candidates(root: Path) -> list[Path]:
+    """What `--resume auto` tries, in order: `latest`, then the older complete checkpoints. Without a
+    usable `latest` (a crash while a checkpoint of the same step was being replaced), every complete one."""
+    done = complete(root)
+    head = latest(root)
+    if head is None:
+        return done
+    return [head] + [p for p in done if _step_of(p) < _step_of(head)]
+
+
+def restart_count() -> int:
+    """How many times torchrun's agent (or `lshmoe train --max-restarts`) has restarted this job."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def resume_spec(cfg: Config) -> str:
+    """`train.resume`, except that a restarted job always continues from its checkpoints when it has some."""
     spec = cfg.train.resume
+    if spec != "auto" and restart_count() > 0 and candidates(checkpoint_root(cfg)):
+        return "auto"
+    return spec
+
+
+def _check(path: Path, comm: Comm | None) -> str | None:
+    """Verify a checkpoint against its manifest (shared over the ranks of `comm`); None when intact."""
+    files = integrity.read_manifest(path)
+    if isinstance(files, str):
+        return f"checkpoint {path} is incomplete: {files}"
+    if comm is None or comm.world_size == 1:
+        code = integrity.first_problem(path, files)
+    else:
+        mine = integrity.first_problem(path, files, comm.rank, comm.world_size)
+        t = torch.tensor([mine], dtype=torch.int64, device=comm.device)
+        comm.all_reduce(t, comm.group("world"), "ckpt.verify", op="min", phase="setup")
+        code = int(t)
+    return None if code == integrity.NO_PROBLEM else integrity.explain(path, files, code)
+
+
+def resolve_resume(cfg: Config, comm: Comm | None = None, log: Callable[[str], None] = lambda m: None) -> Path | None:
+    """The verified checkpoint this run starts from, or None for a fresh start (see the module docstring).
+
+    With `comm`, every rank of the job calls this together and they reach the same answer."""
+    spec = resume_spec(cfg)
     if spec == "none":
         return None
-    if spec == "auto":
-        return latest(checkpoint_root(cfg))
-    return find_checkpoint(spec, "--resume")
+    if spec != "auto":
+        path = find_checkpoint(spec, "--resume")
+        problem = _check(path, comm)
+        if problem:
+            raise CheckpointError(problem)
+        return path
+    root = checkpoint_root(cfg)
+    tried = candidates(root)
+    for i, path in enumerate(tried):
+        problem = _check(path, comm)
+        if problem is None:
+            return path
+        if i + 1 < len(tried):
+            log(f"{problem}; falling back to the previous complete checkpoint {tried[i + 1].name}")
+        else:
+            raise CheckpointError(
+                f"{problem}; no older complete checkpoint in {root} to fall back to (use --resume none to start afresh)"
+            )
+    return None
 
 
 def find_checkpoint(spec: str, flag: str) -> Path:
@@ -150,28 +326,18 @@ def find_checkpoint(spec: str, flag: str) -> Path:
 
 
 def preflight(cfg: Config) -> None:
-    """Check `--resume` before any process starts or data is built (the vocabulary is checked later)."""
+    """Check `--resume` before any process starts or data is built (the vocabulary is checked later):
+    the checkpoint it names (or the one `auto` falls back to) is verified and matches the model."""
     path = resolve_resume(cfg)
     if path is not None:
         check_compatible(path, read_meta(path), cfg, vocab_size=None)
-        verify_files(path)
 
 
 def verify_files(path: Path) -> None:
-    """Every shard file holds the byte ranges the metadata says it does (catches truncated copies)."""
-    try:
-        meta = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} is corrupted: .metadata unreadable ({_first_cause(e)})") from None
-    ends: dict[str, int] = {}
-    for info in (meta.storage_data or {}).values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for rel, end in ends.items():
-        f = path / rel
-        size = f.stat().st_size if f.is_file() else -1
-        if size < end:
-            what = "is missing" if size < 0 else f"is truncated ({size} of {end} bytes)"
-            raise CheckpointError(f"checkpoint {path} is corrupted: shard {rel} {what}")
+    """Every file of the checkpoint matches its manifest (size and SHA-256); one-line error otherwise."""
+    problem = integrity.verify(path)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -184,8 +350,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(path: Path, meta: dict[str, Any], cfg: Config, vocab_size: int | None) -> None:
-    """One-line error unless the checkpoint's model matches (vocab_size None: not known yet, not checked)."""
+def check_compatible(
+    path: Path, meta: dict[str, Any], cfg: Config, vocab_size: int | None, nodes: int | None = None
+) -> None:
+    """One-line error unless the checkpoint's model matches (vocab_size / nodes None: not known yet)."""
     want = model_signature(cfg, vocab_size)
     for k, v in meta["model"].items():
         if vocab_size is None and k.startswith("data."):
@@ -195,13 +363,44 @@ def check_compatible(path: Path, meta: dict[str, Any], cfg: Config, vocab_size: 
                 f"checkpoint {path} was saved with {k}={v}, this run has {k}={want.get(k)}; "
                 "use the checkpoint's model config"
             )
+    if nodes is not None and cfg.locmoe.node_bias and meta.get("nodes") != nodes:
+        raise CheckpointError(
+            f"checkpoint {path} holds per-node router biases (locmoe.node_bias) for "
+            f"{meta.get('nodes')} nodes; this run has {nodes} nodes"
+        )
 
 
 # ------------------------------------------------------------------------------------------ save/load
 
+OTHER_ERROR = 10_000  # a failure code that is not an errno
 
-def _barrier(comm: Comm) -> None:
-    comm.all_reduce(torch.zeros(1, device=comm.device), comm.group("world"), "ckpt.barrier", phase="setup")
+
+def _code(e: BaseException) -> int:
+    """errno of the root cause of a (possibly DCP-wrapped) failure, else OTHER_ERROR."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return e.errno if isinstance(e, OSError) and e.errno else OTHER_ERROR
+
+
+def _agree(comm: Comm, failure: BaseException | None, step: int, root: Path, tmp: Path) -> None:
+    """Every rank learns whether any rank failed this phase of the save; if one did, all raise the same."""
+    codes = torch.zeros(comm.world_size, dtype=torch.int64, device=comm.device)
+    if failure is not None:
+        codes[comm.rank] = _code(failure)
+    comm.all_reduce(codes, comm.group("world"), "ckpt.status", phase="setup")
+    bad = [r for r in range(comm.world_size) if int(codes[r])]
+    if not bad:
+        return
+    r = comm.rank if failure is not None else bad[0]
+    code = int(codes[r])
+    cause = _first_cause(failure) if failure is not None else (os.strerror(code) if code < OTHER_ERROR else "error")
+    if code == errno.ENOSPC:
+        cause = f"no space left on the device of {root}"
+    if comm.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+    prev = latest(root)
+    kept = f"the previous checkpoint {prev.name} and 'latest' are intact" if prev else "no earlier checkpoint"
+    raise CheckpointError(f"saving checkpoint step_{step:08d} failed on rank {r}: {cause}; {kept}") from None
 
 
 def save(
@@ -211,36 +410,62 @@ def save(
     meta: dict[str, Any],
     comm: Comm,
     keep_last: int,
-    before_commit: Callable[[], None] | None = None,
+    inside: Callable[[], None] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (see the module docstring); return its directory."""
+    """Write a checkpoint atomically (see the module docstring); return its directory. `inside()` (a fault
+    hook) runs once this rank's shards are written, before the ranks agree to commit."""
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
+    failure: BaseException | None = None
     if comm.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier(comm)
-    dcp.save(entries, checkpoint_id=str(tmp))
-    if before_commit is not None:
-        before_commit()
-    _barrier(comm)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            failure = e
+    _agree(comm, failure, step, root, tmp)
+    try:
+        dcp.save(entries, checkpoint_id=str(tmp))
+        # each rank hashes its own shard files, in parallel; rank 0 merges them into the manifest
+        sums = {p.name: integrity.describe(p) for p in sorted(tmp.glob(f"__{comm.rank}_*.distcp"))}
+        integrity.write_json_durably(tmp / f"sums.rank{comm.rank}.part", sums)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk, a vanished directory
+        failure = e
+    if inside is not None:
+        inside()
+    _agree(comm, failure, step, root, tmp)
     if comm.rank == 0:
-        (tmp / "meta.json").write_text(
-            json.dumps({**meta, "format": FORMAT, "step": step, "time": time.time()}, indent=1)
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        ptr = root / "latest.tmp"
-        ptr.write_text(final.name)
-        os.replace(ptr, root / "latest")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(comm)
+        try:
+            _commit(root, tmp, final, step, meta, comm.world_size, keep_last)
+        except OSError as e:
+            failure = e
+    _agree(comm, failure, step, root, tmp)
     return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, step: int, meta: dict, world: int, keep_last: int) -> None:
+    """Rank 0: meta.json, the manifest (last), the rename, `latest`, pruning."""
+    (tmp / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "step": step, "time": time.time()}, indent=1))
+    files: dict[str, dict] = {}
+    for r in range(world):
+        part = tmp / f"sums.rank{r}.part"
+        files.update(json.loads(part.read_text()))
+        part.unlink()
+    integrity.write_manifest(tmp, files, step)
+    integrity.fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    integrity.fsync_dir(root)
+    ptr = root / "latest.tmp"
+    ptr.write_text(final.name)
+    os.replace(ptr, root / "latest")
+    integrity.fsync_dir(root)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _first_cause(e: BaseException) -> str:

@@ -128,6 +128,36 @@ def user_corpus(path_str: str) -> list[str]:
     return docs
 
 
+def file_stats(path_str: str) -> dict[str, tuple[int, int]]:
+    """Size and mtime (ns) of every file of a user corpus, to tell whether it changed while it was read."""
+    out = {}
+    for f in _text_files(Path(path_str).expanduser()):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        out[str(f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def check_unchanged(path_str: str, before: dict[str, tuple[int, int]]) -> None:
+    """One-line DataError naming the first file that changed, appeared or vanished since `before`."""
+    after = file_stats(path_str)
+    for name in sorted(set(before) | set(after)):
+        if before.get(name) == after.get(name):
+            continue
+        if name not in after:
+            what = "was removed"
+        elif name not in before:
+            what = "appeared"
+        else:
+            what = f"changed ({before[name][0]} -> {after[name][0]} bytes)"
+        raise DataError(
+            f"--data {path_str}: {name} {what} while it was read; train on data that is not being written "
+            "(copy it first)"
+        )
+
+
 def fingerprint(kind: str, path: str | None) -> str:
     """A cheap identity of the corpus source (file names, sizes, mtimes), for the cache key."""
     h = hashlib.blake2b(digest_size=16)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ import torch
 from lshmoe.config import DataConfig
 from lshmoe.errors import DataError
 from lshmoe.seeding import generator
-from lshmoe.train.corpus import embedded_corpus, fingerprint, user_corpus
+from lshmoe.train.corpus import check_unchanged, embedded_corpus, file_stats, fingerprint, user_corpus
+from lshmoe.train.integrity import describe
 from lshmoe.train.tokenizer import encode_docs, train_tokenizer
 
 FORMAT = 1
@@ -38,6 +40,7 @@ class TokenData:
     vocab_size: int
     tokenizer_path: Path
     source: str
+    key: str = "0"  # the cache key (hex): ranks compare it to be sure they read the same data
 
     def check_seq_len(self, seq_len: int) -> None:
         for name, ids in (("training", self.train_ids), ("validation", self.val_ids)):
@@ -92,7 +95,11 @@ def _cache_key(cfg: DataConfig) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=10).hexdigest()
 
 
-def _build(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> None:
+CACHED = ("ids.pt", "tokenizer.json")
+
+
+def _build(cfg: DataConfig, out: Path, log: Callable[[str], None], stats: dict | None) -> None:
+    """Build the cache; `stats` (a user corpus's files when its key was taken) must still hold at the end."""
     t0 = time.perf_counter()
     source = cfg.path or f"embedded:{cfg.corpus}"
     docs = user_corpus(cfg.path) if cfg.path else embedded_corpus(cfg.corpus)  # bad input fails before any output
@@ -115,6 +122,9 @@ def _build(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> None:
         "chars": sum(map(len, docs)),
         "vocab_size": tok.get_vocab_size(),
     }
+    if stats is not None:
+        check_unchanged(cfg.path, stats)
+    meta["files"] = {name: describe(tmp / name) for name in CACHED}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out)
     log(
@@ -123,22 +133,63 @@ def _build(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> None:
     )
 
 
+def _damage(out: Path) -> str | None:
+    """Why a cache entry cannot be used (None: intact). Entries record their files' sizes and digests;
+    older ones without them are checked by parsing."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        files = meta.get("files")
+    except (OSError, ValueError, AttributeError):
+        return "meta.json unreadable"
+    if not isinstance(files, dict):  # written before the cache recorded digests
+        try:
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(out / "tokenizer.json"))
+        except Exception:  # noqa: BLE001 - any parse failure: not a tokenizer file
+            return "tokenizer.json is not a tokenizer file"
+        return None
+    for name in CACHED:
+        want, p = files.get(name) or {}, out / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want.get("bytes"):
+            return f"{name} has {p.stat().st_size} bytes, {want.get('bytes')} expected (truncated or replaced)"
+        if describe(p)["sha256"] != want.get("sha256"):
+            return f"{name} does not match its recorded checksum (altered or replaced)"
+    return None
+
+
 def load_data(cfg: DataConfig, log: Callable[[str], None] = lambda s: None) -> TokenData:
-    """Build (once, under a file lock) or load the cached token data for `cfg`."""
+    """Build (once, under a file lock) or load the cached token data for `cfg`. A damaged cache entry
+    (truncated ids, a tokenizer file of another format) is rebuilt, saying so; a user corpus that
+    changes while it is read is a one-line DataError."""
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
+    stats = file_stats(cfg.path) if cfg.path else None
     key = _cache_key(cfg)
     out = root / key
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "ids.pt").exists():
-            _build(cfg, out, log)
-    ids = torch.load(out / "ids.pt")
-    meta = json.loads((out / "meta.json").read_text())
+        if out.exists():
+            damage = _damage(out)
+            if damage is None:
+                try:
+                    ids = torch.load(out / "ids.pt")
+                except Exception as e:  # noqa: BLE001 - unpicklable content passed the size check
+                    damage = f"ids.pt unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+            if damage is not None:
+                log(f"token cache {out} is damaged ({damage}); rebuilding it")
+                shutil.rmtree(out)
+        if not out.exists():
+            _build(cfg, out, log, stats)
+            ids = torch.load(out / "ids.pt")
+        meta = json.loads((out / "meta.json").read_text())
     return TokenData(
         train_ids=ids["train"],
         val_ids=ids["val"],
         vocab_size=meta["vocab_size"],
         tokenizer_path=out / "tokenizer.json",
         source=meta["source"],
+        key=key,
     )

@@ -9,7 +9,11 @@ every `eval_every` steps (and at the end) all ranks compute the validation loss 
 
 A non-finite loss or gradient is detected from the global gradient norm (identical on every rank,
 so all ranks take the same path); the first offending parameter is named, and the step is skipped
-or the run saves and stops (`train.nan_policy`).
+or the run saves and stops (`fault.nan_policy`).
+
+What a checkpoint holds and how it is restored lives in `train/checkpoint.py` (`save_run`,
+`restore_run`); injected faults (for tests and `lshmoe bench chaos`) in `train/faults.py`: the loop
+only calls the injector's hooks at named points.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
-import signal
 import statistics
 import sys
 import time
@@ -33,7 +35,7 @@ from lshmoe.config import DTYPES, Config, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.distributed.syncs import HostSyncCounter
-from lshmoe.errors import NumericalError, UserError
+from lshmoe.errors import DataError, NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.router import update_correction_biases
@@ -41,6 +43,7 @@ from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.allocator import HeapTrimmer
 from lshmoe.train.data import TokenData, load_data
+from lshmoe.train.faults import FaultInjector
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
 from lshmoe.train.optim import build_optimizer, lr_at, set_lr
@@ -86,11 +89,12 @@ class Trainer:
         self.stats = IntervalStats(self.moe_ids, cfg.moe.num_experts)
         self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
         self.out_dir = Path(tc.out_dir)
-        self.start_step, self.train_time, self.skipped = 0, 0.0, 0
-        self.fault = _parse_fault(cfg.fault.inject)
-        resume = ckpt.resolve_resume(cfg)
+        self.faults = FaultInjector(cfg.fault.inject, comm.rank, self.out_dir)
+        self.state = ckpt.RunState()
+        resume = ckpt.resolve_resume(cfg, comm, lambda m: _log(comm.rank, m))
         if resume is not None:
             self.load_checkpoint(resume)
+        self.start_step = self.state.step
         path = self.out_dir / "metrics.jsonl" if comm.rank == 0 else None
         self.writer = MetricsWriter(path, append=resume is not None)
 
@@ -98,8 +102,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         tc, ledger = self.cfg.train, self.comm.ledger
-        self._maybe_fault("kill", step)
-        self._maybe_fault("stall", step)
+        self.faults.step_start(step)
         t0 = time.perf_counter()
         syncs, comm_syncs = self.syncs.start(), self.comm.host_syncs
         x, y = self.data.train_batch(
@@ -113,8 +116,7 @@ class Trainer:
             out.loss.backward()
             if self.sched is not None:
                 self.sched.finish()
-        if self._fault_now("nan", step):
-            self.model.moe_layers[-1].experts.w1_GDF.grad.fill_(float("nan"))
+        self.faults.after_backward(step, self._poison_a_gradient)
         bad = self._first_bad(out.loss)
         with ledger.in_phase("optimizer"):
             self.sync.sync(dense=self.sched is None)
@@ -150,6 +152,9 @@ class Trainer:
         )
         return values
 
+    def _poison_a_gradient(self) -> None:
+        self.model.moe_layers[-1].experts.w1_GDF.grad.fill_(float("nan"))
+
     def _first_bad(self, loss: torch.Tensor) -> int:
         """-1 for a non-finite loss, else the index of the first parameter with a non-finite gradient."""
         if not bool(torch.isfinite(loss.detach())):
@@ -169,90 +174,28 @@ class Trainer:
             if i == -1
             else (f"the gradient of {self.param_names[i]}" if i < NO_BAD_PARAM else "the synchronised gradients")
         )
-        self.skipped += 1
+        self.state.skipped_steps += 1
         if self.cfg.fault.nan_policy == "stop":
             self.opt.zero_grad(set_to_none=True)
             path = self.save_checkpoint(step) if self.cfg.train.save_every else None
             saved = f"; saved {path}" if path else " (no checkpoint: train.save_every=0)"
             raise NumericalError(f"non-finite value in {what} at step {step}; stopping (fault.nan_policy=stop){saved}")
-        _log(self.comm.rank, f"step {step}: non-finite value in {what}; step skipped ({self.skipped} so far)")
-
-    # ------------------------------------------------------------------------------------ faults (testing)
-
-    def _fault_now(self, kind: str, step: int) -> bool:
-        f = self.fault
-        return f is not None and f[0] == kind and f[1] == self.comm.rank and f[2] == step
-
-    def _maybe_fault(self, kind: str, step: int) -> None:
-        if not self._fault_now(kind, step):
-            return
-        print(f"[lshmoe] rank {self.comm.rank}: injected fault '{kind}' at step {step}", file=sys.stderr, flush=True)
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        while kind == "stall":
-            time.sleep(3600)
+        n = self.state.skipped_steps
+        _log(self.comm.rank, f"step {step}: non-finite value in {what}; step skipped ({n} so far)")
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def _extra_entries(self, step: int) -> dict[str, torch.Tensor]:
-        out = {
-            "trainer/step": torch.tensor(step),
-            "trainer/train_time_s": torch.tensor(self.train_time),
-            "trainer/skipped_steps": torch.tensor(self.skipped),
-        }
-        for layer in self.model.moe_layers:
-            comp = getattr(layer, "compressor", None)  # a peer system's layer has none
-            for name, t in (comp.state_dict() if comp is not None else {}).items():
-                out[f"compressor/rank{self.comm.rank}/moe{layer.layer_id}/{name}"] = t
-        return out
-
-    def _nodes(self) -> int:
-        return max(self.comm.node_of.values(), default=0) + 1
-
     def save_checkpoint(self, step: int) -> Path:
-        entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, self._extra_entries(step))
-        meta = {
-            "model": ckpt.model_signature(self.cfg, self.data.vocab_size),
-            "world_size": self.comm.world_size,
-            "ep_size": self.comm.group("ep").size,
-            "nodes": self._nodes(),
-            "config": self.cfg.to_dict(),
-        }
-        kill = (lambda: self._maybe_fault("kill", step)) if self._fault_now("killsave", step) else None
-        if kill is not None:
-            self.fault = ("kill", self.comm.rank, step)
-        return ckpt.save(
-            ckpt.checkpoint_root(self.cfg), step, entries, meta, self.comm, self.cfg.train.keep_last, before_commit=kill
+        self.state.step = step
+        return ckpt.save_run(
+            self.model, self.opt, self.comm, self.cfg, self.data.vocab_size, self.state, self.faults.inside_save
         )
 
     def load_checkpoint(self, path: Path) -> None:
-        meta = ckpt.read_meta(path)
-        ckpt.check_compatible(path, meta, self.cfg, self.data.vocab_size)
-        if self.cfg.locmoe.node_bias and meta.get("nodes") != self._nodes():
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} holds per-node router biases (locmoe.node_bias) for "
-                f"{meta.get('nodes')} nodes; this run has {self._nodes()} nodes"
-            )
-        extra = self._extra_entries(0)
-        entries = ckpt.state_entries(self.model, self.opt, self.comm.rank, extra)
-        missing = ckpt.load(path, entries)
-        rng = f"rng/rank{self.comm.rank}"
-        if rng not in missing:
-            torch.set_rng_state(entries[rng])
-        self.start_step = int(entries["trainer/step"])
-        self.train_time = float(entries["trainer/train_time_s"])
-        self.skipped = int(entries["trainer/skipped_steps"])
-        for layer in self.model.moe_layers:
-            comp = getattr(layer, "compressor", None)
-            if comp is None:
-                continue
-            prefix = f"compressor/rank{self.comm.rank}/moe{layer.layer_id}/"
-            comp.load_state_dict(
-                {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix) and k not in missing}
-            )
+        self.state, meta = ckpt.restore_run(path, self.model, self.opt, self.comm, self.cfg, self.data.vocab_size)
         _log(
             self.comm.rank,
-            f"resumed from {path} at step {self.start_step} "
+            f"resumed from {path} at step {self.state.step} "
             f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})",
         )
 
@@ -278,9 +221,36 @@ class Trainer:
 
     def run(self, on_step: Callable[[int], None] | None = None) -> TrainResult:
         """Train to `train.steps`; `on_step(step)` (optional) is called after every step (benchmarks hook here)."""
-        tc, comm = self.cfg.train, self.comm
+        tc = self.cfg.train
+        self._announce()
+        result = TrainResult(final_val_loss=float("nan"), out_dir=str(self.out_dir))
+        step_times: collections.deque[float] = collections.deque(maxlen=10_000)
+        progress = Progress(tc.steps, enabled=self.comm.rank == 0 and tc.progress, initial=self.state.step)
+        try:
+            for step in range(self.state.step, tc.steps):
+                values = self.train_step(step)
+                step_times.append(values["step_time_s"])
+                self.state.step = step + 1
+                self.state.train_time_s += values["step_time_s"]
+                postfix = self._log_if_due(step, result)
+                postfix.update(self._evaluate_if_due(step, result))
+                self._save_if_due(step)
+                progress.update(1, **postfix)
+                if on_step is not None:
+                    on_step(step + 1)
+        finally:
+            progress.close()
+            if self.sched is not None:
+                self.sched.close()
+        return self._finish(result, step_times)
+
+    def _is_due(self, step: int, every: int) -> bool:
+        """Interval work happens after every `every`-th step and after the last one (every=0: only the last)."""
+        return step == self.cfg.train.steps - 1 or (every > 0 and (step + 1) % every == 0)
+
+    def _announce(self) -> None:
+        comm, moe = self.comm, self.cfg.moe
         n_params = sum(p.numel() for p in self.model.parameters())
-        moe = self.cfg.moe
         _log(
             comm.rank,
             f"{comm.world_size} rank(s) on {comm.device}, model {n_params / 1e6:.2f} M params/rank, "
@@ -292,58 +262,55 @@ class Trainer:
                 "kind": "config" if self.start_step == 0 else "resume",
                 "step": self.start_step,
                 "world_size": comm.world_size,
+                "restart": ckpt.restart_count(),
+                "wall_time": time.time(),
                 "config": self.cfg.to_dict(),
                 "params_per_rank": n_params,
                 "data": self.data.source,
             }
         )
-        progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress, initial=self.start_step)
-        result = TrainResult(final_val_loss=float("nan"), out_dir=str(self.out_dir))
-        step_times: collections.deque[float] = collections.deque(maxlen=10_000)
-        val = float("nan")
-        try:
-            for step in range(self.start_step, tc.steps):
-                values = self.train_step(step)
-                step_times.append(values["step_time_s"])
-                self.train_time += values["step_time_s"]
-                last = step == tc.steps - 1
-                postfix: dict[str, Any] = {}
-                if (step + 1) % tc.log_every == 0 or last:
-                    rec = self.stats.reduce(comm, self.tokens_per_rank_step)
-                    rec.update(
-                        kind="train",
-                        step=step + 1,
-                        lr=lr_at(step, tc),
-                        train_time_s=self.train_time,
-                        skipped_steps=self.skipped,
-                    )
-                    self.writer.write(rec)
-                    result.records.append(rec)
-                    postfix = {
-                        "loss": f"{rec['loss']:.3f}",
-                        "tok/s": f"{rec['tokens_per_s']:.0f}",
-                        "comm": f"{100 * rec['comm_share']:.0f}%",
-                    }
-                if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
-                    val = self.evaluate()
-                    result.val_losses.append((step + 1, val))
-                    self.writer.write(
-                        {"kind": "eval", "step": step + 1, "val_loss": val, "train_time_s": self.train_time}
-                    )
-                    postfix["val"] = f"{val:.3f}"
-                if tc.save_every and ((step + 1) % tc.save_every == 0 or last):
-                    self.save_checkpoint(step + 1)
-                progress.update(1, **postfix)
-                if on_step is not None:
-                    on_step(step + 1)
-        finally:
-            progress.close()
-            if self.sched is not None:
-                self.sched.close()
+
+    def _log_if_due(self, step: int, result: TrainResult) -> dict[str, Any]:
+        tc = self.cfg.train
+        if not self._is_due(step, tc.log_every):
+            return {}
+        rec = self.stats.reduce(self.comm, self.tokens_per_rank_step)
+        rec.update(
+            kind="train",
+            step=step + 1,
+            lr=lr_at(step, tc),
+            train_time_s=self.state.train_time_s,
+            skipped_steps=self.state.skipped_steps,
+            wall_time=time.time(),
+        )
+        self.writer.write(rec)
+        result.records.append(rec)
+        return {
+            "loss": f"{rec['loss']:.3f}",
+            "tok/s": f"{rec['tokens_per_s']:.0f}",
+            "comm": f"{100 * rec['comm_share']:.0f}%",
+        }
+
+    def _evaluate_if_due(self, step: int, result: TrainResult) -> dict[str, Any]:
+        if not self._is_due(step, self.cfg.train.eval_every):
+            return {}
+        val = result.final_val_loss = self.evaluate()
+        result.val_losses.append((step + 1, val))
+        self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val, "train_time_s": self.state.train_time_s})
+        return {"val": f"{val:.3f}"}
+
+    def _save_if_due(self, step: int) -> None:
+        save_every = self.cfg.train.save_every
+        if save_every and self._is_due(step, save_every):
+            self.save_checkpoint(step + 1)
+
+    def _finish(self, result: TrainResult, step_times: collections.deque[float]) -> TrainResult:
+        tc, comm = self.cfg.train, self.comm
         if self.start_step >= tc.steps:
-            val = self.evaluate()
+            result.final_val_loss = self.evaluate()
             _log(comm.rank, f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
-        result.final_val_loss, result.skipped_steps = val, self.skipped
+        val = result.final_val_loss
+        result.skipped_steps = self.state.skipped_steps
         if step_times:
             warm = list(step_times)[min(len(step_times) - 1, 2) :]  # the first steps include one-off warm-up
             result.median_step_time_s = statistics.median(warm)
@@ -356,7 +323,7 @@ class Trainer:
             "median_tokens_per_s": result.median_tokens_per_s,
             "steps": tc.steps,
             "world_size": comm.world_size,
-            "skipped_steps": self.skipped,
+            "skipped_steps": self.state.skipped_steps,
         }
         self.writer.write(summary)
         self.writer.close()
@@ -370,11 +337,20 @@ class Trainer:
         return result
 
 
-def _parse_fault(spec: str) -> tuple[str, int, int] | None:
-    if not spec:
-        return None
-    kind, rank, step = spec.split(":")
-    return kind, int(rank), int(step)
+def _agree_on_data(comm: Comm, data: TokenData, cfg: Config) -> None:
+    """Every rank must train on the same token data: a data file edited while the ranks start would
+    give them different caches (and vocabularies) without this check."""
+    if comm.world_size == 1:
+        return
+    key = int(data.key[:15], 16)  # 60 bits of the cache key
+    t = torch.tensor([key, -key], dtype=torch.int64, device=comm.device)
+    comm.all_reduce(t, comm.group("world"), "data.agree", op="max", phase="setup")
+    if int(t[0]) != -int(t[1]):
+        raise DataError(
+            f"--data {cfg.data.path or cfg.data.corpus}: the ranks read different contents (it changed while "
+            "the job started); "
+            "rerun when the data is not being written"
+        )
 
 
 def train(cfg: Config) -> TrainResult:
@@ -385,6 +361,7 @@ def train(cfg: Config) -> TrainResult:
         validate(cfg, comm.world_size, nodes=ep_nodes)
         data = load_data(cfg.data, lambda m: _log(comm.rank, m))
         data.check_seq_len(cfg.model.seq_len)
+        _agree_on_data(comm, data, cfg)
         return Trainer(cfg, comm, data).run()
     except BaseException as e:
         if not isinstance(e, UserError | NumericalError | KeyboardInterrupt):  # those are every rank's own verdict
