@@ -35,14 +35,14 @@ from lshmoe.hf.family import HFError
 from lshmoe.hf.load import load_weights
 from lshmoe.hf.loss import lm_loss
 from lshmoe.hf.model import build_model, moe_blocks
-from lshmoe.moe.router import update_correction_biases
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.corpus import embedded_corpus, user_corpus
 from lshmoe.train.data import TokenData, _is_val
+from lshmoe.train.evaluate import validation_loss
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import MetricsWriter, Progress
-from lshmoe.train.optim import build_optimizer, lr_at, set_lr
+from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
 
 # Set by the checkpoint: a run cannot change them.
 SHAPE_FIELDS = ("num_experts", "top_k", "d_expert", "activation")
@@ -171,12 +171,8 @@ class HFTrainer:
             if self.sched is not None:
                 self.sched.finish()
         with ledger.in_phase("optimizer"):
-            self.sync.sync(dense=self.sched is None)
-            grad_norm = self.sync.clip(tc.grad_clip)
-            if math.isfinite(grad_norm):
-                self.opt.step()
-                update_correction_biases(self.model, self.comm)
-            else:
+            grad_norm = apply_gradients(self.opt, self.sync, self.model, self.comm, tc.grad_clip, self.sched is None)
+            if not math.isfinite(grad_norm):
                 self.skipped += 1
                 if self.cfg.fault.nan_policy == "stop":
                     self.save_checkpoint(step)
@@ -245,18 +241,8 @@ class HFTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        tc, comm = self.cfg.train, self.comm
-        self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=comm.device)
-        with comm.ledger.in_phase("eval"):
-            for i in range(tc.eval_batches):
-                x, y = self.data.val_batch(
-                    i, comm.rank, comm.world_size, tc.batch_size, self.cfg.model.seq_len, comm.device, tc.eval_batches
-                )
-                total += lm_loss(self.model, x, y)["ce"].double()
-            comm.all_reduce(total, comm.group("world"), "eval.loss")
-        self.model.train()
-        return float(total) / (tc.eval_batches * comm.world_size)
+        ce = lambda x, y: lm_loss(self.model, x, y)["ce"]  # noqa: E731
+        return validation_loss(self.model, ce, self.data, self.cfg, self.comm)
 
     def _mean(self, values: list[float]) -> float:
         t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=self.comm.device)

@@ -408,9 +408,7 @@ class _SegmentMean(torch.autograd.Function):
 
 class _Restore(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float
-    ) -> torch.Tensor:
+    def forward(ctx, out_MD, c_MD, x_ND, inverse_N, alpha: float) -> torch.Tensor:  # as ops._Restore
         ctx.save_for_backward(inverse_N)
         ctx.m, ctx.alpha = out_MD.shape[0], alpha
         if alpha == 0.0:

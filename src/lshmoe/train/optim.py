@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only, a warmup + cosine learning-rate schedule, and
+the step every trainer takes: sync, clip, and update only when the global norm is finite."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def apply_gradients(opt: torch.optim.Optimizer, sync, model: nn.Module, comm, grad_clip: float, dense: bool) -> float:
+    """Reduce the gradients (`sync`: a GradSync; dense ones only when `dense`, else a scheduler did),
+    clip them to the global norm, and step when that norm is finite (the same decision on every
+    rank, since the norm is global), then move the routers' correction biases. Returns the norm."""
+    from lshmoe.moe.router import update_correction_biases
+
+    sync.sync(dense=dense)
+    grad_norm = sync.clip(grad_clip)
+    if math.isfinite(grad_norm):
+        opt.step()
+        update_correction_biases(model, comm)
+    return grad_norm

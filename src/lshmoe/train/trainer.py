@@ -38,15 +38,15 @@ from lshmoe.distributed.syncs import HostSyncCounter
 from lshmoe.errors import DataError, NumericalError, UserError
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
-from lshmoe.moe.router import update_correction_biases
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.allocator import HeapTrimmer
 from lshmoe.train.data import TokenData, load_data
+from lshmoe.train.evaluate import validation_loss
 from lshmoe.train.faults import FaultInjector
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
-from lshmoe.train.optim import build_optimizer, lr_at, set_lr
+from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
 
 NO_BAD_PARAM = 1 << 30
 
@@ -119,12 +119,8 @@ class Trainer:
         self.faults.after_backward(step, self._poison_a_gradient)
         bad = self._first_bad(out.loss)
         with ledger.in_phase("optimizer"):
-            self.sync.sync(dense=self.sched is None)
-            grad_norm = self.sync.clip(tc.grad_clip)
-            if math.isfinite(grad_norm):
-                self.opt.step()
-                update_correction_biases(self.model, self.comm)
-            else:
+            grad_norm = apply_gradients(self.opt, self.sync, self.model, self.comm, tc.grad_clip, self.sched is None)
+            if not math.isfinite(grad_norm):
                 self._non_finite(step, bad)
             self.opt.zero_grad(set_to_none=True)
         syncs.stop()
@@ -201,21 +197,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ eval
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation cross-entropy over `eval_batches` batches per rank, agreed by all ranks."""
-        tc, comm = self.cfg.train, self.comm
-        self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=comm.device)
-        with comm.ledger.in_phase("eval"):
-            for i in range(tc.eval_batches):
-                x, y = self.data.val_batch(
-                    i, comm.rank, comm.world_size, tc.batch_size, self.cfg.model.seq_len, comm.device, tc.eval_batches
-                )
-                total += self.model(x, y).ce_loss.double()
-            comm.all_reduce(total, comm.group("world"), "eval.loss")
-        self.model.train()
-        return float(total) / (tc.eval_batches * comm.world_size)
+        return validation_loss(self.model, lambda x, y: self.model(x, y).ce_loss, self.data, self.cfg, self.comm)
 
     # ------------------------------------------------------------------------------------ loop
 
