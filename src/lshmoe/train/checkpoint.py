@@ -375,18 +375,31 @@ def check_compatible(
 OTHER_ERROR = 10_000  # a failure code that is not an errno
 
 
-def _code(e: BaseException) -> int:
-    """errno of the root cause of a (possibly DCP-wrapped) failure, else OTHER_ERROR."""
+FULL_BYTES = 64 * 1024  # less free space than this where a save failed: the disk is full
+
+
+def _disk_full(path: Path) -> bool:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free < FULL_BYTES
+
+
+def _code(e: BaseException, tmp: Path) -> int:
+    """errno of the root cause of a (possibly DCP-wrapped) failure, else OTHER_ERROR. torch's zip
+    writer reports a write that ran out of space as a RuntimeError without errno ("unexpected pos"),
+    so a failure on a full file system counts as ENOSPC whatever its type."""
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]
-    return e.errno if isinstance(e, OSError) and e.errno else OTHER_ERROR
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    return errno.ENOSPC if _disk_full(tmp) else OTHER_ERROR
 
 
 def _agree(comm: Comm, failure: BaseException | None, step: int, root: Path, tmp: Path) -> None:
     """Every rank learns whether any rank failed this phase of the save; if one did, all raise the same."""
     codes = torch.zeros(comm.world_size, dtype=torch.int64, device=comm.device)
     if failure is not None:
-        codes[comm.rank] = _code(failure)
+        codes[comm.rank] = _code(failure, tmp)
     comm.all_reduce(codes, comm.group("world"), "ckpt.status", phase="setup")
     bad = [r for r in range(comm.world_size) if int(codes[r])]
     if not bad:
