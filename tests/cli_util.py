@@ -47,6 +47,25 @@ def corpus(tmp: Path) -> Path:
     return path
 
 
+def train_args(tmp: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
+    """`lshmoe train` on TINY with 4 experts over `corpus(tmp)`, a metrics line per step, into `out`."""
+    data = ["--data", str(corpus(tmp)), "--cache-dir", str(tmp / "cache")]
+    return [
+        "train",
+        *TINY,
+        *data,
+        "--num-experts",
+        "4",
+        "--log-every",
+        "1",
+        "--steps",
+        str(steps),
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
+
+
 def run(args: list[str], timeout: float = 240) -> tuple[int, str, float]:
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "lshmoe", *args], capture_output=True, text=True, timeout=timeout)

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cli_util import TINY, corpus, losses, run
+from cli_util import losses, run, train_args
 
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train import integrity
@@ -93,30 +93,7 @@ def test_candidates_latest_first_then_older_and_a_dangling_latest(tmp_path):
 
 
 def _train(tmp, out, *extra, nproc=2, steps=6):
-    return run(
-        [
-            "train",
-            "--nproc",
-            str(nproc),
-            *TINY,
-            "--data",
-            str(corpus(tmp)),
-            "--cache-dir",
-            str(tmp / "cache"),
-            "--num-experts",
-            "4",
-            "--log-every",
-            "1",
-            "--steps",
-            str(steps),
-            "--out-dir",
-            str(out),
-            "--timeout-s",
-            "60",
-            *extra,
-        ],
-        timeout=600,
-    )
+    return run(train_args(tmp, out, "--nproc", str(nproc), "--timeout-s", "60", *extra, steps=steps), timeout=600)
 
 
 def _error_lines(err: str) -> list[str]:

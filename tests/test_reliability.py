@@ -6,33 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_util import TINY, corpus, losses, run
+from cli_util import losses, run, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def _train(tmp, out, *extra, nproc=2, steps=8):
-    return run(
-        [
-            "train",
-            "--nproc",
-            str(nproc),
-            *TINY,
-            "--data",
-            str(corpus(tmp)),
-            "--cache-dir",
-            str(tmp / "cache"),
-            "--num-experts",
-            "4",
-            "--log-every",
-            "1",
-            "--steps",
-            str(steps),
-            "--out-dir",
-            str(out),
-            *extra,
-        ]
-    )
+    return run(train_args(tmp, out, "--nproc", str(nproc), *extra, steps=steps))
 
 
 def test_resume_after_a_killed_run_reproduces_the_uninterrupted_losses_bitwise(tmp_path):

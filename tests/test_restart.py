@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_util import TINY, corpus, losses, run
+from cli_util import losses, run, train_args
 
 from lshmoe.distributed.launch import FINAL_STATUSES, with_restarts
 from lshmoe.train.faults import read_fired
@@ -18,27 +18,7 @@ STEPS = 8
 
 
 def _args(tmp, out, *extra):
-    return [
-        "train",
-        *TINY,
-        "--data",
-        str(corpus(tmp)),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--num-experts",
-        "4",
-        "--log-every",
-        "1",
-        "--steps",
-        str(STEPS),
-        "--save-every",
-        "3",
-        "--out-dir",
-        str(out),
-        "--timeout-s",
-        "60",
-        *extra,
-    ]
+    return train_args(tmp, out, "--save-every", "3", "--timeout-s", "60", *extra, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
