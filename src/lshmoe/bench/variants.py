@@ -16,6 +16,11 @@ BUILTIN = {
     "lsh-comp": {"moe.compress": "lsh", "lsh.compensation": "identity"},
     "lsh-nocomp": {"moe.compress": "lsh", "lsh.compensation": "none"},
     "lsh-calibrated": {"moe.compress": "lsh", "lsh.compensation": "calibrated"},
+    # what practitioners use instead, and the per-layer choice among them
+    "dedup": {"moe.a2a": "dedup"},
+    "fp8": {"moe.compress": "fp8"},
+    "lsh+fp8": {"moe.compress": "lsh+fp8"},
+    "auto": {"moe.compress": "auto"},
     # architectures (ScMoE paper's comparison): top-2 MoE, shared expert + top-1, ScMoE, DGMoE
     "top2": {"model.arch": "gpt", "moe.top_k": "2"},
     "shared": {"model.arch": "shared", "moe.top_k": "1"},
@@ -28,6 +33,8 @@ BUILTIN = {
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """'lsh', 'scmoe-pos2+lsh' (built-ins merged left to right) or 'mine:lsh.num_hashes=8;moe.compress=lsh'."""
+    if text in BUILTIN:  # before splitting on "+": `lsh+fp8` is one built-in
+        return text, dict(BUILTIN[text])
     if ":" not in text:
         merged: dict[str, str] = {}
         for part in text.split("+"):

@@ -9,6 +9,7 @@ Adding a compressor is one new module plus one line here.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "fp8": "lshmoe.compress.quant:build_fp8",
     "int8": "lshmoe.compress.quant:build_int8",
     "lsh+fp8": "lshmoe.compress.compose:build_lsh_fp8",
+    "auto": "lshmoe.compress.auto:build",
 }
 NAMES = tuple(REGISTRY)
 
@@ -27,13 +29,20 @@ NAMES = tuple(REGISTRY)
 @dataclass(frozen=True, slots=True)
 class CompressorContext:
     """What a compressor may depend on: the layer's shape and place, and the run's settings (the
-    root config, whose section named like the compressor holds its options; None = defaults)."""
+    root config, whose section named like the compressor holds its options; None = defaults).
+    `ep_size`/`ep_index`: the expert-parallel group (expert e lives on EP rank e // (E / ep_size));
+    `link()`: (wire bytes, seconds) of the layer's forward payload exchanges so far in this step, from
+    the comm ledger; `log(msg)`: a line for the user (rank 0 prints it)."""
 
     num_experts: int
     d_model: int
     layer_id: int
     seed: int = 0
     settings: Any = None
+    ep_size: int = 1
+    ep_index: int = 0
+    link: Callable[[], tuple[float, float]] | None = None
+    log: Callable[[str], None] | None = None
 
 
 def build_compressor(name: str, ctx: CompressorContext):

@@ -1,7 +1,7 @@
 """The config tree: one typed dataclass per section, one section per system.
 
 `Config` holds the core sections (`model`, `moe`, `data`, `train`, `dist`), the compressors' (`lsh`,
-`quant`) and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing), `lina`
+`quant`, `auto`) and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing), `lina`
 (all-to-all micro-ops and the gradient scheduler), `infer` (Lina's inference placement) and `fault`
 (fault injection and handling). Fields declare help, range and flag with `_f` (fields.py); the
 YAML/flag machinery is in io.py and every rule in validate.py.
@@ -69,7 +69,8 @@ class MoEConfig:
     aux_loss_weight: float = _f(0.01, "weight of the Switch/GShard load-balance loss", ge=0)
     z_loss_weight: float = _f(0.001, "weight of the router z-loss", ge=0)
     compress: str = _f("identity", "all-to-all payload compressor: lsh = LSH-MoE centroids, fp8/int8 = rows quantized "
-                       "on the wire (quant section), lsh+fp8 = FP8 centroids; see compress/registry.py",
+                       "on the wire (quant section), lsh+fp8 = FP8 centroids, auto = chosen per layer by "
+                       "measurement (auto section); see compress/registry.py",
                        choices=COMPRESSORS)
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
     router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
@@ -139,6 +140,25 @@ class QuantConfig:
                          "token->expert directions, as DeepSeek-V3/DeepEP); all = all four",
                          choices=("deepseek", "all"), flag="quant-directions")
     eval_quantize: bool = _f(True, "quantize in evaluation too (false: exact rows at eval)")
+
+
+@dataclass(kw_only=True)
+class AutoConfig:
+    """`moe.compress=auto`: each MoE layer picks its compressor from measurements (compress/auto.py)."""
+
+    candidates: str = _f("identity,fp8,lsh,lsh+fp8", "comma-separated compressors auto chooses from (identity "
+                         "always included; with --a2a dedup, identity and fp8 rows are also deduplicated)")
+    start: int = _f(10, "first decision at this training step (the steps before run uncompressed and measure "
+                    "the link)", ge=1, flag="auto-start")
+    every: int = _f(100, "decide again every n steps (the rate of LSH drifts during training); 0 = once",
+                    ge=0, flag="auto-every")
+    margin: float = _f(0.15, "a candidate must be predicted faster than uncompressed (and than the current "
+                       "choice) by this fraction of the layer's exchange time (timings on shared machines are noisy)",
+                       ge=0, lt=1)
+    max_error: float = _f(0.3, "LSH candidates only where the centroids' relative distance |x - c| / |x| is "
+                          "within this", gt=0, le=2, flag="auto-max-error")
+    link_gbit: float = _f(0.0, "the all-to-all bandwidth per rank, Gbit/s; 0 = measured on the layer's own "
+                          "uncompressed exchanges", ge=0, flag="auto-link-gbit")
 
 
 @dataclass(kw_only=True)
@@ -282,6 +302,7 @@ class Config:
     # the compressors' options, then one section per system
     lsh: LSHConfig = field(default_factory=LSHConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
     scmoe: ScMoEConfig = field(default_factory=ScMoEConfig)
     locmoe: LocMoEConfig = field(default_factory=LocMoEConfig)
     lina: LinaConfig = field(default_factory=LinaConfig)

@@ -66,6 +66,12 @@ def _validate_lsh(cfg: Config) -> None:
         raise ConfigError(f"lsh.layers={h.layers!r} must be 'all' or comma-separated block indices") from None
 
 
+def _validate_auto(cfg: Config) -> None:
+    from lshmoe.compress.auto import parse_candidates
+
+    parse_candidates(cfg.auto.candidates)
+
+
 def _validate_routing(e: MoEConfig) -> None:
     if e.n_group > 1:
         if e.num_experts % e.n_group:
@@ -124,6 +130,7 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             "so that the model has at least one MoE block"
         )
     _validate_lsh(cfg)
+    _validate_auto(cfg)
     if e.a2a != "flat" and cfg.lina.a2a_chunks > 1:
         raise ConfigError(
             f"lina.a2a_chunks={cfg.lina.a2a_chunks} needs moe.a2a=flat: micro-op pipelining cuts the flat "

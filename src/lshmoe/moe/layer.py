@@ -8,6 +8,7 @@ drops), M payload rows actually sent (N for the identity compressor, #buckets fo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -111,7 +112,17 @@ class MoELayer(nn.Module):
         if cfg.shared_experts:
             d_shared = cfg.d_shared or cfg.d_expert
             self.shared = SharedExperts(d_model, d_shared, cfg.shared_experts, cfg.shared_gate)
-        ctx = CompressorContext(cfg.num_experts, d_model, layer_id, seed, settings)
+        ctx = CompressorContext(
+            cfg.num_experts,
+            d_model,
+            layer_id,
+            seed,
+            settings,
+            ep_size=group.size,
+            ep_index=group.index,
+            link=self._link_sample,
+            log=self._log,
+        )
         self.compressor = build_compressor(cfg.compress, ctx)
         self.identity = build_compressor("identity", ctx)
         self.dispatcher = dispatcher or build_dispatcher(
@@ -231,6 +242,26 @@ class MoELayer(nn.Module):
         return TokenRows(token_M=perm_N // K, weight_M=route.weights_TK.reshape(-1).index_select(0, perm_N))
 
     # ---------------------------------------------------------------------------- compression extras
+
+    def _link_sample(self) -> tuple[float, float]:
+        """(wire bytes, seconds of transfer) of this layer's forward dispatch and combine so far in this
+        step. The transfer time is each exchange's time less the latency of one exchange, taken from the
+        layer's count exchange (a few bytes: latency and synchronisation only)."""
+        nbytes = seconds = latency = 0.0
+        exchanges = counts = 0
+        for r in self.comm.ledger.records:
+            t = Tag(r.tag)
+            if r.phase != "forward" or t.layer != self.layer_id:
+                continue
+            if t.op == MoEOp.COUNTS:
+                latency, counts = latency + r.seconds, counts + 1
+            elif t.op in (MoEOp.DISPATCH, MoEOp.COMBINE):
+                nbytes, seconds, exchanges = nbytes + r.wire_send_bytes, seconds + r.seconds, exchanges + 1
+        return nbytes, max(0.0, seconds - exchanges * latency / max(1, counts))
+
+    def _log(self, msg: str) -> None:
+        if self.comm.rank == 0:
+            print(f"[lshmoe] {msg}", file=sys.stderr, flush=True)
 
     @torch.no_grad()
     def _probe(self, compressor: Compressor, cmeta: object) -> None:

@@ -1,0 +1,280 @@
+"""`--compress auto`: each MoE layer chooses its compressor from what it measures on its own rows.
+
+Candidates (`auto.candidates`): identity (exact rows; deduplicated per destination rank when the
+dispatcher is `dedup`), fp8, int8, lsh and lsh+fp8. The layer runs uncompressed until step
+`auto.start`, then decides, and decides again every `auto.every` steps (LSH's rate drifts as the
+model trains). On a decision step, before the dispatch, every candidate is tried off the path on this
+rank's routed rows (no autograd; the step itself runs the current choice):
+
+    bytes_c    = rows sent to other ranks x sum over the four exchanges of the row's wire bytes
+                 (LSH: bucket centroids instead of rows; FP8: D + D/128 bytes instead of D x dtype size)
+    overhead_c = 2 x measured forward time of its compress + restore + wire encode/decode
+                 (the backward repeats about the forward's passes)
+    error_c    = mean |x - c(x)| / |x| of the rows and the centroids that would replace them (LSH)
+
+After the combine, the link bandwidth B is taken from the comm ledger: wire bytes / seconds of the
+layer's forward exchanges while they still ran uncompressed (or `auto.link_gbit`). The predicted time of
+the layer's exchanges is then, as in `lshmoe simulate`'s analytic model (the time is bytes over the
+link plus memory-bound compression passes),
+
+    T_c = bytes_c / B + overhead_c
+
+summed over the ranks (one all-reduce, so every rank takes the same decision and the wire formats
+agree). The choice is the fastest candidate whose error is within `auto.max_error`, if it beats
+identity by more than `auto.margin` of identity's time; otherwise identity (never predicted slower
+than the baseline). The choice takes effect from the next step, is checkpointed, and appears in
+the metrics as `auto_choice` (index into the candidate list) with `auto_pred_speedup`, and as one
+line on rank 0 when it changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from statistics import median
+from typing import Any
+
+import torch
+
+from lshmoe.compress.compose import compose
+from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
+from lshmoe.compress.registry import CompressorContext, build_compressor
+from lshmoe.config import AutoConfig
+from lshmoe.distributed.wire import Wires
+from lshmoe.errors import ConfigError
+
+CHOICES = ("identity", "fp8", "int8", "lsh", "lsh+fp8")
+BACKWARD_FACTOR = 2.0  # forward + backward passes of a compressor, as a multiple of the forward's
+SAMPLES = 5  # steps before each decision whose exchanges are timed
+REPEATS = 3  # a candidate's overhead is the fastest of this many trials
+
+
+def parse_candidates(text: str) -> tuple[str, ...]:
+    """`auto.candidates` as names, identity first; a one-line error for an unknown name."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in CHOICES]
+    if bad:
+        raise ConfigError(f"auto.candidates: {bad[0]!r} is not a candidate; choose from {', '.join(CHOICES)}")
+    return ("identity", *dict.fromkeys(n for n in names if n != "identity"))
+
+
+def build(ctx: CompressorContext) -> AutoCompressor:
+    cfg = getattr(ctx.settings, "auto", None) or AutoConfig()
+    names = parse_candidates(cfg.candidates)
+    parts = {n: build_compressor(n, ctx) for n in names if n in ("identity", "fp8", "int8", "lsh")}
+    if "lsh+fp8" in names:  # shares the LSH part (projections, controller) with `lsh`
+        lsh = parts.get("lsh") or build_compressor("lsh", ctx)
+        parts["lsh+fp8"] = compose(lsh, parts.get("fp8") or build_compressor("fp8", ctx))
+    return AutoCompressor(cfg, {n: parts[n] for n in names}, ctx)
+
+
+def _wire_row_bytes(wires: Wires, width: int, dtype_bytes: int) -> float:
+    """Bytes one payload row costs over the four exchanges (dispatch and combine, both directions)."""
+    codecs = (wires.dispatch.fwd, wires.dispatch.bwd, wires.combine.fwd, wires.combine.bwd)
+    return float(sum(c.row_bytes(width) if c is not None else width * dtype_bytes for c in codecs))
+
+
+class AutoCompressor(CompressorBase):
+    name = "auto"
+
+    def __init__(self, cfg: AutoConfig, options: dict[str, Any], ctx: CompressorContext):
+        self.cfg, self.options, self.names = cfg, options, tuple(options)
+        self.ep_size, self.ep_index, self.num_experts = ctx.ep_size, ctx.ep_index, ctx.num_experts
+        self.layer_id, self._link, self._log = ctx.layer_id, ctx.link, ctx.log
+        self.choice = "identity"
+        self.step = 0
+        self.sec_per_byte = 8 / (cfg.link_gbit * 1e9) if cfg.link_gbit > 0 else float("nan")
+        self._samples: collections.deque[float] = collections.deque(maxlen=4 * SAMPLES)
+        self._trial: torch.Tensor | None = None  # per candidate: predicted-time parts, set on decision steps
+        self._pred_speedup = 1.0
+        self._training = True  # the mode of the call, told by `active` before each compress
+
+    # ------------------------------------------------------------------------------ the current choice
+
+    @property
+    def current(self):
+        return self.options[self.choice]
+
+    @property
+    def rows_are_tokens(self) -> bool:  # type: ignore[override]
+        return self.current.rows_are_tokens
+
+    @property
+    def stats(self) -> dict[str, Stat]:
+        out = dict(self.current.stats)
+        out["auto_choice"] = Stat(float(self.names.index(self.choice)), Reduce.MEAN)
+        out["auto_pred_speedup"] = Stat(self._pred_speedup, Reduce.MEAN)
+        return out
+
+    def wires(self) -> Wires:
+        return self.current.wires()
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        for c in self.options.values():
+            c.set_step(step)
+
+    def active(self, training: bool) -> bool:
+        self._training = training
+        return self.current.active(training)
+
+    def decision_due(self, training: bool) -> bool:
+        if not training or self.step < self.cfg.start:
+            return False
+        if self.cfg.every == 0:
+            return self.step == self.cfg.start
+        return (self.step - self.cfg.start) % self.cfg.every == 0
+
+    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        if self.decision_due(self._training):
+            self._trial = self._try_all(rows_ND, counts_E)
+        cur = self.current
+        payload, sent_E, meta = cur.compress(rows_ND, counts_E)
+        return payload, sent_E, (cur, meta)
+
+    def restore(self, out_MD: torch.Tensor, meta: Any) -> torch.Tensor:
+        cur, m = meta
+        if self._training and self._sampling_due():  # after the combine: the layer's exchanges are on the ledger
+            self._sample_link()
+        return cur.restore(out_MD, m)
+
+    def probe_due(self, training: bool) -> bool:
+        return self.current.probe_due(training) or (self._trial is not None and self.decision_due(training))
+
+    def probe(self, meta: Any, evaluate: Evaluate, all_reduce: AllReduce) -> None:
+        cur, m = meta
+        if cur.probe_due(True):
+            cur.probe(m, evaluate, all_reduce)
+        if self._trial is not None and self.decision_due(True):
+            self._decide(all_reduce)
+
+    # ------------------------------------------------------------------------------ measuring
+
+    def _rows_to_others(self, counts_E: torch.Tensor) -> float:
+        per_rank = counts_E.detach().to("cpu", torch.float64).view(self.ep_size, -1).sum(1)
+        return float(per_rank.sum() - per_rank[self.ep_index])
+
+    @torch.no_grad()
+    def _try_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """[candidates, 3]: wire bytes, overhead seconds, error (NaN where not measured) on this rank."""
+        width, dtype_bytes = rows_ND.shape[-1], rows_ND.element_size()
+        out = torch.zeros(len(self.names), 3, dtype=torch.float64)
+        for i, name in enumerate(self.names):
+            c = self.options[name]
+            c.active(True)  # a composed candidate picks its parts for a training step
+            elapsed = float("inf")
+            for _ in range(REPEATS if name != "identity" else 1):
+                sync(rows_ND)
+                t0 = time.perf_counter()
+                payload, sent_E, meta = c.compress(rows_ND, counts_E)
+                back = c.restore(payload, meta)  # an identity "expert": the rows the receiver would restore
+                wires = c.wires()
+                for codec in {wires.dispatch.fwd, wires.combine.bwd, wires.dispatch.bwd, wires.combine.fwd} - {None}:
+                    codec.decode(codec.encode(payload), width, payload.dtype)
+                sync(back)
+                elapsed = min(elapsed, time.perf_counter() - t0) if name != "identity" else 0.0
+            out[i, 0] = self._rows_to_others(sent_E) * _wire_row_bytes(wires, width, dtype_bytes)
+            out[i, 1] = BACKWARD_FACTOR * elapsed
+            centroids = getattr(_lsh_meta(meta), "centroids_MD", None)
+            if centroids is not None:
+                lm = _lsh_meta(meta)
+                err_N = (lm.rows_ND - centroids.index_select(0, lm.inverse_N)).norm(dim=-1)
+                out[i, 2] = float((err_N / lm.rows_ND.norm(dim=-1).clamp_min(1e-12)).mean()) if err_N.numel() else 0.0
+        return out
+
+    def _sampling_due(self) -> bool:
+        """The `SAMPLES` training steps up to each decision (the ledger's timings cost a device sync)."""
+        if self.step > self.cfg.start and self.cfg.every == 0:
+            return False
+        ahead = (
+            self.cfg.start - self.step
+            if self.step <= self.cfg.start
+            else -(self.step - self.cfg.start) % self.cfg.every
+        )
+        return ahead < SAMPLES
+
+    def _sample_link(self) -> None:
+        """Seconds per byte of this step's forward exchanges while they run uncompressed (0 when the
+        transfer took no measurable time beyond the latency)."""
+        if self._link is None or self.choice != "identity":
+            return
+        nbytes, seconds = self._link()
+        if nbytes > 0:
+            self._samples.append(seconds / nbytes)
+
+    def _decide(self, all_reduce: AllReduce) -> None:
+        trial, self._trial = self._trial, None
+        spb = self.sec_per_byte if self.cfg.link_gbit > 0 or not self._samples else median(self._samples)
+        known = not math.isnan(spb)
+        # one all-reduce: every rank's trial, its link estimate (and whether it has one) and a count
+        n = len(self.names)
+        extra = torch.tensor([spb if known else 0.0, float(known), 1.0], dtype=torch.float64)
+        total = all_reduce(torch.cat([trial.flatten(), extra])).to("cpu", torch.float64)
+        per = total[: 3 * n].view(n, 3) / float(total[-1])  # means over ranks
+        if float(total[-2]) == 0:
+            return  # no uncompressed exchange measured yet: keep the current choice
+        self.sec_per_byte = float(total[-3]) / float(total[-2])
+        t_C = [float(per[i, 0]) * self.sec_per_byte + float(per[i, 1]) for i in range(n)]
+        allowed = [i for i in range(n) if not float(per[i, 2]) > self.cfg.max_error]
+        best = min(allowed, key=lambda i: t_C[i])
+        now = self.names.index(self.choice)
+        keep = 1.0 - self.cfg.margin
+        if t_C[best] > keep * t_C[0]:
+            best = 0  # not clearly faster than uncompressed
+        elif now in allowed and t_C[best] > keep * t_C[now]:
+            best = now  # not clearly faster than the current choice: no switching on noise
+        self._pred_speedup = t_C[0] / t_C[best] if t_C[best] > 0 else 1.0
+        choice = self.names[best]
+        if choice != self.choice and self._log is not None:
+            told = ", ".join(
+                f"{name} {t_C[i] * 1e3:.2f} ms" + (f" (err {float(per[i, 2]):.2f})" if float(per[i, 2]) else "")
+                for i, name in enumerate(self.names)
+            )
+            self._log(
+                f"layer {self.layer_id} step {self.step}: auto chose {choice} (link "
+                f"{self.link_bytes_per_s * 8 / 1e9:.3g} Gbit/s; predicted exchange time per step: {told})"
+            )
+        self.choice = choice
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        return 1.0 / self.sec_per_byte if self.sec_per_byte > 0 else float("inf")
+
+    # ------------------------------------------------------------------------------ checkpointed state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"choice": torch.tensor([self.names.index(self.choice)], dtype=torch.int64)}
+        out["sec_per_byte"] = torch.tensor([self.sec_per_byte], dtype=torch.float64)
+        for name in ("lsh", "lsh+fp8"):
+            if name in self.options:
+                out.update({f"{name}.{k}": v for k, v in self.options[name].state_dict().items()})
+                break
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "choice" in state:
+            self.choice = self.names[int(state["choice"][0])]
+        if "sec_per_byte" in state:
+            self.sec_per_byte = float(state["sec_per_byte"][0])
+        for name in ("lsh", "lsh+fp8"):
+            if name in self.options:
+                mine = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+                self.options[name].load_state_dict(mine)
+                break
+
+
+def _lsh_meta(meta: Any):
+    """The LSH part's meta inside a candidate's meta (composed candidates nest (part, meta) pairs)."""
+    if isinstance(meta, tuple):
+        for _, m in meta:
+            if hasattr(m, "centroids_MD"):
+                return m
+        return None
+    return meta if hasattr(meta, "centroids_MD") else None
+
+
+def sync(t: torch.Tensor) -> None:
+    """Wait for the device, so a decision step's timings are the work's (CUDA only; decision steps only)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
