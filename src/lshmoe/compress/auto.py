@@ -12,19 +12,21 @@ rank's routed rows (no autograd; the step itself runs the current choice):
                  (the backward repeats about the forward's passes)
     error_c    = mean |x - c(x)| / |x| of the rows and the centroids that would replace them (LSH)
 
-After the combine, the link bandwidth B is taken from the comm ledger: wire bytes / seconds of the
-layer's forward exchanges while they still ran uncompressed (or `auto.link_gbit`). The predicted time of
-the layer's exchanges is then, as in `lshmoe simulate`'s analytic model (the time is bytes over the
-link plus memory-bound compression passes),
+The link: on the `SAMPLES` steps up to each decision that still run uncompressed, the layer times
+its forward dispatch and combine on the comm ledger, less one latency each (the time of its count
+exchange, a few bytes), and divides by their wire bytes; the median of those samples is the link's
+seconds per byte s_B (or `auto.link_gbit`). The predicted time of the layer's exchanges is then,
+as in `lshmoe simulate`'s analytic model (bytes over the link plus memory-bound compression passes;
+the latency is the same for every candidate and drops out),
 
-    T_c = bytes_c / B + overhead_c
+    T_c = bytes_c x s_B + overhead_c
 
-summed over the ranks (one all-reduce, so every rank takes the same decision and the wire formats
-agree). The choice is the fastest candidate whose error is within `auto.max_error`, if it beats
-identity by more than `auto.margin` of identity's time; otherwise identity (never predicted slower
-than the baseline). The choice takes effect from the next step, is checkpointed, and appears in
-the metrics as `auto_choice` (index into the candidate list) with `auto_pred_speedup`, and as one
-line on rank 0 when it changes.
+averaged over the ranks (one all-reduce, so every rank takes the same decision and the wire formats
+agree; once a layer compresses, its last link estimate is kept). The choice is the fastest candidate whose error is within `auto.max_error`, if it beats
+identity by more than `auto.margin` of identity's time (otherwise identity: never predicted slower
+than the baseline) and the current choice by as much (no switching on timing noise). The choice
+takes effect from the next step, is checkpointed, and appears in the metrics as `auto_choice`
+(index into the candidate list) with `auto_pred_speedup`, and as one line on rank 0 when it changes.
 """
 
 from __future__ import annotations

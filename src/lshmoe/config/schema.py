@@ -121,6 +121,9 @@ class LSHConfig:
     ema: float = _f(0.9, "smoothing of the running statistics the target modes choose L from", ge=0, lt=1)
     layers: str = _f("all", "MoE blocks that compress: all, or comma-separated block indices")
     eval_compress: bool = _f(True, "compress in evaluation too (false: exact experts at eval)")
+    split: str = _f("none", "analysis: forward = the compressed path's values with the exact path's gradients, "
+                    "backward = exact values with the compressed path's gradients (both paths run: twice the "
+                    "all-to-alls); pins a quality gap on one direction", choices=("none", "forward", "backward"))
     kernels: str = _f("auto", "compress/restore implementation: auto = fused Triton kernels on CUDA (PyTorch "
                       "elsewhere), triton = always the kernels, torch = the PyTorch reference",
                       choices=("auto", "triton", "torch"), flag="kernels")

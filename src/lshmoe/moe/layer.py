@@ -128,6 +128,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher or build_dispatcher(
             comm, group, cfg.num_experts, layer_id, kind=cfg.a2a, chunks=lina.a2a_chunks
         )
+        self.split = getattr(getattr(settings, "lsh", None), "split", "none")
         self.step = 0
 
     def reset_parameters(self, seed: int = 0, std: float = 0.02, out_std: float | None = None) -> None:
@@ -156,6 +157,8 @@ class MoELayer(nn.Module):
         self.compressor.set_step(step)
 
     def forward(self, x: torch.Tensor, route: RouterOutput | None = None) -> MoEOutput:
+        if self.split != "none" and self.training and self.compressor.active(True):
+            return self._split_forward(x, route)
         if self.shared is None:
             return self.finish(self.compute(self.begin(x, route)))
         st = self.begin(x, route, overlap=True)  # the shared experts run while the dispatch travels
@@ -164,16 +167,41 @@ class MoELayer(nn.Module):
         out.y_TD = out.y_TD + shared_TD.view(st.shape)
         return out
 
+    def _split_forward(self, x: torch.Tensor, route: RouterOutput | None) -> MoEOutput:
+        """`lsh.split` (analysis): the layer runs once compressed and once exact on the same routing and
+        returns the values of one path with the gradients of the other, so a quality gap can be pinned
+        on the forward values (split=forward: compressed values, exact gradients) or on the gradients
+        (split=backward). Twice the all-to-alls forward; the backward ones of the path giving gradients."""
+        if route is None:
+            route = self.router(x.reshape(-1, x.shape[-1]), seq_len=x.shape[-2] if x.dim() == 3 else None)
+        lossy = self.finish(self.compute(self.begin(x, route, compressor=self.compressor)))
+        exact = self.finish(self.compute(self.begin(x, route, compressor=self.identity)))
+        if self.split == "forward":
+            y = exact.y_TD + (lossy.y_TD - exact.y_TD).detach()
+        else:
+            y = lossy.y_TD + (exact.y_TD - lossy.y_TD).detach()
+        if self.shared is not None:
+            y = y + self.shared(x.reshape(-1, x.shape[-1])).view(x.shape)
+        return replace(lossy, y_TD=y)
+
     # The same six steps in three stages, so that a caller can overlap the exchanges with its own
     # dense work (ScMoE): begin issues the dispatch, compute runs the experts and issues the combine,
     # finish waits for it and restores. With overlap=False every exchange completes inside its stage.
 
-    def begin(self, x: torch.Tensor, route: RouterOutput | None = None, overlap: bool = False) -> MoEState:
-        """Route, drop, permute, compress, exchange counts, start the dispatch."""
+    def begin(
+        self,
+        x: torch.Tensor,
+        route: RouterOutput | None = None,
+        overlap: bool = False,
+        compressor: Compressor | None = None,
+    ) -> MoEState:
+        """Route, drop, permute, compress, exchange counts, start the dispatch (`compressor`: this
+        call's, instead of the layer's own when active)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
-        compressor = self.compressor if self.compressor.active(self.training) else self.identity
+        if compressor is None:
+            compressor = self.compressor if self.compressor.active(self.training) else self.identity
         route = route if route is not None else self.router(x_TD, seq_len=shape[-2] if x.dim() == 3 else None)
         keep_TK = None
         if self.cfg.capacity_factor is not None:
