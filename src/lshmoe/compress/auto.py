@@ -22,11 +22,12 @@ the latency is the same for every candidate and drops out),
     T_c = bytes_c x s_B + overhead_c
 
 averaged over the ranks (one all-reduce, so every rank takes the same decision and the wire formats
-agree; once a layer compresses, its last link estimate is kept). The choice is the fastest candidate whose error is within `auto.max_error`, if it beats
-identity by more than `auto.margin` of identity's time (otherwise identity: never predicted slower
-than the baseline) and the current choice by as much (no switching on timing noise). The choice
-takes effect from the next step, is checkpointed, and appears in the metrics as `auto_choice`
-(index into the candidate list) with `auto_pred_speedup`, and as one line on rank 0 when it changes.
+agree; once a layer compresses, its last link estimate is kept). The choice is the fastest
+candidate whose error is within `auto.max_error`, if it beats identity by more than `auto.margin` of
+identity's time (otherwise identity: never predicted slower than the baseline) and the current
+choice by as much (no switching on timing noise). The choice takes effect from the next step, is
+checkpointed, and appears in the metrics as `auto_choice` (index into the candidate list) with
+`auto_pred_speedup`, and as one line on rank 0 when it changes.
 """
 
 from __future__ import annotations
