@@ -154,3 +154,23 @@ def test_quality_summary_without_a_baseline_variant_uses_the_first():
     rows, target = summarise(runs)
     assert target == 5.6 and rows[0]["delta_pct"] == 0.0 and rows[1]["delta_pct"] < 0
     assert rows[1]["ttt_reached"] == "2/2" and rows[1]["ttt_speedup"] > 1.0
+
+
+def test_rate_curve_reports_each_layers_rate_from_a_runs_metrics(tmp_path):
+    import json
+
+    from lshmoe.bench import rate_curve
+
+    recs = [{"kind": "config", "world_size": 2, "config": {"model": {"d_model": 8}, "lsh": {}, "train": {}}}]
+    for step in (25, 50, 100):
+        layers = {"moe1": {"compression_rate": step / 1000}, "moe3": {"compression_rate": step / 500}}
+        recs.append({"kind": "train", "step": step, "layers": layers})
+    recs.append({"kind": "eval", "step": 50, "val_loss": 4.5})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    assert rate_curve.main(["--metrics", str(path), "--out", str(tmp_path / "bench")]) == 0
+    md = (tmp_path / "bench" / "lsh_rate.md").read_text()
+    assert "| 100 | 10.0% | 20.0% | 4.500 |" in md and "| 25 | 2.5% | 5.0% | - |" in md
+    assert (tmp_path / "bench" / "lsh_rate.png").stat().st_size > 0
+    path.write_text(json.dumps(recs[0]))
+    assert rate_curve.main(["--metrics", str(path), "--out", str(tmp_path / "b2")]) == 2
