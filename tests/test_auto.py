@@ -99,3 +99,12 @@ def test_the_choice_and_the_link_survive_a_checkpoint():
     b.load_state_dict(a.state_dict())
     assert (b.choice, b.sec_per_byte) == ("lsh+fp8", 8e-9)
     assert b.wires() == a.wires() and not b.rows_are_tokens
+
+
+def test_the_link_estimate_takes_one_latency_off_each_exchange():
+    a = build(CompressorContext(num_experts=4, d_model=D, layer_id=0, settings=Config()))
+    assert a.link_estimate() != a.link_estimate()  # NaN: nothing measured yet
+    # (bytes, seconds of 2 exchanges, exchanges, count exchange): the fastest count exchange (1 ms) is
+    # the latency; the slower ones waited for a late rank
+    a._samples.extend([(1e6, 0.012, 2, 0.001), (1e6, 0.020, 2, 0.005), (1e6, 0.014, 2, 0.002)])
+    assert a.link_estimate() == pytest.approx(0.012 / 1e6)

@@ -13,9 +13,9 @@ rank's routed rows (no autograd; the step itself runs the current choice):
     error_c    = mean |x - c(x)| / |x| of the rows and the centroids that would replace them (LSH)
 
 The link: on the `SAMPLES` steps up to each decision that still run uncompressed, the layer times
-its forward dispatch and combine on the comm ledger, less one latency each (the time of its count
-exchange, a few bytes), and divides by their wire bytes; the median of those samples is the link's
-seconds per byte s_B (or `auto.link_gbit`). The predicted time of the layer's exchanges is then,
+its forward dispatch and combine on the comm ledger, less one latency each (the fastest of its
+count exchanges, a few bytes), and divides by their wire bytes; the median of those samples is the
+link's seconds per byte s_B (or `auto.link_gbit`). The predicted time of the layer's exchanges is then,
 as in `lshmoe simulate`'s analytic model (bytes over the link plus memory-bound compression passes;
 the latency is the same for every candidate and drops out),
 
@@ -88,7 +88,7 @@ class AutoCompressor(CompressorBase):
         self.choice = "identity"
         self.step = 0
         self.sec_per_byte = 8 / (cfg.link_gbit * 1e9) if cfg.link_gbit > 0 else float("nan")
-        self._samples: collections.deque[float] = collections.deque(maxlen=4 * SAMPLES)
+        self._samples: collections.deque[tuple[float, float, int, float]] = collections.deque(maxlen=4 * SAMPLES)
         self._trial: torch.Tensor | None = None  # per candidate: predicted-time parts, set on decision steps
         self._pred_speedup = 1.0
         self._training = True  # the mode of the call, told by `active` before each compress
@@ -198,17 +198,25 @@ class AutoCompressor(CompressorBase):
         return ahead < SAMPLES
 
     def _sample_link(self) -> None:
-        """Seconds per byte of this step's forward exchanges while they run uncompressed (0 when the
-        transfer took no measurable time beyond the latency)."""
+        """Record this step's forward exchanges while they run uncompressed (see `link_estimate`)."""
         if self._link is None or self.choice != "identity":
             return
-        nbytes, seconds = self._link()
+        nbytes, seconds, exchanges, counts_s = self._link()
         if nbytes > 0:
-            self._samples.append(seconds / nbytes)
+            self._samples.append((nbytes, seconds, exchanges, counts_s))
+
+    def link_estimate(self) -> float:
+        """Seconds per byte of the link: the median over the samples of (exchange time - latency) / bytes,
+        the latency being the fastest count exchange seen (its slower ones include the ranks' skew,
+        which the count exchange absorbs before the payload moves). NaN without samples."""
+        if not self._samples:
+            return float("nan")
+        latency = min(c for *_, c in self._samples)
+        return median(max(0.0, s - n * latency) / b for b, s, n, _ in self._samples)
 
     def _decide(self, all_reduce: AllReduce) -> None:
         trial, self._trial = self._trial, None
-        spb = self.sec_per_byte if self.cfg.link_gbit > 0 or not self._samples else median(self._samples)
+        spb = self.sec_per_byte if self.cfg.link_gbit > 0 or not self._samples else self.link_estimate()
         known = not math.isnan(spb)
         # one all-reduce: every rank's trial, its link estimate (and whether it has one) and a count
         n = len(self.names)

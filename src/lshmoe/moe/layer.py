@@ -271,21 +271,21 @@ class MoELayer(nn.Module):
 
     # ---------------------------------------------------------------------------- compression extras
 
-    def _link_sample(self) -> tuple[float, float]:
-        """(wire bytes, seconds of transfer) of this layer's forward dispatch and combine so far in this
-        step. The transfer time is each exchange's time less the latency of one exchange, taken from the
-        layer's count exchange (a few bytes: latency and synchronisation only)."""
-        nbytes = seconds = latency = 0.0
-        exchanges = counts = 0
+    def _link_sample(self) -> tuple[float, float, int, float]:
+        """This layer's forward exchanges so far in this step, from the ledger: (wire bytes and seconds
+        of its dispatch and combine, how many of them, seconds of its count exchange: a few bytes, so
+        latency plus the ranks' skew)."""
+        nbytes = seconds = counts_s = 0.0
+        exchanges = 0
         for r in self.comm.ledger.records:
             t = Tag(r.tag)
             if r.phase != "forward" or t.layer != self.layer_id:
                 continue
             if t.op == MoEOp.COUNTS:
-                latency, counts = latency + r.seconds, counts + 1
+                counts_s += r.seconds
             elif t.op in (MoEOp.DISPATCH, MoEOp.COMBINE):
                 nbytes, seconds, exchanges = nbytes + r.wire_send_bytes, seconds + r.seconds, exchanges + 1
-        return nbytes, max(0.0, seconds - exchanges * latency / max(1, counts))
+        return nbytes, seconds, exchanges, counts_s
 
     def _log(self, msg: str) -> None:
         if self.comm.rank == 0:
