@@ -101,6 +101,11 @@ class LSHCompressor(CompressorBase):
 
     # ------------------------------------------------------------------------------ projections
 
+    @property
+    def grad_alpha(self) -> float:
+        """The scale of the residual x - c in the restore's gradient (`lsh.grad_compensation`, else alpha)."""
+        return self.alpha if self.cfg.grad_compensation is None else self.cfg.grad_compensation
+
     def projection_key(self) -> tuple:
         epoch = self.step // self.cfg.redraw_every if self.cfg.redraw_every else 0
         return (self.seed, "lsh", self.layer_id, epoch)
@@ -188,9 +193,13 @@ class LSHCompressor(CompressorBase):
         if use_triton(self.cfg.kernels, out_MD.device):
             from lshmoe.kernels import lsh as fused
 
-            out_ND = fused.restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha)
-        elif self.alpha != 0.0:
-            out_ND = restore_compensated(out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha)
+            out_ND = fused.restore_compensated(
+                out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha, self.grad_alpha
+            )
+        elif self.alpha != 0.0 or self.grad_alpha != 0.0:
+            out_ND = restore_compensated(
+                out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha, self.grad_alpha
+            )
         else:
             out_ND = out_MD.index_select(0, meta.inverse_N)
         self._stats["lsh_restore_s"] = time.perf_counter() - t0

@@ -7,7 +7,9 @@ any faster implementation of the same steps is tested against:
     segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m
                    backward: g_x = (g_c / size)[inv]                       one gather over N
     restore:       y_ND = (out_MD - a c_MD)[inv] + a x_ND     (= E(c) + a (x - c), a a constant)
-                   backward: g_out = scatter_sum(g_y by inv), g_c = -a g_out, g_x = a g_y   one scatter over N
+                   backward: g_out = scatter_sum(g_y by inv), g_c = -b g_out, g_x = b g_y   one scatter over N
+                   with b = a, or another scale of the residual's gradient (b != a: a residual the
+                   forward does not add, or adds at another scale, still routes each row's own gradient)
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ class _SegmentMean(torch.autograd.Function):
 class _Restore(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float
+        ctx,
+        out_MD: torch.Tensor,
+        c_MD: torch.Tensor,
+        x_ND: torch.Tensor,
+        inverse_N: torch.Tensor,
+        alpha: float,
+        grad_alpha: float,
     ) -> torch.Tensor:
         ctx.save_for_backward(inverse_N)
-        ctx.m, ctx.alpha = out_MD.shape[0], alpha
+        ctx.m, ctx.alpha = out_MD.shape[0], grad_alpha
+        if alpha == 0.0:
+            return out_MD.index_select(0, inverse_N)
         if alpha == 1.0:
             return (out_MD - c_MD).index_select(0, inverse_N).add_(x_ND)
         return (out_MD - alpha * c_MD).index_select(0, inverse_N).add_(x_ND, alpha=alpha)
@@ -43,7 +53,7 @@ class _Restore(torch.autograd.Function):
     def backward(ctx, g_ND: torch.Tensor):
         (inverse_N,) = ctx.saved_tensors
         g_MD = g_ND.new_zeros((ctx.m, g_ND.shape[1])).index_add_(0, inverse_N, g_ND)
-        return restore_grads(g_MD, g_ND, ctx.alpha)
+        return (*restore_grads(g_MD, g_ND, ctx.alpha), None)
 
 
 def restore_grads(g_MD: torch.Tensor, g_ND: torch.Tensor, alpha: float) -> tuple:
@@ -62,7 +72,15 @@ def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tens
 
 
 def restore_compensated(
-    out_MD: torch.Tensor, c_MD: torch.Tensor, x_ND: torch.Tensor, inverse_N: torch.Tensor, alpha: float = 1.0
+    out_MD: torch.Tensor,
+    c_MD: torch.Tensor,
+    x_ND: torch.Tensor,
+    inverse_N: torch.Tensor,
+    alpha: float = 1.0,
+    grad_alpha: float | None = None,
 ) -> torch.Tensor:
-    """E(c_b(n)) + alpha (x_n - c_b(n)) for every row n."""
-    return _Restore.apply(out_MD, c_MD, x_ND, inverse_N, float(alpha))
+    """E(c_b(n)) + alpha (x_n - c_b(n)) for every row n; the residual's gradient is scaled by
+    `grad_alpha` (default: alpha)."""
+    return _Restore.apply(
+        out_MD, c_MD, x_ND, inverse_N, float(alpha), float(alpha if grad_alpha is None else grad_alpha)
+    )

@@ -112,6 +112,10 @@ class LSHConfig:
     center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
     compensation: str = _f("none", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, calibrated a = "
                            "<E(x)-E(c), x-c> / |x-c|^2 fitted by the probe", choices=("identity", "none", "calibrated"))
+    grad_compensation: float | None = _f(None, "scale b of the residual x - c in the restore's gradient only: each "
+                                         "row gets its own gradient b g_n, not just its bucket's mean (b = 1 with "
+                                         "compensation=none: the forward unchanged); none = as the forward's a",
+                                         ge=0, le=1, flag="lsh-grad-compensation")
     redraw_every: int = _f(1, "draw new random projections every n steps; 0 = once per run", ge=0)
     target: str = _f("none", "choose L per layer to hold a target: rate = rows sent / rows routed, error = relative "
                      "restore error", choices=("none", "rate", "error"), flag="lsh-target")

@@ -408,9 +408,9 @@ class _SegmentMean(torch.autograd.Function):
 
 class _Restore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out_MD, c_MD, x_ND, inverse_N, alpha: float) -> torch.Tensor:  # as ops._Restore
+    def forward(ctx, out_MD, c_MD, x_ND, inverse_N, alpha: float, grad_alpha: float) -> torch.Tensor:  # as ops
         ctx.save_for_backward(inverse_N)
-        ctx.m, ctx.alpha = out_MD.shape[0], alpha
+        ctx.m, ctx.alpha = out_MD.shape[0], grad_alpha
         if alpha == 0.0:
             return gather_rows(out_MD, inverse_N)
         return gather_rows(out_MD, inverse_N, sub_MD=c_MD, x_ND=x_ND, alpha=alpha)
@@ -421,14 +421,16 @@ class _Restore(torch.autograd.Function):
         a = ctx.alpha
         ones = torch.ones_like(inverse_N)
         size_M = torch.zeros(ctx.m, dtype=inverse_N.dtype, device=inverse_N.device).index_add_(0, inverse_N, ones)
-        return restore_grads(segment_rows(g_ND, segments(inverse_N, size_M), mean=False), g_ND, a)
+        return (*restore_grads(segment_rows(g_ND, segments(inverse_N, size_M), mean=False), g_ND, a), None)
 
 
 # The fused counterparts of `lshmoe.compress.ops.segment_mean(x_ND, inverse_N, size_M)` and
-# `restore_compensated(out_MD, c_MD, x_ND, inverse_N, alpha)`: same arguments, same results within
-# the tolerances of tests/test_kernels.py; alpha = 0 is the plain gather (no gradient to c or x).
+# `restore_compensated(out_MD, c_MD, x_ND, inverse_N, alpha, grad_alpha)`: same arguments, same results within
+# the tolerances of tests/test_kernels.py; alpha = grad_alpha = 0 is the plain gather (no gradient to c or x).
 segment_mean = _SegmentMean.apply
 
 
-def restore_compensated(out_MD, c_MD, x_ND, inverse_N, alpha: float = 1.0) -> torch.Tensor:
-    return _Restore.apply(out_MD, c_MD, x_ND, inverse_N, float(alpha))
+def restore_compensated(out_MD, c_MD, x_ND, inverse_N, alpha: float = 1.0, grad_alpha: float | None = None):
+    return _Restore.apply(
+        out_MD, c_MD, x_ND, inverse_N, float(alpha), float(alpha if grad_alpha is None else grad_alpha)
+    )
