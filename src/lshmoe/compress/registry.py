@@ -26,14 +26,17 @@ NAMES = tuple(REGISTRY)
 
 @dataclass(frozen=True, slots=True)
 class CompressorContext:
-    """What a compressor may depend on: the layer's shape and place, and the run's settings (the
-    root config, whose section named like the compressor holds its options; None = defaults)."""
+    """What a compressor may depend on: the layer's shape and place, the run's settings (the root
+    config, whose section named like the compressor holds its options; None = defaults) and the
+    topology: the node of each global expert and of this rank (empty = one node)."""
 
     num_experts: int
     d_model: int
     layer_id: int
     seed: int = 0
     settings: Any = None
+    node_of_E: tuple[int, ...] = ()
+    my_node: int = 0
 
 
 def build_compressor(name: str, ctx: CompressorContext):

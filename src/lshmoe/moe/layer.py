@@ -111,7 +111,9 @@ class MoELayer(nn.Module):
         if cfg.shared_experts:
             d_shared = cfg.d_shared or cfg.d_expert
             self.shared = SharedExperts(d_model, d_shared, cfg.shared_experts, cfg.shared_gate)
-        ctx = CompressorContext(cfg.num_experts, d_model, layer_id, seed, settings)
+        ctx = CompressorContext(
+            cfg.num_experts, d_model, layer_id, seed, settings, tuple(self.node_of_E.tolist()), self.my_node
+        )
         self.compressor = build_compressor(cfg.compress, ctx)
         self.identity = build_compressor("identity", ctx)
         self.dispatcher = dispatcher or build_dispatcher(
