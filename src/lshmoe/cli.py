@@ -29,6 +29,7 @@ BENCHES = {
     "layer": ("lshmoe.bench.moe_layer", "MoE layer fwd+bwd tokens/s vs DeepSpeed"),
     "train": ("lshmoe.bench.train_e2e", "end-to-end training tokens/s"),
     "lsh": ("lshmoe.bench.lsh_analysis", "LSH compression rate, restore error and overhead vs hash settings"),
+    "lsh-real": ("lshmoe.bench.lsh_real", "LSH rate vs restore and expert-output error on pretrained MiniLM"),
     "rate": ("lshmoe.bench.rate_curve", "LSH-MoE compression rate of the default model over a long run"),
     "cluster": ("lshmoe.bench.cluster", "baseline vs LSH-MoE step time on an emulated multi-node cluster"),
     "quality": ("lshmoe.bench.quality", "validation loss of variants over seeds, time-to-target"),

@@ -25,6 +25,7 @@ ORDER = [
     "moe_layer",
     "train_e2e",
     "lsh_compression",
+    "lsh_real",
     "lsh_overhead",
     "lsh_choices",
     "lsh_choices2",

@@ -13,6 +13,13 @@ Both are invariant to the scale of x. The L codes are AND-combined into one mixe
 `sum_l code_l * b^l`: two rows share a bucket only when all L hashes agree, so more hashes mean
 more, smaller buckets. Because hash l sits at digit l, the bucket id of the first L' hashes is the
 combined id modulo b^L', which the target modes use to evaluate every L' <= L in one pass.
+
+Data-aware projections (`lsh.projection=pca`, beyond the paper): instead of random directions, a
+group's rows are centred and projected on the group's own leading principal directions V (top-k of
+an SVD of the centred rows, signs fixed so the largest entry of each direction is positive), either
+in order (hash l reads directions lP .. lP+P-1, so a prefix of L' hashes reads the L'P leading ones)
+or through a seeded random rotation Q of the k leading ones (R = V Q). The bucket ids are a function
+of the group's rows alone: nothing about the directions crosses the network.
 """
 
 from __future__ import annotations
@@ -62,3 +69,27 @@ def combine_codes(codes_NL: torch.Tensor, buckets: int) -> torch.Tensor:
     L = codes_NL.shape[1]
     radix_L = buckets ** torch.arange(L, device=codes_NL.device, dtype=torch.int64)
     return (codes_NL.long() * radix_L).sum(-1)
+
+
+def principal_directions(x_nD: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and the k leading principal directions V_Dk of the rows (columns orthonormal, each
+    signed so its largest-magnitude entry is positive; zero columns beyond the rank of the centred rows)."""
+    n, D = x_nD.shape
+    mean_D = x_nD.mean(0) if n else x_nD.new_zeros(D)
+    V_Dk = x_nD.new_zeros(D, k)
+    if n < 2:
+        return mean_D, V_Dk
+    _, S, Vh = torch.linalg.svd(x_nD - mean_D, full_matrices=False)
+    # NOTE: directions of a zero singular value (beyond the rank of the centred rows) are arbitrary
+    rank = int((S > S[0] * max(n, D) * torch.finfo(S.dtype).eps).sum()) if float(S[0]) > 0 else 0
+    Vh = Vh[: min(k, rank)]  # [min(k, rank), D]
+    big = Vh.abs().argmax(dim=1, keepdim=True)
+    V_Dk[:, : Vh.shape[0]] = (Vh * torch.gather(Vh, 1, big).sign()).T
+    return mean_D, V_Dk
+
+
+def pca_projections(x_nD: torch.Tensor, k: int, rotation_kK: torch.Tensor | None = None) -> torch.Tensor:
+    """Centred rows on their k leading principal directions [n, k], or on a rotation of them [n, K]."""
+    mean_D, V_Dk = principal_directions(x_nD, k)
+    R = V_Dk if rotation_kK is None else V_Dk @ rotation_kK.to(V_Dk.dtype)
+    return (x_nD - mean_D) @ R

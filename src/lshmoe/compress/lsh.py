@@ -13,6 +13,18 @@ For each group of rows bound for the same expert on this (source) rank:
 
 Shapes: N routed rows, M buckets (payload rows), D width, E experts, L hashes.
 
+Beyond the paper (options of the `lsh` section, PyTorch implementation only):
+- `projection=pca` hashes each group in its own leading principal directions (hashing.py), computed
+  from the group's rows on the sending rank. The receiver needs nothing: centroids are rows of the
+  input space whatever decided the buckets, and restore runs on the sender.
+- `exact_spread=t` sends rows exactly where merging does not pay: a row farther than t |x| from its
+  bucket's centroid travels alone; the rest are re-averaged, and a bucket where a remaining row is
+  still farther than t |x| from the new centroid travels row by row. Every merged row then has
+  |x - c| <= t |x| (t = 0: every row exact, the uncompressed layer).
+- `scope=inter_node` sends the rows bound for experts on this rank's node exactly (they cross no slow
+  link) and compresses only the others.
+Exact rows get their own payload row after the expert's buckets (key = expert * (M + N) + slot).
+
 Random projections come from a generator seeded by (seed, layer, step // redraw_every), so a
 recomputed forward or a resumed run hashes identically. The hash itself runs without autograd
 (bucket ids are integers); the centroid mean and the residual are differentiable, so the backward
@@ -26,7 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lshmoe.compress.hashing import codes_from_projections, combine_codes, draw_projections, hash_codes
+from lshmoe.compress.hashing import (
+    codes_from_projections,
+    combine_codes,
+    draw_projections,
+    hash_codes,
+    pca_projections,
+    projections_per_hash,
+)
 from lshmoe.compress.ops import restore_compensated, segment_mean
 from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext
@@ -55,14 +74,26 @@ def build(ctx: CompressorContext) -> LSHCompressor | None:
     ids = cfg.layer_ids()
     if ids is not None and ctx.layer_id not in ids:
         return None
-    return LSHCompressor(cfg, ctx.num_experts, ctx.d_model, ctx.layer_id, ctx.seed)
+    local_E = tuple(n == ctx.my_node for n in ctx.node_of_E) or None
+    return LSHCompressor(cfg, ctx.num_experts, ctx.d_model, ctx.layer_id, ctx.seed, local_E=local_E)
 
 
 class LSHCompressor(CompressorBase):
     name = "lsh"
 
-    def __init__(self, cfg: LSHConfig, num_experts: int, d_model: int, layer_id: int, seed: int = 0):
+    def __init__(
+        self,
+        cfg: LSHConfig,
+        num_experts: int,
+        d_model: int,
+        layer_id: int,
+        seed: int = 0,
+        local_E: tuple[bool, ...] | None = None,
+    ):
         self.cfg, self.num_experts, self.d_model = cfg, num_experts, d_model
+        # which experts live on this rank's node (None: all of them, a single-node run)
+        self.local_E = torch.tensor(local_E if local_E is not None else (True,) * num_experts)
+        self.torch_only = bool(cfg.torch_only())
         self.layer_id, self.seed = layer_id, seed
         self.step = 0
         self.controller = (
@@ -123,8 +154,11 @@ class LSHCompressor(CompressorBase):
 
     # ------------------------------------------------------------------------------ bucketing
 
-    def bucket_ids(self, rows_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+    def bucket_ids(self, rows_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Combined ids of all L_max hashes, [N] int64 (centred per expert group if configured)."""
+        if self.cfg.projection == "pca":
+            x = rows_ND.detach()  # the SVD needs float32 or float64
+            return self._pca_bucket_ids(x if x.dtype in (torch.float32, torch.float64) else x.float(), counts_E)
         R_DLP = self.projections(rows_ND.device)
         if not self.cfg.center:
             return combine_codes(hash_codes(rows_ND.detach(), R_DLP, self.cfg.family), self.cfg.buckets_per_hash)
@@ -136,39 +170,90 @@ class LSHCompressor(CompressorBase):
         z_NK = z_NK - (sums_EK / cnt_E[:, None]).index_select(0, expert_N)
         return combine_codes(codes_from_projections(z_NK.view(-1, L, P), self.cfg.family), self.cfg.buckets_per_hash)
 
+    def _pca_bucket_ids(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Bucket ids from each expert group's own principal directions (hashing.pca_projections)."""
+        L, b, k = self.cfg.num_hashes, self.cfg.buckets_per_hash, self.cfg.pca_rank
+        P = projections_per_hash(self.cfg.family, b)
+        rotation = None
+        if k:  # seeded like the random projections, so every rank rotates alike (not required)
+            rotation = draw_projections(self.cfg.family, k, L, b, generator(*self.projection_key(), "pca"))
+            rotation = rotation.reshape(k, L * P)
+        z_NK = rows_ND.new_empty(rows_ND.shape[0], L * P)
+        for x_nD, z_nK in zip(rows_ND.split(counts_E.tolist()), z_NK.split(counts_E.tolist()), strict=True):
+            z_nK.copy_(pca_projections(x_nD, k or L * P, rotation))
+        return combine_codes(codes_from_projections(z_NK.view(-1, L, P), self.cfg.family), b)
+
+    def payload_keys(
+        self, full_N: torch.Tensor, expert_N: torch.Tensor, num_hashes: int, rows_ND: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        """Sortable payload key of every row, the span of one expert's keys (expert = key // span) and
+        the number of rows sent exactly (scope and exact_spread)."""
+        keys_N = self.keys(full_N, expert_N, num_hashes)
+        exact_N = self.exact_rows(keys_N, expert_N, rows_ND)
+        if exact_N is None:
+            return keys_N, self.cfg.buckets_per_hash**num_hashes, 0
+        return (*split_exact(keys_N, expert_N, exact_N), int(exact_N.sum()))
+
+    @torch.no_grad()
+    def exact_rows(self, keys_N: torch.Tensor, expert_N: torch.Tensor, rows_ND: torch.Tensor) -> torch.Tensor | None:
+        """Rows to send exactly, bool [N], or None when every row may merge."""
+        exact_N = None
+        if self.cfg.scope == "inter_node":
+            exact_N = self.local_E.to(expert_N.device).index_select(0, expert_N)
+        t = self.cfg.exact_spread
+        if t is None:
+            return exact_N
+        x = rows_ND.detach()
+        limit_N = t * x.norm(dim=1)
+        exact_N = torch.zeros_like(expert_N, dtype=torch.bool) if exact_N is None else exact_N
+        for whole_bucket in (False, True):
+            _, inv_N, size_M = torch.unique(
+                split_exact(keys_N, expert_N, exact_N)[0], return_inverse=True, return_counts=True
+            )
+            c_MD = x.new_zeros(size_M.numel(), x.shape[1]).index_add_(0, inv_N, x).div_(size_M[:, None].to(x.dtype))
+            far_N = (x - c_MD.index_select(0, inv_N)).norm(dim=1) > limit_N
+            if whole_bucket:  # a bucket with a row still too far after the re-average goes row by row
+                far_N = (torch.zeros_like(size_M).index_add_(0, inv_N, far_N.long()) > 0).index_select(0, inv_N)
+            exact_N = exact_N | far_N
+        return exact_N
+
     def keys(self, full_N: torch.Tensor, expert_N: torch.Tensor, num_hashes: int) -> torch.Tensor:
         """(expert, first-`num_hashes` bucket) as one sortable int64 key."""
         span = self.cfg.buckets_per_hash**num_hashes
         return expert_N * span + torch.remainder(full_N, span)
 
-    def _prefix_rates(self, full_N: torch.Tensor, expert_N: torch.Tensor) -> list[float]:
+    def _prefix_rates(self, full_N: torch.Tensor, expert_N: torch.Tensor, rows_ND: torch.Tensor) -> list[float]:
         n = full_N.numel()
         if n == 0:
             return [float("nan")] * self.cfg.num_hashes
-        return [torch.unique(self.keys(full_N, expert_N, L)).numel() / n for L in range(1, self.cfg.num_hashes + 1)]
+        return [
+            torch.unique(self.payload_keys(full_N, expert_N, L, rows_ND)[0]).numel() / n
+            for L in range(1, self.cfg.num_hashes + 1)
+        ]
 
     # ------------------------------------------------------------------------------ seam
 
     def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
-        if use_triton(self.cfg.kernels, rows_ND.device):
+        if not self.torch_only and use_triton(self.cfg.kernels, rows_ND.device):
             return self._compress_fused(rows_ND, counts_E)
         t0 = time.perf_counter()
         E = self.num_experts
         expert_N = torch.repeat_interleave(torch.arange(E, device=rows_ND.device), counts_E.to(rows_ND.device))
         with torch.no_grad():
-            full_N = self.bucket_ids(rows_ND, expert_N)
+            full_N = self.bucket_ids(rows_ND, expert_N, counts_E)
             if self.controller is not None and self.cfg.target == "rate":
-                self.controller.observe_rates(self._prefix_rates(full_N, expert_N))
+                self.controller.observe_rates(self._prefix_rates(full_N, expert_N, rows_ND))
             if self.controller is not None:
                 self.num_hashes = self.controller.choose()
-            keys_N = self.keys(full_N, expert_N, self.num_hashes)
+            keys_N, span, n_exact = self.payload_keys(full_N, expert_N, self.num_hashes, rows_ND)
         t1 = time.perf_counter()
         uniq_M, inverse_N, size_M = torch.unique(keys_N, sorted=True, return_inverse=True, return_counts=True)
-        span = self.cfg.buckets_per_hash**self.num_hashes
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
         centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
         t2 = time.perf_counter()
         self._set_stats(t1 - t0, t2 - t1)
+        if self.torch_only:
+            self._stats["lsh_exact_frac"] = n_exact / max(1, rows_ND.shape[0])
         # full_N is kept for the restore-error probe (a reference to a tensor that exists anyway)
         meta = LSHMeta(
             rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
@@ -190,7 +275,7 @@ class LSHCompressor(CompressorBase):
 
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
         t0 = time.perf_counter()
-        if use_triton(self.cfg.kernels, out_MD.device):
+        if not self.torch_only and use_triton(self.cfg.kernels, out_MD.device):
             from lshmoe.kernels import lsh as fused
 
             out_ND = fused.restore_compensated(
@@ -230,7 +315,7 @@ class LSHCompressor(CompressorBase):
                 center=cfg.center,
             )
             if self.controller is not None and cfg.target == "rate":
-                self.controller.observe_rates(self._prefix_rates(full_N, expert_N))
+                self.controller.observe_rates(self._prefix_rates(full_N, expert_N, rows_ND))
                 if self.controller.choose() != self.num_hashes:
                     self.num_hashes = self.controller.choose()
                     keys_N = self.keys(full_N, expert_N, self.num_hashes)
@@ -274,9 +359,8 @@ class LSHCompressor(CompressorBase):
         expert_S = meta.expert_N.index_select(0, idx_S)
         blocks, cands = [x.index_select(0, idx_S)], self.probe_candidates()
         for L in cands:
-            _, inv, size = torch.unique(
-                self.keys(meta.full_codes_N, meta.expert_N, L), return_inverse=True, return_counts=True
-            )
+            keys_N = self.payload_keys(meta.full_codes_N, meta.expert_N, L, x)[0]
+            _, inv, size = torch.unique(keys_N, return_inverse=True, return_counts=True)
             blocks.append(segment_mean(x, inv, size).index_select(0, inv.index_select(0, idx_S)))
         rows = torch.cat(blocks)
         expert_P = expert_S.repeat(len(blocks))
@@ -324,3 +408,16 @@ class LSHCompressor(CompressorBase):
             lsh_alpha_fit=fits[j],
             lsh_probe_n=1.0,
         )
+
+
+def split_exact(keys_N: torch.Tensor, expert_N: torch.Tensor, exact_N: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Keys where every `exact_N` row has a bucket of its own: expert * (M + N) + slot, slot = the
+    rank of the row's (expert, bucket) key among the M distinct ones, or M + n for exact row n; the
+    keys stay grouped by expert, buckets before exact rows. Returns the keys and their span M + N."""
+    N = keys_N.numel()
+    if N == 0:
+        return keys_N, 1
+    uniq_M, slot_N = torch.unique(keys_N, return_inverse=True)
+    span = uniq_M.numel() + N
+    own_N = uniq_M.numel() + torch.arange(N, device=keys_N.device)
+    return expert_N * span + torch.where(exact_N, own_N, slot_N), span

@@ -28,20 +28,23 @@ NAMES = tuple(REGISTRY)
 
 @dataclass(frozen=True, slots=True)
 class CompressorContext:
-    """What a compressor may depend on: the layer's shape and place, and the run's settings (the
-    root config, whose section named like the compressor holds its options; None = defaults).
+    """What a compressor may depend on: the layer's shape and place, the run's settings (the root
+    config, whose section named like the compressor holds its options; None = defaults) and the
+    topology: the node of each global expert and of this rank (empty = one node).
     `ep_size`/`ep_index`: the expert-parallel group (expert e lives on EP rank e // (E / ep_size));
-    `link()`: (wire bytes, seconds) of the layer's forward payload exchanges so far in this step, from
-    the comm ledger; `log(msg)`: a line for the user (rank 0 prints it)."""
+    `link()`: the layer's forward exchanges so far in this step, from the comm ledger (see
+    `MoELayer._link_sample`); `log(msg)`: a line for the user (rank 0 prints it)."""
 
     num_experts: int
     d_model: int
     layer_id: int
     seed: int = 0
     settings: Any = None
+    node_of_E: tuple[int, ...] = ()
+    my_node: int = 0
     ep_size: int = 1
     ep_index: int = 0
-    link: Callable[[], tuple[float, float]] | None = None
+    link: Callable[[], tuple[float, float, int, float]] | None = None
     log: Callable[[str], None] | None = None
 
 

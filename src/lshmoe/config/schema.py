@@ -110,6 +110,16 @@ class LSHConfig:
     buckets_per_hash: int = _f(4, "buckets b of each hash (cross-polytope: even; hyperplane: power of two)",
                                ge=2, flag="buckets-per-hash")
     center: bool = _f(False, "hash x - mean(group) instead of x (activations share a large mean component)")
+    projection: str = _f("random", "hash directions: random (seeded, shared by all ranks) or pca = the leading "
+                         "principal directions of each (rank, expert) group, computed locally (implies centring)",
+                         choices=("random", "pca"), flag="lsh-projection")
+    pca_rank: int = _f(0, "projection=pca: 0 = hash l reads principal directions lP..lP+P-1 in order; k > 0 = seeded "
+                       "random rotations of the k leading directions", ge=0)
+    exact_spread: float | None = _f(None, "send rows exactly where a row would lie farther than t from its centroid "
+                                    "relative to its norm, so every merged row has |x - c| <= t |x|; 0 = every row "
+                                    "exact; none = merge every bucket", ge=0)
+    scope: str = _f("all", "rows to compress: all, or inter_node = only rows bound for experts on another node (rows "
+                    "that stay on the node are sent exactly)", choices=("all", "inter_node"), flag="lsh-scope")
     compensation: str = _f("none", "restore y = E(c) + a (x - c): identity a=1 (the paper), none a=0, calibrated a = "
                            "<E(x)-E(c), x-c> / |x-c|^2 fitted by the probe", choices=("identity", "none", "calibrated"))
     grad_compensation: float | None = _f(None, "scale b of the residual x - c in the restore's gradient only: each "
@@ -131,6 +141,13 @@ class LSHConfig:
     kernels: str = _f("auto", "compress/restore implementation: auto = fused Triton kernels on CUDA (PyTorch "
                       "elsewhere), triton = always the kernels, torch = the PyTorch reference",
                       choices=("auto", "triton", "torch"), flag="kernels")
+
+    def torch_only(self) -> list[str]:
+        """The options set here that only the PyTorch implementation has (the kernels hash with shared
+        random projections and merge every bucket)."""
+        opts = [f"projection={self.projection}"] if self.projection != "random" else []
+        opts += [f"exact_spread={self.exact_spread}"] if self.exact_spread is not None else []
+        return opts + ([f"scope={self.scope}"] if self.scope != "all" else [])
 
     def layer_ids(self) -> set[int] | None:
         """None = every MoE layer."""

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lshmoe.compress.hashing import projections_per_hash
 from lshmoe.config.io import leaf_fields
 from lshmoe.config.schema import Config, MoEConfig
 from lshmoe.errors import ConfigError
@@ -59,6 +60,17 @@ def _validate_lsh(cfg: Config) -> None:
         raise ConfigError(
             f"lsh.num_hashes={h.num_hashes} is out of range for buckets_per_hash={b} and "
             f"{cfg.moe.num_experts} experts; bucket ids need L*log2(b)+log2(E) <= 62 bits"
+        )
+    if h.projection == "pca" and 0 < h.pca_rank < projections_per_hash(h.family, b):
+        raise ConfigError(
+            f"lsh.pca_rank={h.pca_rank} is out of range; must be 0 or >= {projections_per_hash(h.family, b)} "
+            f"(the projections of one hash) and <= model.d_model"
+        )
+    if h.projection == "pca" and h.pca_rank > cfg.model.d_model:
+        raise ConfigError(f"lsh.pca_rank={h.pca_rank} is out of range; must be <= model.d_model={cfg.model.d_model}")
+    if h.kernels == "triton" and h.torch_only():
+        raise ConfigError(
+            f"lsh.kernels=triton does not implement {', '.join(h.torch_only())}; use lsh.kernels=auto or torch"
         )
     try:
         h.layer_ids()

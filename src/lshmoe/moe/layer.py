@@ -118,6 +118,8 @@ class MoELayer(nn.Module):
             layer_id,
             seed,
             settings,
+            node_of_E=tuple(self.node_of_E.tolist()),
+            my_node=self.my_node,
             ep_size=group.size,
             ep_index=group.index,
             link=self._link_sample,
