@@ -29,6 +29,7 @@ from lshmoe.config.schema import (
     QuantConfig,
     ScMoEConfig,
     TrainConfig,
+    UpcycleConfig,
 )
 from lshmoe.config.validate import validate, validate_inference
 from lshmoe.errors import ConfigError
@@ -53,6 +54,7 @@ __all__ = [
     "QuantConfig",
     "ScMoEConfig",
     "TrainConfig",
+    "UpcycleConfig",
     "_f",
     "apply_sets",
     "coerce",
