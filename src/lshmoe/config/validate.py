@@ -134,6 +134,8 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             f"{e.num_experts} (each expert's gate is the mean of one slice of the width)"
         )
     _validate_routing(e)
+    if e.expert_bias and e.activation not in ("gelu", "swiglu"):
+        raise ConfigError(f"moe.expert_bias=true needs moe.activation gelu or swiglu (got {e.activation})")
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
     if m.moe_every > m.n_layers:

@@ -19,33 +19,12 @@ from torch import nn
 
 from lshmoe.distributed.comm import Comm
 from lshmoe.hf.export import export
-from lshmoe.hf.family import FAMILIES, HFError, family_for
+from lshmoe.hf.family import FAMILIES, HFError
 from lshmoe.hf.load import load_weights
 from lshmoe.hf.loss import lm_loss
 from lshmoe.hf.model import HFMoEBlock, build_model, moe_blocks
-
-
-def read_config(path: str | Path) -> Any:
-    """The checkpoint's transformers config (config.json; never downloads)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise HFError(
-            f"{path}: no config.json; expected a Hugging Face checkpoint directory (config.json + *.safetensors)"
-        )
-    import json
-
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
-        raise HFError(f"{path}/config.json: unreadable ({e})") from None
-    family_for(model_type)
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError) as e:
-        raise HFError(f"{path}/config.json: {str(e).splitlines()[0][:200]}") from None
-    return config
+from lshmoe.hf.packaged import checkpoint_dir
+from lshmoe.hf.read import read_config
 
 
 def from_pretrained(
@@ -60,6 +39,7 @@ def from_pretrained(
     """A local checkpoint directory as an expert-parallel model (this rank's experts only);
     `settings`: a `Config` whose compressor / LocMoE / Lina sections the MoE layers use."""
     comm = comm or Comm.local()
+    path = checkpoint_dir(path)
     config = read_config(path)
     model, _ = build_model(
         config, comm, dtype=dtype, overrides=overrides, attn_implementation=attn_implementation, settings=settings
@@ -73,6 +53,7 @@ __all__ = [
     "HFError",
     "HFMoEBlock",
     "build_model",
+    "checkpoint_dir",
     "export",
     "from_pretrained",
     "lm_loss",

@@ -7,6 +7,8 @@
 
 It is K times lshmoe's per-layer load-balance loss for one layer (f over tokens, not assignments).
 The routers' own losses (sequence-level, z-loss) are added with the MoEConfig weights when set.
+An upcycled BERT (hf/upcycle.py) trains on the same loss: targets are the masked-LM labels and coef
+is moe.aux_loss_weight (a dense checkpoint has no router_aux_loss_coef).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lshmoe.hf.model import moe_blocks
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def pooled_aux(model: nn.Module) -> torch.Tensor:
@@ -31,14 +37,14 @@ def pooled_aux(model: nn.Module) -> torch.Tensor:
         probs_E = p if probs_E is None else probs_E + p
         rows += r.probs_TE.shape[0]
     if not rows:
-        return torch.zeros((), device=model.lm_head.weight.device)
+        return torch.zeros((), device=_device(model))
     return E * ((counts_E / rows) * (probs_E / rows)).sum()
 
 
 def router_losses(model: nn.Module) -> torch.Tensor:
     """The MoEConfig-weighted sequence-level and z losses of every block (zero unless configured)."""
     cfg = model.moe_cfg
-    total = torch.zeros((), device=model.lm_head.weight.device)
+    total = torch.zeros((), device=_device(model))
     for _, b in moe_blocks(model):
         aux = b.last_route.aux
         total = total + cfg.z_loss_weight * aux["z_loss"] + cfg.seq_aux_weight * aux.get("seq_load_balance", 0.0)
@@ -46,7 +52,8 @@ def router_losses(model: nn.Module) -> torch.Tensor:
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward `input_ids` [B, S]; `targets` [B, S] are the next tokens (-100: ignored).
+    """Forward `input_ids` [B, S]; `targets` [B, S] are the tokens to predict at each position (-100:
+    ignored): the next tokens for a causal LM, the masked-out tokens for a masked LM (hf/mlm.py).
     Returns loss, ce, aux (unweighted), logits."""
     logits = model(input_ids=input_ids, use_cache=False).logits
     ce = F.cross_entropy(

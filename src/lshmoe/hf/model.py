@@ -130,8 +130,9 @@ def build_model(
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[int, HFMoEBlock]]:
-    """(decoder layer index, block) of every swapped block, in order."""
-    return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, HFMoEBlock)]
+    """(layer index, block) of every swapped block, in layer order (decoder layers, or the encoder
+    layers of an upcycled BERT)."""
+    return [(m.moe.layer_id, m) for m in model.modules() if isinstance(m, HFMoEBlock)]
 
 
 __all__ = ["HFError", "HFMoEBlock", "build_model", "check_ep", "moe_blocks", "moe_config"]

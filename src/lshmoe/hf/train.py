@@ -1,13 +1,18 @@
-"""`lshmoe train --hf PATH`: fine-tune or continue pre-training a Hugging Face MoE checkpoint.
+"""`lshmoe train --hf PATH`: fine-tune or continue pre-training a Hugging Face MoE checkpoint, or
+upcycle a dense BERT checkpoint into an MoE masked LM and train it.
 
-The model is the checkpoint's own (hf/model.py), expert-parallel over the EP group, fed with `--data`
-text (or the embedded corpus) tokenised by the checkpoint's tokenizer.json. The step is the one of
+The model is the checkpoint's own (hf/model.py), or the upcycled BERT (hf/upcycle.py); hf/task.py
+picks by the checkpoint's model type. It is expert-parallel over the EP group, fed with `--data`
+text (or the embedded corpus) tokenised by the checkpoint's tokenizer.json (as masked-LM batches,
+hf/mlm.py, for BERT). The step is the one of
 train/trainer.py: forward + transformers' loss (hf/loss.py), backward, gradient sync (or Lina's
 priority scheduler), global-norm clip, AdamW, the auxiliary-loss-free bias update; metrics every
 `log_every` steps (JSONL, TensorBoard with --tensorboard), validation every `eval_every`, and
 checkpoints every `save_every` steps from which `--resume` continues exactly (same batches, same
 optimizer state, same router biases). A checkpoint also holds the transformers config and tokenizer
-files (in `hf/`), so `lshmoe export` needs nothing else.
+files (in `hf/`), so `lshmoe export` needs nothing else (MoE families only). Each metrics line also
+carries the all-to-all bytes per step from the comm ledger; `upcycle.capture` saves the MoE layers'
+FFN inputs after the last step (hf/capture.py).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.errors import DataError, NumericalError, UserError
 from lshmoe.hf import read_config
+from lshmoe.hf.capture import capture_ffn_inputs
 from lshmoe.hf.export import SIDE_FILES
 from lshmoe.hf.family import HFError
-from lshmoe.hf.load import load_weights
 from lshmoe.hf.loss import lm_loss
 from lshmoe.hf.model import build_model, moe_blocks
+from lshmoe.hf.packaged import checkpoint_dir
+from lshmoe.hf.task import moe_overrides, task_for
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.corpus import embedded_corpus, user_corpus
@@ -44,26 +51,10 @@ from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import MetricsWriter, Progress
 from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
 
-# Set by the checkpoint: a run cannot change them.
-SHAPE_FIELDS = ("num_experts", "top_k", "d_expert", "activation")
-
 
 def _log(rank: int, msg: str) -> None:
     if rank == 0:
         print(f"[lshmoe] {msg}", file=sys.stderr, flush=True)
-
-
-def moe_overrides(cfg: MoEConfig) -> dict[str, Any]:
-    """The moe.* fields a run set away from their defaults: they override the checkpoint's routing."""
-    default = MoEConfig()
-    out = {}
-    for f in dataclasses.fields(MoEConfig):
-        v = getattr(cfg, f.name)
-        if v != getattr(default, f.name) and f.name != "ep_size":
-            if f.name in SHAPE_FIELDS:
-                raise ConfigError(f"moe.{f.name}={v}: with --hf the checkpoint sets it; leave it unset")
-            out[f.name] = v
-    return out
 
 
 def hf_token_data(path: Path, cfg: Config, vocab_size: int, log) -> TokenData:
@@ -74,6 +65,8 @@ def hf_token_data(path: Path, cfg: Config, vocab_size: int, log) -> TokenData:
     if not tok_file.is_file():
         raise HFError(f"{path}: no tokenizer.json; train --hf tokenises --data with the checkpoint's own tokenizer")
     tok = Tokenizer.from_file(str(tok_file))
+    tok.no_padding()  # NOTE: a sentence-embedding tokenizer pads / truncates every text to 128 tokens
+    tok.no_truncation()
     dc = cfg.data
     docs = user_corpus(dc.path) if dc.path else embedded_corpus(dc.corpus)
     train_docs = [d for d in docs if not _is_val(d, dc.val_fraction)]
@@ -119,16 +112,18 @@ class HFTrainer:
     def __init__(self, cfg: Config, comm: Comm):
         self.cfg, self.comm = cfg, comm
         tc = cfg.train
-        self.src = Path(cfg.model.hf)
-        self.hf_config = read_config(self.src)
+        self.src = checkpoint_dir(cfg.model.hf)
+        self.task = task_for(self.src)
+        self.hf_config = self.task.read_config(self.src)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None)
         if max_pos is not None and cfg.model.seq_len > max_pos:
             raise ConfigError(f"model.seq_len={cfg.model.seq_len} is out of range; the checkpoint allows <= {max_pos}")
         torch.manual_seed(tc.seed * 1000 + comm.rank)
-        self.model, self.mcfg = build_model(
-            self.hf_config, comm, dtype=DTYPES[tc.dtype], overrides=moe_overrides(cfg.moe), settings=cfg
-        )
-        self.data = hf_token_data(self.src, cfg, self.hf_config.vocab_size, lambda m: _log(comm.rank, m))
+        resume = ckpt.resolve_resume(cfg)
+        self.model, self.mcfg = self.task.build(self.hf_config, self.src, cfg, comm, resume is None)
+        vocab = self.hf_config.vocab_size
+        tokens = hf_token_data(self.src, cfg, vocab, lambda m: _log(comm.rank, m))
+        self.data = self.task.batches(tokens, self.src, cfg, vocab)
         self.data.check_seq_len(cfg.model.seq_len)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
@@ -138,11 +133,8 @@ class HFTrainer:
             comm.ledger.enable_timeline(50_000)
         self.out_dir = Path(tc.out_dir)
         self.start_step, self.train_time, self.skipped = 0, 0.0, 0
-        resume = ckpt.resolve_resume(cfg)
         if resume is not None:
             self.load_checkpoint(resume)
-        else:
-            load_weights(self.model, self.src)
         self.writer = MetricsWriter(
             self.out_dir / "metrics.jsonl" if comm.rank == 0 else None, append=resume is not None
         )
@@ -178,12 +170,13 @@ class HFTrainer:
                     self.save_checkpoint(step)
                     raise NumericalError(f"non-finite gradient norm at step {step}; saved and stopped")
             self.opt.zero_grad(set_to_none=True)
-        ledger.end_step()
+        step_comm = ledger.end_step()
         return {
             "loss": float(out["loss"].detach()),
             "ce_loss": float(out["ce"].detach()),
             "aux_loss": float(out["aux"].detach()),
             "grad_norm": grad_norm,
+            "a2a_bytes": step_comm.a2a_bytes,
             "step_time_s": time.perf_counter() - t0,
         }
 
@@ -244,10 +237,12 @@ class HFTrainer:
         ce = lambda x, y: lm_loss(self.model, x, y)["ce"]  # noqa: E731
         return validation_loss(self.model, ce, self.data, self.cfg, self.comm)
 
-    def _mean(self, values: list[float]) -> float:
-        t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=self.comm.device)
+    def _window(self, losses: list[float], a2a: list[float]) -> tuple[float, float]:
+        """The logging window's mean loss over steps and ranks, and its all-to-all wire bytes per step
+        summed over the ranks (one all-reduce)."""
+        t = torch.tensor([sum(losses), len(losses), sum(a2a) / len(a2a)], dtype=torch.float64, device=self.comm.device)
         self.comm.all_reduce(t, self.comm.group("world"), "metrics")
-        return float(t[0] / t[1])
+        return float(t[0] / t[1]), float(t[2])
 
     def run(self) -> dict[str, Any]:
         tc, comm = self.cfg.train, self.comm
@@ -268,7 +263,7 @@ class HFTrainer:
             }
         )
         progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress, initial=self.start_step)
-        losses, times, val, vals = [], [], float("nan"), []
+        losses, times, a2a, val, vals = [], [], [], float("nan"), []
         tokens = tc.batch_size * self.cfg.model.seq_len * comm.world_size
         try:
             for step in range(self.start_step, tc.steps):
@@ -276,22 +271,25 @@ class HFTrainer:
                 self.train_time += v["step_time_s"]
                 losses.append(v["loss"])
                 times.append(v["step_time_s"])
+                a2a.append(v["a2a_bytes"])
                 last = step == tc.steps - 1
                 if (step + 1) % tc.log_every == 0 or last:
+                    loss, a2a_bytes = self._window(losses, a2a)
                     rec = {
                         "kind": "train",
                         "step": step + 1,
-                        "loss": self._mean(losses),
+                        "loss": loss,
                         "lr": lr_at(step, tc),
                         "ce_loss": v["ce_loss"],
                         "aux_loss": v["aux_loss"],
                         "grad_norm": v["grad_norm"],
+                        "a2a_bytes_per_step": a2a_bytes,
                         "tokens_per_s": tokens / statistics.median(times),
                         "train_time_s": self.train_time,
                     }
                     self.writer.write(rec)
                     self._tb(rec)
-                    losses, times = [], []
+                    losses, times, a2a = [], [], []
                     progress.update(0, loss=f"{rec['loss']:.3f}")
                 if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
                     val = self.evaluate()
@@ -305,6 +303,8 @@ class HFTrainer:
             progress.close()
             if self.sched is not None:
                 self.sched.close()
+        if self.cfg.upcycle.capture:
+            self.capture(Path(self.cfg.upcycle.capture))
         summary = {
             "kind": "summary",
             "final_val_loss": val,
@@ -321,6 +321,18 @@ class HFTrainer:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _log(comm.rank, f"done: val loss {val:.4f}; metrics in {self.out_dir}")
         return summary
+
+    def capture(self, path: Path) -> None:
+        """The MoE layers' FFN inputs on the batch the next step would train on (hf/capture.py)."""
+        x, _ = self._batch(self.cfg.train.steps)
+        meta = {
+            "hf": str(self.src),
+            "task": self.task.name,
+            "steps": self.cfg.train.steps,
+            "config": self.cfg.to_dict(),
+        }
+        capture_ffn_inputs(self.model, self.comm, x, path, meta)
+        _log(self.comm.rank, f"captured the FFN inputs of {len(moe_blocks(self.model))} MoE layers in {path}")
 
     def _tb(self, rec: dict[str, Any]) -> None:
         if self.tb is None:

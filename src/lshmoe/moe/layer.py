@@ -106,7 +106,7 @@ class MoELayer(nn.Module):
         self.my_node = comm.node_of.get(comm.rank, 0)
         self.router.set_topology(self.node_of_E, self.my_node, loc.node_limit, locality=loc.locality_weight > 0)
         self.experts = GroupedExperts(
-            num_local, d_model, cfg.d_expert, cfg.activation, first_expert=group.index * num_local
+            num_local, d_model, cfg.d_expert, cfg.activation, first_expert=group.index * num_local, bias=cfg.expert_bias
         )
         self.shared = None
         if cfg.shared_experts:
@@ -201,16 +201,10 @@ class MoELayer(nn.Module):
         call's, instead of the layer's own when active)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        T = x_TD.shape[0]
         if compressor is None:
             compressor = self.compressor if self.compressor.active(self.training) else self.identity
         route = route if route is not None else self.router(x_TD, seq_len=shape[-2] if x.dim() == 3 else None)
-        keep_TK = None
-        if self.cfg.capacity_factor is not None:
-            cap = expert_capacity(T, self.num_experts, self.top_k, self.cfg.capacity_factor)
-            keep_TK = capacity_keep_mask(route.topk_ids_TK, route.topk_probs_TK, self.num_experts, cap)
-        perm_N, counts_E = sort_by_expert(route.topk_ids_TK, self.num_experts, keep_TK)
-        rows_ND = permute_rows(x_TD, perm_N, route.topk_ids_TK.shape[-1])
+        perm_N, counts_E, rows_ND = self.group_rows(x_TD, route)
         payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E)
         dmeta = self.dispatcher.plan(sent_counts_E, self._token_rows(compressor, route, perm_N), compressor.wires())
         st = MoEState(
@@ -230,6 +224,16 @@ class MoELayer(nn.Module):
         if overlap:
             return replace(st, inflight=self.dispatcher.dispatch_start(payload_MD, dmeta))
         return replace(st, received=self.dispatcher.dispatch(payload_MD, dmeta))
+
+    def group_rows(self, x_TD: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop over capacity and permute: (perm_N, counts_E, rows_ND), the rows grouped by destination
+        expert (expert-major, `counts_E[e]` rows for global expert e), as the compressor receives them."""
+        keep_TK = None
+        if self.cfg.capacity_factor is not None:
+            cap = expert_capacity(x_TD.shape[0], self.num_experts, self.top_k, self.cfg.capacity_factor)
+            keep_TK = capacity_keep_mask(route.topk_ids_TK, route.topk_probs_TK, self.num_experts, cap)
+        perm_N, counts_E = sort_by_expert(route.topk_ids_TK, self.num_experts, keep_TK)
+        return perm_N, counts_E, permute_rows(x_TD, perm_N, route.topk_ids_TK.shape[-1])
 
     def compute(self, st: MoEState) -> MoEState:
         """Wait for the dispatch, run the local experts, start the combine."""
