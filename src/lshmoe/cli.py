@@ -30,6 +30,7 @@ BENCHES = {
     "train": ("lshmoe.bench.train_e2e", "end-to-end training tokens/s"),
     "lsh": ("lshmoe.bench.lsh_analysis", "LSH compression rate, restore error and overhead vs hash settings"),
     "lsh-real": ("lshmoe.bench.lsh_real", "LSH rate vs restore and expert-output error on pretrained MiniLM"),
+    "upcycle": ("lshmoe.bench.upcycle_bench", "the upcycled MiniLM-MoE: baseline, dedup, fp8, lsh, lsh+fp8, auto"),
     "rate": ("lshmoe.bench.rate_curve", "LSH-MoE compression rate of the default model over a long run"),
     "cluster": ("lshmoe.bench.cluster", "baseline vs LSH-MoE step time on an emulated multi-node cluster"),
     "quality": ("lshmoe.bench.quality", "validation loss of variants over seeds, time-to-target"),
