@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             set_value(cfg, k, str(v))
         set_value(cfg, "train.progress", "false")
         set_value(cfg, "dist.threads", "1")
-        records = run_training(cfg, Cluster(nodes=1, ranks_per_node=a.nproc), a.out / f"{a.name}_run")
+        run_dir = Path("runs/bench") / f"{a.name}_run"  # the training run stays out of the report
+        records = run_training(cfg, Cluster(nodes=1, ranks_per_node=a.nproc), run_dir)
     config = next((r["config"] for r in records if r.get("kind") == "config"), {})
     rates, val = curves(records)
     if not rates:

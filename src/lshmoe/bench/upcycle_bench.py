@@ -42,6 +42,7 @@ VARIANTS = {
     "lsh+fp8": ["--compress", "lsh+fp8"],
     "auto": ["--compress", "auto", "--auto-start", "4"],
 }
+RUNS = Path("runs/bench")
 MODEL = ["--hf", "all-MiniLM-L6-v2", "--num-experts", "8", "--top-k", "2", "--upcycle-every", "2"]
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, list[dict]]] = {v: {} for v in names}
     for seed in seeds:
         for v in names:
-            out = a.out / f"{a.name}_runs" / f"{v}-{seed}"
+            out = RUNS / f"{a.name}_runs" / f"{v}-{seed}"  # the training runs stay out of the report
             print(f"== seed {seed} {v} ({cluster.where()})", flush=True)
             cmd = [
                 sys.executable,
