@@ -86,6 +86,8 @@ class AutoCompressor(CompressorBase):
         self.ep_size, self.ep_index, self.num_experts = ctx.ep_size, ctx.ep_index, ctx.num_experts
         self.layer_id, self._link, self._log = ctx.layer_id, ctx.link, ctx.log
         self.choice = "identity"
+        # the one candidate whose state is checkpointed: lsh and lsh+fp8 share one LSH part
+        self._lsh = next((n for n in ("lsh", "lsh+fp8") if n in options), None)
         self.step = 0
         self.sec_per_byte = 8 / (cfg.link_gbit * 1e9) if cfg.link_gbit > 0 else float("nan")
         self._samples: collections.deque[tuple[float, float, int, float]] = collections.deque(maxlen=4 * SAMPLES)
@@ -160,7 +162,8 @@ class AutoCompressor(CompressorBase):
 
     @torch.no_grad()
     def _try_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """[candidates, 3]: wire bytes, overhead seconds, error (NaN where not measured) on this rank."""
+        """[candidates, 3]: wire bytes, overhead seconds, centroid error (0 for candidates without
+        centroids) on this rank."""
         width, dtype_bytes = rows_ND.shape[-1], rows_ND.element_size()
         out = torch.zeros(len(self.names), 3, dtype=torch.float64)
         for i, name in enumerate(self.names):
@@ -179,10 +182,9 @@ class AutoCompressor(CompressorBase):
                 elapsed = min(elapsed, time.perf_counter() - t0) if name != "identity" else 0.0
             out[i, 0] = self._rows_to_others(sent_E) * _wire_row_bytes(wires, width, dtype_bytes)
             out[i, 1] = BACKWARD_FACTOR * elapsed
-            centroids = getattr(_lsh_meta(meta), "centroids_MD", None)
-            if centroids is not None:
-                lm = _lsh_meta(meta)
-                err_N = (lm.rows_ND - centroids.index_select(0, lm.inverse_N)).norm(dim=-1)
+            lm = _lsh_meta(meta)
+            if lm is not None:
+                err_N = (lm.rows_ND - lm.centroids_MD.index_select(0, lm.inverse_N)).norm(dim=-1)
                 out[i, 2] = float((err_N / lm.rows_ND.norm(dim=-1).clamp_min(1e-12)).mean()) if err_N.numel() else 0.0
         return out
 
@@ -257,10 +259,8 @@ class AutoCompressor(CompressorBase):
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"choice": torch.tensor([self.names.index(self.choice)], dtype=torch.int64)}
         out["sec_per_byte"] = torch.tensor([self.sec_per_byte], dtype=torch.float64)
-        for name in ("lsh", "lsh+fp8"):
-            if name in self.options:
-                out.update({f"{name}.{k}": v for k, v in self.options[name].state_dict().items()})
-                break
+        if self._lsh is not None:
+            out.update({f"{self._lsh}.{k}": v for k, v in self.options[self._lsh].state_dict().items()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -268,11 +268,11 @@ class AutoCompressor(CompressorBase):
             self.choice = self.names[int(state["choice"][0])]
         if "sec_per_byte" in state:
             self.sec_per_byte = float(state["sec_per_byte"][0])
-        for name in ("lsh", "lsh+fp8"):
-            if name in self.options:
-                mine = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
-                self.options[name].load_state_dict(mine)
-                break
+        if self._lsh is not None:
+            prefix = f"{self._lsh}."
+            self.options[self._lsh].load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
 
 
 def _lsh_meta(meta: Any):
