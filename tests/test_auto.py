@@ -26,7 +26,7 @@ CASES = {  # name: (auto options, the compressor it must end on)
 
 def _layer(comm, compress: str, auto: dict) -> MoELayer:
     cfg = MoEConfig(num_experts=4, top_k=2, d_expert=5, activation="gelu", compress=compress)
-    settings = Config(moe=cfg, auto=AutoConfig(start=1, every=1, **auto))
+    settings = Config(moe=cfg, auto=AutoConfig(**{"start": 1, "every": 1, **auto}))
     layer = MoELayer(cfg, D, comm, layer_id=0, settings=settings).double()
     init_layer(layer, cfg)
     return layer
@@ -108,3 +108,43 @@ def test_the_link_estimate_takes_one_latency_off_each_exchange():
     # the latency; the slower ones waited for a late rank
     a._samples.extend([(1e6, 0.012, 2, 0.001), (1e6, 0.020, 2, 0.005), (1e6, 0.014, 2, 0.002)])
     assert a.link_estimate() == pytest.approx(0.012 / 1e6)
+
+
+def test_the_measured_check_keeps_a_faster_choice_and_undoes_a_slower_one():
+    ctx = CompressorContext(num_experts=4, d_model=D, layer_id=0, settings=Config(auto=AutoConfig(every=0)))
+    told: list[str] = []
+    for new, expect in (([0.004, 0.005, 0.006], "lsh"), ([0.02, 0.03, 0.025], "identity")):
+        a = build(ctx)
+        a._log = told.append
+        a.choice, a.step, a._verify_at = "lsh", 7, 7
+        a._spans_identity.extend([0.010, 0.011, 0.012])
+        a._spans_new = list(new)
+        assert a.probe_due(True) and not a.probe_due(False)
+        a._verify(lambda t: t)  # one rank: the all-reduce is the identity
+        assert a.choice == expect and a._verify_at is None and not a.probe_due(True)
+        assert a.stats["auto_measured_speedup"].value == pytest.approx(0.011 / sorted(new)[1])  # medians
+    assert len(told) == 1 and "auto measured lsh at 25.00 ms per forward against 11.00 ms uncompressed" in told[0]
+
+
+def _checked_worker(comm):
+    """A link so slow that the model picks LSH at step 4; steps 5..9 time it, step 9 compares."""
+    layer = _layer(comm, "auto", dict(link_gbit=1e-3, max_error=2.0, candidates="identity,lsh", start=4, every=0))
+    choices, spans = [], []
+    for step in range(11):
+        _step(layer, comm, step)
+        choices.append(layer.compressor.choice)
+        spans.append((len(layer.compressor._spans_identity), len(layer.compressor._spans_new)))
+    return dict(choices=choices, spans=spans, stats={k: v.value for k, v in layer.compressor.stats.items()})
+
+
+@pytest.mark.slow
+def test_the_measured_check_runs_on_every_rank_and_agrees():
+    r0, r1 = run_ranks(_checked_worker, 2)
+    agreed = ("auto_choice", "auto_pred_speedup", "auto_measured_speedup")  # the rest are this rank's timings
+    assert r0["choices"] == r1["choices"] and all(r0["stats"][k] == r1["stats"][k] for k in agreed)
+    c = r0["choices"]
+    assert c[:4] == ["identity"] * 4 and c[4:9] == ["lsh"] * 5  # decided at step 4, checked at step 9
+    speedup = r0["stats"]["auto_measured_speedup"]
+    assert c[9:] == (["lsh"] * 2 if speedup > 1 else ["identity"] * 2), (speedup, c)
+    assert r0["spans"][3] == (4, 0)  # steps 0..3 timed uncompressed (step 4 runs the trial: not timed)
+    assert r0["spans"][8] == (4, 4) and r0["spans"][9][1] == 0  # 5 steps under LSH, compared, cleared

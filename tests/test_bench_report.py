@@ -174,3 +174,35 @@ def test_rate_curve_reports_each_layers_rate_from_a_runs_metrics(tmp_path):
     assert (tmp_path / "bench" / "lsh_rate.png").stat().st_size > 0
     path.write_text(json.dumps(recs[0]))
     assert rate_curve.main(["--metrics", str(path), "--out", str(tmp_path / "b2")]) == 2
+
+
+def test_upcycle_summary_reads_the_trainer_records():
+    from lshmoe.bench import upcycle_bench
+
+    def run(step_s, nbytes, rate, share, final, compress="identity", choice=None):
+        cfg = {"moe": {"compress": compress}, "auto": {"candidates": "identity,fp8,lsh,lsh+fp8"}}
+        layers = {"moe1": {"auto_choice": choice}} if choice is not None else {}
+        train = [
+            {"kind": "train", "step_time_s": t, "a2a_bytes": nbytes, "compression_rate": rate, "a2a_share": share}
+            for t in step_s
+        ]
+        train[-1]["layers"] = layers
+        return [{"kind": "config", "config": cfg}, *train, {"kind": "summary", "final_val_loss": final}]
+
+    runs = {
+        # the first window (9.0, 5.0 s) is warm-up: step time and share are medians over the others
+        "baseline": {0: run([9.0, 2.0, 2.2], 8e6, 1.0, 0.5, 5.0), 1: run([9.0, 2.1, 2.3], 8e6, 1.0, 0.5, 5.2)},
+        "auto": {
+            0: run([5.0, 1.0, 1.2], 2e6, 0.4, 0.2, 5.1, "auto", 2.0),
+            1: run([5.0, 1.1, 1.3], 2e6, 0.4, 0.2, 5.3, "auto", 3.0),
+        },
+    }
+    rows = {r["variant"]: r for r in upcycle_bench.summarise(runs)}
+    base, auto = rows["baseline"], rows["auto"]
+    assert base["step_s"] == pytest.approx(2.15) and auto["step_s"] == pytest.approx(1.15)
+    assert auto["speedup"] == pytest.approx(2.15 / 1.15) and auto["bytes_vs_base"] == pytest.approx(0.25)
+    assert auto["amdahl_bound"] == pytest.approx(1 / (0.5 + 0.5 * 0.25))
+    assert auto["val_mean"] == pytest.approx(5.2) and auto["val_delta_pct"] == pytest.approx(100 * (5.2 / 5.1 - 1))
+    assert auto["auto_choice"] == "moe1 lsh; moe1 lsh+fp8" and base["auto_choice"] == ""
+    md = upcycle_bench.table(list(rows.values()))
+    assert "| auto | 2.00 | 25.0% | 40.0% | 20% | 1.15 | 1.87x | 1.60x |" in md

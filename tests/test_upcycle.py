@@ -189,7 +189,11 @@ def test_mlm_training_lowers_the_loss_on_real_text(bert, tmp_path):
     summary = trainer.run()
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, 11)) and all(r["a2a_bytes_per_step"] == 0 for r in train)
+    assert [r["step"] for r in train] == list(range(1, 11)) and all(r["a2a_bytes"] == 0 for r in train)
+    # one rank: every routed row stays, 8 x 32 tokens x top-2 in each MoE layer (every 2nd of 3: layer 1)
+    assert all(list(r["expert_load"]) == ["moe1"] for r in train)
+    assert all(r["rows_routed"] == r["rows_sent"] == 8 * 32 * 2 for r in train)
+    assert all(sum(sum(v) for v in r["expert_load"].values()) == r["rows_routed"] for r in train)
     assert summary["final_val_loss"] < before - 0.1, (before, summary["final_val_loss"], [r["loss"] for r in train])
 
 
@@ -268,7 +272,11 @@ def test_cli_two_ranks_lsh_dedup_capture(bert, tmp_path):
     assert code == 0, err
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
-    assert len(train) == 4 and all(r["a2a_bytes_per_step"] > 0 for r in train)
+    assert len(train) == 4 and all(r["a2a_bytes"] > 0 and r["a2a_time_s"] > 0 for r in train)
+    # the GPT-MoE trainer's record: rows routed over both ranks and 3 layers, LSH's per-layer stats
+    assert all(r["rows_routed"] == 2 * 3 * 4 * 16 * 2 and 0 < r["rows_sent"] <= r["rows_routed"] for r in train)
+    assert sorted(train[-1]["layers"]) == ["moe0", "moe1", "moe2"]
+    assert all(0 < v["compression_rate"] <= 1 for v in train[-1]["layers"].values())
     got = torch.load(cap, weights_only=False)
     assert got["world_size"] == 2 and sorted(got["layers"]) == [0, 1, 2] and got["meta"]["steps"] == 4
     for layer in got["layers"].values():  # each rank routes its 4 x 16 tokens to 2 experts each

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lshmoe.bench.harness import bench_parser, cluster_from, recorded_args, run_job
 from lshmoe.bench.report import md_table, median, write_section
+from lshmoe.compress.auto import parse_candidates
 
 VARIANTS = {
     "baseline": [],
@@ -55,44 +56,81 @@ def _train_args(steps: int, seed: int, out: Path, batch: int, seq: int) -> list[
     ]
 
 
-def summarise(runs: dict[str, dict[int, list[dict]]], tokens: int) -> list[dict]:
-    """Per variant: bytes, median step time (windows after the first), final validation loss over seeds."""
+def _auto_choices(recs: list[dict]) -> str:
+    """The candidate each MoE layer of an `auto` run had chosen by its last logged window ('' otherwise)."""
+    cfg = next((r["config"] for r in recs if r.get("kind") == "config"), {})
+    if cfg.get("moe", {}).get("compress") != "auto":
+        return ""
+    names = parse_candidates(cfg["auto"]["candidates"])
+    last = [r for r in recs if r.get("kind") == "train"][-1]
+    picks = {k: names[round(v["auto_choice"])] for k, v in last.get("layers", {}).items() if "auto_choice" in v}
+    return ", ".join(f"{k} {v}" for k, v in sorted(picks.items()))
+
+
+def summarise(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
+    """Per variant: bytes, rows sent, all-to-all share, median step time (windows after the first),
+    final validation loss over seeds; against the baseline: bytes, speedup, the Amdahl bound."""
     rows = []
     for name, seeds in runs.items():
-        finals, steps_s, nbytes = [], [], []
+        finals, steps_s, nbytes, rate, share = [], [], [], [], []
         for recs in seeds.values():
             train = [r for r in recs if r.get("kind") == "train"]
             finals.append(next(r for r in recs if r.get("kind") == "summary")["final_val_loss"])
-            steps_s += [tokens / r["tokens_per_s"] for r in train[1:]] or [tokens / train[-1]["tokens_per_s"]]
-            nbytes += [r["a2a_bytes_per_step"] for r in train]
+            timed = train[1:] or train
+            steps_s += [r["step_time_s"] for r in timed]
+            share += [r["a2a_share"] for r in timed]
+            nbytes += [r["a2a_bytes"] for r in train]
+            rate += [r["compression_rate"] for r in train]
         rows.append(
             {
                 "variant": name,
                 "a2a_mb_per_step": statistics.mean(nbytes) / 1e6,
+                "rows_rate": statistics.mean(rate),
+                "a2a_share": median(share),
                 "step_s": median(steps_s),
                 "val_mean": statistics.mean(finals),
                 "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "val_per_seed": finals,
+                "auto_choice": "; ".join(c for c in (_auto_choices(r) for r in seeds.values()) if c),
             }
         )
     base = next((r for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
         if base:
-            r["bytes_vs_base"] = r["a2a_mb_per_step"] / base["a2a_mb_per_step"] if base["a2a_mb_per_step"] else None
+            ratio = r["a2a_mb_per_step"] / base["a2a_mb_per_step"] if base["a2a_mb_per_step"] else None
+            r["bytes_vs_base"] = ratio
             r["speedup"] = base["step_s"] / r["step_s"]
+            if ratio is not None:
+                f = base["a2a_share"]
+                r["amdahl_bound"] = 1.0 / ((1.0 - f) + f * ratio)
             r["val_delta_pct"] = 100 * (r["val_mean"] / base["val_mean"] - 1)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ["variant", "a2a MB/step", "vs baseline", "step s", "speedup", "val MLM loss", "vs baseline", "per seed"]
+    head = [
+        "variant",
+        "a2a MB/step",
+        "vs baseline",
+        "rows sent",
+        "a2a share f",
+        "step s",
+        "speedup",
+        "Amdahl bound",
+        "val MLM loss",
+        "vs baseline",
+        "per seed",
+    ]
     body = [
         [
             r["variant"],
             f"{r['a2a_mb_per_step']:.2f}",
             f"{100 * r['bytes_vs_base']:.1f}%" if r.get("bytes_vs_base") is not None else "-",
+            f"{100 * r['rows_rate']:.1f}%",
+            f"{100 * r['a2a_share']:.0f}%",
             f"{r['step_s']:.2f}",
             f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+            f"{r['amdahl_bound']:.2f}x" if "amdahl_bound" in r else "-",
             f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
             f"{r['val_delta_pct']:+.2f}%" if "val_delta_pct" in r else "-",
             ", ".join(f"{v:.3f}" for v in r["val_per_seed"]),
@@ -124,10 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_dir("all-MiniLM-L6-v2")  # one line naming the package when it is missing
     cluster = cluster_from(a, "lshmoe bench upcycle")
     seeds = [int(s) for s in a.seeds.split(",")]
-    tokens = cluster.world * a.batch_size * a.seq_len
     runs: dict[str, dict[int, list[dict]]] = {v: {} for v in names}
-    for seed in seeds:
-        for v in names:
+    for k, seed in enumerate(seeds):
+        for v in names if k % 2 == 0 else names[::-1]:  # alternate the order: drift spreads over variants
             out = RUNS / f"{a.name}_runs" / f"{v}-{seed}"  # the training runs stay out of the report
             print(f"== seed {seed} {v} ({cluster.where()})", flush=True)
             cmd = [
@@ -139,17 +176,22 @@ def main(argv: list[str] | None = None) -> int:
             ]
             run_job(cmd + VARIANTS[v], cluster, f"{v} seed {seed}")
             runs[v][seed] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = summarise(runs, tokens)
+    rows = summarise(runs)
     print(table(rows), flush=True)
     flags = "; ".join(f"`{v}` = {' '.join(VARIANTS[v]) or '(none)'}" for v in names)
+    chose = [r for r in rows if r["auto_choice"]]
     body = (
         f"all-MiniLM-L6-v2 upcycled (every 2nd layer -> 8 experts, top-2; `docs/upcycle.md`), masked LM on the "
         f"embedded docstring corpus, {a.batch_size} x {a.seq_len} tokens per rank per step, {a.steps} steps from "
         f"the pretrained weights (early fine-tuning: most of the loss drop is the fresh MLM head), "
-        f"{cluster.where()}, seeds {a.seeds}. a2a MB/step: ledger payload bytes on the wire, all ranks. Step time: "
-        "median over the logged 5-step windows after the first; runs are sequential, not interleaved. Validation: "
-        "MLM loss on the same masked positions for every run.\n\n"
-        f"{table(rows)}\n\nVariants: {flags}. Common flags: `{' '.join(MODEL)}`.\n"
+        f"{cluster.where()}, seeds {a.seeds}. a2a MB/step: ledger payload bytes on the wire, all ranks; rows sent: "
+        "compressor payload rows / routed rows. a2a share f: all-to-all time / step time (ledger). Step time: "
+        "median over the seeds' logged 5-step windows after the first; runs are sequential, not interleaved "
+        "(the order alternates by seed). Amdahl bound: 1/((1-f)+f*r) with the baseline's f and the variant's "
+        "byte ratio r. Validation: MLM loss on the same masked positions for every run.\n\n"
+        f"{table(rows)}\n\n"
+        + "".join(f"`{r['variant']}` chose (last window, per seed): {r['auto_choice']}.\n" for r in chose)
+        + f"\nVariants: {flags}. Common flags: `{' '.join(MODEL)}`.\n"
     )
     write_section(
         a.out,

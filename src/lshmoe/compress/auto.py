@@ -28,6 +28,14 @@ identity's time (otherwise identity: never predicted slower than the baseline) a
 choice by as much (no switching on timing noise). The choice takes effect from the next step, is
 checkpointed, and appears in the metrics as `auto_choice` (index into the candidate list) with
 `auto_pred_speedup`, and as one line on rank 0 when it changes.
+
+The prediction is then checked against the clock (`auto.verify`): the layer's span from compress to
+restore (its forward exchanges, the experts between them, the compression passes) is timed on the
+sampled uncompressed steps and on the `SAMPLES` steps after a switch; if the new choice's median span,
+averaged over the ranks, is not below uncompressed's, the layer goes back to identity (one line on
+rank 0) and `auto_measured_speedup` says by how much it missed. The span holds the same expert work
+under every choice (fewer rows under LSH, which is part of its saving), so their ratio is the
+measured gain of the choice on this machine and link, whatever the model of its cost left out.
 """
 
 from __future__ import annotations
@@ -93,6 +101,12 @@ class AutoCompressor(CompressorBase):
         self._samples: collections.deque[tuple[float, float, int, float]] = collections.deque(maxlen=4 * SAMPLES)
         self._trial: torch.Tensor | None = None  # per candidate: predicted-time parts, set on decision steps
         self._pred_speedup = 1.0
+        # the measured check: compress -> restore spans uncompressed and under a new choice
+        self._spans_identity: collections.deque[float] = collections.deque(maxlen=4 * SAMPLES)
+        self._spans_new: list[float] = []
+        self._verify_at: int | None = None  # the step whose probe compares the spans
+        self._t0: float | None = None
+        self._measured_speedup = float("nan")
         self._training = True  # the mode of the call, told by `active` before each compress
 
     # ------------------------------------------------------------------------------ the current choice
@@ -110,6 +124,8 @@ class AutoCompressor(CompressorBase):
         out = dict(self.current.stats)
         out["auto_choice"] = Stat(float(self.names.index(self.choice)), Reduce.MEAN)
         out["auto_pred_speedup"] = Stat(self._pred_speedup, Reduce.MEAN)
+        if not math.isnan(self._measured_speedup):
+            out["auto_measured_speedup"] = Stat(self._measured_speedup, Reduce.MEAN)
         return out
 
     def wires(self) -> Wires:
@@ -134,6 +150,10 @@ class AutoCompressor(CompressorBase):
     def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         if self.decision_due(self._training):
             self._trial = self._try_all(rows_ND, counts_E)
+        self._t0 = None
+        if self._training and self._span_due():
+            sync(rows_ND)
+            self._t0 = time.perf_counter()
         cur = self.current
         payload, sent_E, meta = cur.compress(rows_ND, counts_E)
         return payload, sent_E, (cur, meta)
@@ -142,10 +162,20 @@ class AutoCompressor(CompressorBase):
         cur, m = meta
         if self._training and self._sampling_due():  # after the combine: the layer's exchanges are on the ledger
             self._sample_link()
-        return cur.restore(out_MD, m)
+        out_ND = cur.restore(out_MD, m)
+        if self._t0 is not None:
+            sync(out_ND)
+            span = time.perf_counter() - self._t0
+            (self._spans_identity if self.choice == "identity" else self._spans_new).append(span)
+            self._t0 = None
+        return out_ND
 
     def probe_due(self, training: bool) -> bool:
-        return self.current.probe_due(training) or (self._trial is not None and self.decision_due(training))
+        return (
+            self.current.probe_due(training)
+            or (self._trial is not None and self.decision_due(training))
+            or (training and self._verify_at == self.step)
+        )
 
     def probe(self, meta: Any, evaluate: Evaluate, all_reduce: AllReduce) -> None:
         cur, m = meta
@@ -153,6 +183,8 @@ class AutoCompressor(CompressorBase):
             cur.probe(m, evaluate, all_reduce)
         if self._trial is not None and self.decision_due(True):
             self._decide(all_reduce)
+        elif self._verify_at == self.step:
+            self._verify(all_reduce)
 
     # ------------------------------------------------------------------------------ measuring
 
@@ -198,6 +230,37 @@ class AutoCompressor(CompressorBase):
             else -(self.step - self.cfg.start) % self.cfg.every
         )
         return ahead < SAMPLES
+
+    def _span_due(self) -> bool:
+        """Time this step's span: a sampled uncompressed step before a decision (not the decision step,
+        whose trial runs inside compress), or a step of the check after a switch."""
+        if self._verify_at is not None:
+            return self.step <= self._verify_at
+        return self.choice == "identity" and self._sampling_due() and not self.decision_due(True)
+
+    def _verify(self, all_reduce: AllReduce) -> None:
+        """Keep the new choice only if its spans are measured shorter than uncompressed's (both the
+        median over this rank's steps, averaged over the ranks: every rank takes the same branch)."""
+        self._verify_at = None
+        new, old, self._spans_new = self._spans_new, self._spans_identity, []
+        mine = torch.tensor(
+            [median(new) if new else 0.0, median(old) if old else 0.0, float(bool(new and old)), 1.0],
+            dtype=torch.float64,
+        )
+        total = all_reduce(mine).to("cpu", torch.float64)
+        if float(total[2]) < float(total[3]):
+            return  # a rank has no spans to compare (resumed mid-check): keep the choice
+        t_new, t_old = float(total[0]) / float(total[3]), float(total[1]) / float(total[3])
+        self._measured_speedup = t_old / t_new if t_new > 0 else float("nan")
+        if t_new < t_old:
+            return
+        if self._log is not None:
+            self._log(
+                f"layer {self.layer_id} step {self.step}: auto measured {self.choice} at {t_new * 1e3:.2f} ms "
+                f"per forward against {t_old * 1e3:.2f} ms uncompressed (predicted {self._pred_speedup:.2f}x "
+                "faster); back to identity"
+            )
+        self.choice, self._pred_speedup = "identity", 1.0
 
     def _sample_link(self) -> None:
         """Record this step's forward exchanges while they run uncompressed (see `link_estimate`)."""
@@ -248,6 +311,9 @@ class AutoCompressor(CompressorBase):
                 f"layer {self.layer_id} step {self.step}: auto chose {choice} (link "
                 f"{self.link_bytes_per_s * 8 / 1e9:.3g} Gbit/s; predicted exchange time per step: {told})"
             )
+        if self.cfg.verify and choice != self.choice and choice != "identity" and self._spans_identity:
+            if self.cfg.every == 0 or self.cfg.every > SAMPLES:  # the check ends before the next decision
+                self._verify_at, self._spans_new = self.step + SAMPLES, []
         self.choice = choice
 
     @property

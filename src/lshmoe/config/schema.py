@@ -186,6 +186,9 @@ class AutoConfig:
                           "within this", gt=0, le=2, flag="auto-max-error")
     link_gbit: float = _f(0.0, "the all-to-all bandwidth per rank, Gbit/s; 0 = measured on the layer's own "
                           "uncompressed exchanges", ge=0, flag="auto-link-gbit")
+    verify: bool = _f(True, "after switching to a compressor, time the layer's forward exchanges with it for a few "
+                      "steps and go back to uncompressed unless they are measured faster (needs auto.every = 0 "
+                      "or > 5)", flag="auto-verify")
 
 
 @dataclass(kw_only=True)

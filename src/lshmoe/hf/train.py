@@ -10,9 +10,10 @@ priority scheduler), global-norm clip, AdamW, the auxiliary-loss-free bias updat
 `log_every` steps (JSONL, TensorBoard with --tensorboard), validation every `eval_every`, and
 checkpoints every `save_every` steps from which `--resume` continues exactly (same batches, same
 optimizer state, same router biases). A checkpoint also holds the transformers config and tokenizer
-files (in `hf/`), so `lshmoe export` needs nothing else (MoE families only). Each metrics line also
-carries the all-to-all bytes per step from the comm ledger; `upcycle.capture` saves the MoE layers'
-FFN inputs after the last step (hf/capture.py).
+files (in `hf/`), so `lshmoe export` needs nothing else (MoE families only). The metrics lines are
+the GPT-MoE trainer's (train/metrics.py): communication bytes, times and shares from the comm ledger,
+rows routed and sent, expert load, and each MoE layer's compressor stats (for example `auto_choice`);
+`upcycle.capture` saves the MoE layers' FFN inputs after the last step (hf/capture.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import hashlib
 import json
 import math
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,7 +48,7 @@ from lshmoe.train.corpus import embedded_corpus, user_corpus
 from lshmoe.train.data import TokenData, _is_val
 from lshmoe.train.evaluate import validation_loss
 from lshmoe.train.grad_sync import GradSync
-from lshmoe.train.metrics import MetricsWriter, Progress
+from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
 from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
 
 
@@ -127,6 +127,8 @@ class HFTrainer:
         self.data.check_seq_len(cfg.model.seq_len)
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
+        self.stats = IntervalStats([i for i, _ in moe_blocks(self.model)], cfg.moe.num_experts)
+        self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
         self.sched = None
         if cfg.lina.grad_sync != "sync":
             self.sched = GradScheduler(self.model, comm, cfg.lina.grad_sync, int(cfg.lina.chunk_mb * 2**20))
@@ -170,15 +172,28 @@ class HFTrainer:
                     self.save_checkpoint(step)
                     raise NumericalError(f"non-finite gradient norm at step {step}; saved and stopped")
             self.opt.zero_grad(set_to_none=True)
-        step_comm = ledger.end_step()
-        return {
+        if self.comm.device.type == "cuda":
+            torch.cuda.synchronize()
+        outs = {i: b.last_out for i, b in moe_blocks(self.model)}
+        values = {
             "loss": float(out["loss"].detach()),
             "ce_loss": float(out["ce"].detach()),
             "aux_loss": float(out["aux"].detach()),
             "grad_norm": grad_norm,
-            "a2a_bytes": step_comm.a2a_bytes,
             "step_time_s": time.perf_counter() - t0,
+            "rows_routed": sum(o.rows_routed for o in outs.values()),
+            "rows_sent": sum(o.rows_sent for o in outs.values()),
+            "dropped_tokens": sum(int(o.dropped) for o in outs.values()),
         }
+        load_LE = torch.stack([o.tokens_per_expert_E.cpu() for o in outs.values()]) if outs else torch.zeros(0, 0)
+        self.stats.add(
+            values,
+            ledger.end_step(),
+            load_LE,
+            {i: o.stats for i, o in outs.items()},
+            {i: o.reduce for i, o in outs.items()},
+        )
+        return values
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -237,13 +252,6 @@ class HFTrainer:
         ce = lambda x, y: lm_loss(self.model, x, y)["ce"]  # noqa: E731
         return validation_loss(self.model, ce, self.data, self.cfg, self.comm)
 
-    def _window(self, losses: list[float], a2a: list[float]) -> tuple[float, float]:
-        """The logging window's mean loss over steps and ranks, and its all-to-all wire bytes per step
-        summed over the ranks (one all-reduce)."""
-        t = torch.tensor([sum(losses), len(losses), sum(a2a) / len(a2a)], dtype=torch.float64, device=self.comm.device)
-        self.comm.all_reduce(t, self.comm.group("world"), "metrics")
-        return float(t[0] / t[1]), float(t[2])
-
     def run(self) -> dict[str, Any]:
         tc, comm = self.cfg.train, self.comm
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -263,34 +271,18 @@ class HFTrainer:
             }
         )
         progress = Progress(tc.steps, enabled=comm.rank == 0 and tc.progress, initial=self.start_step)
-        losses, times, a2a, val, vals = [], [], [], float("nan"), []
-        tokens = tc.batch_size * self.cfg.model.seq_len * comm.world_size
+        val, vals = float("nan"), []
         try:
             for step in range(self.start_step, tc.steps):
                 v = self.train_step(step)
                 self.train_time += v["step_time_s"]
-                losses.append(v["loss"])
-                times.append(v["step_time_s"])
-                a2a.append(v["a2a_bytes"])
                 last = step == tc.steps - 1
                 if (step + 1) % tc.log_every == 0 or last:
-                    loss, a2a_bytes = self._window(losses, a2a)
-                    rec = {
-                        "kind": "train",
-                        "step": step + 1,
-                        "loss": loss,
-                        "lr": lr_at(step, tc),
-                        "ce_loss": v["ce_loss"],
-                        "aux_loss": v["aux_loss"],
-                        "grad_norm": v["grad_norm"],
-                        "a2a_bytes_per_step": a2a_bytes,
-                        "tokens_per_s": tokens / statistics.median(times),
-                        "train_time_s": self.train_time,
-                    }
+                    rec = self.stats.reduce(comm, self.tokens_per_rank_step)
+                    rec.update(kind="train", step=step + 1, lr=lr_at(step, tc), train_time_s=self.train_time)
                     self.writer.write(rec)
                     self._tb(rec)
-                    losses, times, a2a = [], [], []
-                    progress.update(0, loss=f"{rec['loss']:.3f}")
+                    progress.update(0, loss=f"{rec['loss']:.3f}", comm=f"{100 * rec['comm_share']:.0f}%")
                 if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
                     val = self.evaluate()
                     vals.append((step + 1, val))
