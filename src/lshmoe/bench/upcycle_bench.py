@@ -41,7 +41,7 @@ VARIANTS = {
         "0.5",
     ],
     "lsh+fp8": ["--compress", "lsh+fp8"],
-    "auto": ["--compress", "auto", "--auto-start", "4"],
+    "auto": ["--compress", "auto", "--auto-start", "3"],
 }
 RUNS = Path("runs/bench")
 MODEL = ["--hf", "all-MiniLM-L6-v2", "--num-experts", "8", "--top-k", "2", "--upcycle-every", "2"]
