@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lshmoe.bench.harness import bench_parser, cluster_from, recorded_args, run_job
 from lshmoe.bench.report import md_table, median, write_section
-from lshmoe.compress.auto import parse_candidates
+from lshmoe.config import AutoConfig
 
 VARIANTS = {
     "baseline": [],
@@ -61,7 +61,7 @@ def _auto_choices(recs: list[dict]) -> str:
     cfg = next((r["config"] for r in recs if r.get("kind") == "config"), {})
     if cfg.get("moe", {}).get("compress") != "auto":
         return ""
-    names = parse_candidates(cfg["auto"]["candidates"])
+    names = AutoConfig(candidates=cfg["auto"]["candidates"]).candidate_names()
     last = [r for r in recs if r.get("kind") == "train"][-1]
     picks = {k: names[round(v["auto_choice"])] for k, v in last.get("layers", {}).items() if "auto_choice" in v}
     return ", ".join(f"{k} {v}" for k, v in sorted(picks.items()))

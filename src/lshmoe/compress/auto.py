@@ -52,22 +52,18 @@ from lshmoe.compress.compose import compose
 from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import AutoConfig
+from lshmoe.config.schema import AUTO_CHOICES
 from lshmoe.distributed.wire import Wires
-from lshmoe.errors import ConfigError
 
-CHOICES = ("identity", "fp8", "int8", "lsh", "lsh+fp8")
+CHOICES = AUTO_CHOICES
 BACKWARD_FACTOR = 2.0  # forward + backward passes of a compressor, as a multiple of the forward's
 SAMPLES = 5  # steps before each decision whose exchanges are timed
 REPEATS = 3  # a candidate's overhead is the fastest of this many trials
 
 
 def parse_candidates(text: str) -> tuple[str, ...]:
-    """`auto.candidates` as names, identity first; a one-line error for an unknown name."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in CHOICES]
-    if bad:
-        raise ConfigError(f"auto.candidates: {bad[0]!r} is not a candidate; choose from {', '.join(CHOICES)}")
-    return ("identity", *dict.fromkeys(n for n in names if n != "identity"))
+    """`auto.candidates` as names, identity first (`AutoConfig.candidate_names`)."""
+    return AutoConfig(candidates=text).candidate_names()
 
 
 def build(ctx: CompressorContext) -> AutoCompressor:

@@ -17,6 +17,7 @@ import torch
 
 from lshmoe.compress.registry import NAMES as COMPRESSORS
 from lshmoe.config.fields import _f
+from lshmoe.errors import ConfigError
 from lshmoe.moe.dispatch.build import KINDS as DISPATCHERS
 
 PLACEMENTS = ("popularity", "uniform")  # Lina's inference placements
@@ -169,6 +170,9 @@ class QuantConfig:
     eval_quantize: bool = _f(True, "quantize in evaluation too (false: exact rows at eval)")
 
 
+AUTO_CHOICES = ("identity", "fp8", "int8", "lsh", "lsh+fp8")  # what `--compress auto` can choose
+
+
 @dataclass(kw_only=True)
 class AutoConfig:
     """`moe.compress=auto`: each MoE layer picks its compressor from measurements (compress/auto.py)."""
@@ -189,6 +193,16 @@ class AutoConfig:
     verify: bool = _f(True, "after switching to a compressor, time the layer's forward exchanges with it for a few "
                       "steps and go back to uncompressed unless they are measured faster (needs auto.every = 0 "
                       "or > 5)", flag="auto-verify")
+
+    def candidate_names(self) -> tuple[str, ...]:
+        """`candidates` as names, identity first, each once; a one-line error for an unknown name."""
+        names = [t.strip() for t in self.candidates.split(",") if t.strip()]
+        bad = [n for n in names if n not in AUTO_CHOICES]
+        if bad:
+            raise ConfigError(
+                f"auto.candidates: {bad[0]!r} is not a candidate; choose from {', '.join(AUTO_CHOICES)}"
+            )
+        return ("identity", *dict.fromkeys(n for n in names if n != "identity"))
 
 
 @dataclass(kw_only=True)

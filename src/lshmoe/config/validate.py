@@ -79,9 +79,7 @@ def _validate_lsh(cfg: Config) -> None:
 
 
 def _validate_auto(cfg: Config) -> None:
-    from lshmoe.compress.auto import parse_candidates
-
-    parse_candidates(cfg.auto.candidates)
+    cfg.auto.candidate_names()
 
 
 def _validate_routing(e: MoEConfig) -> None:
