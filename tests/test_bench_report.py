@@ -23,7 +23,9 @@ def test_summary_of_a_recorded_ab_run():
     f = statistics.median([a / s for a, s in zip(base["a2a_time_s"], base["step_time_s"], strict=True)])
     r = sum(lsh["rows_sent"]) / sum(lsh["rows_routed"])
     assert rows["lsh"]["speedup"] == pytest.approx(t_b / t_l)
-    assert rows["lsh"]["amdahl_bound"] == pytest.approx(1 / ((1 - f) + f * r))
+    b = sum(lsh["a2a_bytes"]) / sum(base["a2a_bytes"]) * base["measured_steps"] / lsh["measured_steps"]
+    assert rows["lsh"]["bytes_ratio"] == pytest.approx(b)
+    assert rows["lsh"]["amdahl_bound"] == pytest.approx(1 / ((1 - f) + f * b))
     assert rows["lsh"]["compression_rate"] == pytest.approx(r)
     assert rows["baseline"]["speedup"] == pytest.approx(1.0)
     assert rows["lsh"]["tokens_per_s"] == pytest.approx(8192 / t_l)

@@ -4,8 +4,9 @@ For every link rate: build the emulated cluster (N namespaces x R ranks, `tc tbf
 links), start the ranks in their namespaces, and let them alternate training steps between the
 variants (`bench/ab_worker.py`). Per variant the report gives the median step time, tokens/s, the
 ledger's all-to-all bytes per step, the interface byte counters against the ledger's inter-node
-bytes, the all-to-all share f, the compression rate r, the measured speedup over the baseline, and
-the Amdahl bound 1 / ((1 - f) + f * r) computed from the baseline's f and the variant's r.
+bytes, the all-to-all share f, the compression rate r (rows), the measured speedup over the baseline,
+and the Amdahl bound 1 / ((1 - f) + f * b) from the baseline's f and the variant's byte ratio b (the
+all-to-all time follows the bytes: b = r for LSH, bytes per row for FP8, both for lsh+fp8).
 
 Run: `lshmoe bench cluster --links 10gbit,2gbit,1gbit,500mbit,200mbit` (root + iproute2), or
 `--no-emulation` for the same comparison on loopback.
@@ -32,6 +33,7 @@ def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") ->
     if base:
         f_base = median([a / s for a, s in zip(base["a2a_time_s"], base["step_time_s"], strict=True)])
         t_base = median(base["step_time_s"])
+        bytes_base = sum(base["a2a_bytes"]) / max(1, base["measured_steps"])
     for name, v in result["variants"].items():
         st = median(v["step_time_s"])
         n = max(1, v["measured_steps"])
@@ -61,8 +63,11 @@ def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") ->
             },
         }
         if base:
+            # the all-to-all time scales with its bytes: rows for LSH, bytes per row for FP8, both for lsh+fp8
+            rb = row["a2a_bytes_per_step"] / bytes_base if bytes_base else r
+            row["bytes_ratio"] = rb
             row["speedup"] = t_base / st
-            row["amdahl_bound"] = 1.0 / ((1 - f_base) + f_base * r)
+            row["amdahl_bound"] = 1.0 / ((1 - f_base) + f_base * rb)
             row["efficiency"] = row["speedup"] / row["amdahl_bound"]
         rows.append(row)
     return rows
@@ -191,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         f" blocks of {a.steps_per_round} steps for {a.rounds} measured rounds after one warm-up round, medians of"
         " per-step values. a2a MB/step: ledger payload bytes on the wire (forward + backward, all ranks). "
         "iface/ledger: bytes counted by the nodes' link interfaces (TCP/IP headers and acks included) over the "
-        "ledger's inter-node bytes. f: all-to-all time / step time. Amdahl bound: 1/((1-f)+f*r) with the "
-        "baseline's f and the variant's r.\n"
+        "ledger's inter-node bytes. f: all-to-all time / step time. rate r: rows sent / rows routed. Amdahl "
+        "bound: 1/((1-f)+f*b) with the baseline's f and b the variant's a2a bytes over the baseline's.\n"
     ]
     for link in links:
         body.append(f"### {link}\n\n{table(per_link[link])}\n")

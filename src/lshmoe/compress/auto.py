@@ -52,10 +52,8 @@ from lshmoe.compress.compose import compose
 from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import AutoConfig
-from lshmoe.config.schema import AUTO_CHOICES
 from lshmoe.distributed.wire import Wires
 
-CHOICES = AUTO_CHOICES
 BACKWARD_FACTOR = 2.0  # forward + backward passes of a compressor, as a multiple of the forward's
 SAMPLES = 5  # steps before each decision whose exchanges are timed
 REPEATS = 3  # a candidate's overhead is the fastest of this many trials
