@@ -197,6 +197,38 @@ def test_mlm_training_lowers_the_loss_on_real_text(bert, tmp_path):
     assert summary["final_val_loss"] < before - 0.1, (before, summary["final_val_loss"], [r["loss"] for r in train])
 
 
+def test_train_moe_freezes_the_backbone_and_trains_the_new_parts(bert, tmp_path):
+    """`upcycle.train=moe`: the MoE layers and the MLM head's transform and bias train; the backbone
+    and the tied embeddings do not move, and the gradient sync holds only the routers and the head."""
+    from lshmoe.hf.train import HFTrainer
+    from lshmoe.train.grad_sync import GradSync
+
+    path, text = bert
+    cfg = _settings(E=4, K=2, every=1, noise=0.01)
+    cfg.upcycle.train = "moe"
+    cfg.model.hf, cfg.data.path, cfg.model.seq_len = str(path), str(text), 16
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 3, 4, 1e-2, 1
+    cfg.train.log_every, cfg.train.eval_batches, cfg.train.eval_every = 1, 1, 0
+    cfg.train.progress, cfg.train.out_dir, cfg.train.resume = False, str(tmp_path / "run"), "none"
+    trainer = HFTrainer(cfg, Comm.local())
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.run()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert moved == trainable  # everything trainable moved, nothing frozen did
+    assert all(".intermediate.moe." in n or n.startswith("cls.") for n in trainable), sorted(trainable)
+    assert any(".experts." in n for n in trainable) and any(
+        n.startswith("cls.predictions.transform") for n in trainable
+    )
+    assert "bert.embeddings.word_embeddings.weight" not in trainable
+    assert not any(n.startswith("bert.encoder.layer.0.attention") for n in trainable)
+    dense = GradSync(model, Comm.local()).dense  # what the gradient all-reduce would carry
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("cls.") and p.requires_grad)
+    routers = sum(b.moe.router.weight.numel() for _, b in moe_blocks(model))
+    assert sum(p.numel() for p in dense) == head + routers
+
+
 def test_capture_holds_each_experts_rows(bert, tmp_path):
     path, _ = bert
     model, _ = upcycle_bert(path, settings=_settings(E=4, K=2, every=2, noise=0.05), dtype=torch.float64)

@@ -271,6 +271,10 @@ class UpcycleConfig:
                           gt=0, lt=1)
     capture: str | None = _f(None, "after training, write every MoE layer's FFN inputs grouped by (source rank, "
                              "expert) to this .pt file (hf/capture.py)")
+    train: str = _f("all", "which parameters train: all, or moe = the MoE layers (experts, routers) and the MLM "
+                    "head's transform and bias only, the pretrained backbone and the tied embeddings frozen (its "
+                    "gradient all-reduce is then a few hundred KB instead of the whole dense model)",
+                    choices=("all", "moe"), flag="upcycle-train")
 
 
 @dataclass(kw_only=True)

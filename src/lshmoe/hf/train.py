@@ -255,10 +255,12 @@ class HFTrainer:
     def run(self) -> dict[str, Any]:
         tc, comm = self.cfg.train, self.comm
         n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
         _log(
             comm.rank,
             f"{self.hf_config.model_type} from {self.src}: {comm.world_size} rank(s) on {comm.device}, "
-            f"{n_params / 1e6:.2f} M params/rank, {len(moe_blocks(self.model))} MoE layers x "
+            f"{n_params / 1e6:.2f} M params/rank{trained}, {len(moe_blocks(self.model))} MoE layers x "
             f"{self.mcfg.num_experts} experts (top-{self.mcfg.top_k})",
         )
         self.writer.write(

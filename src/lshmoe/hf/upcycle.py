@@ -10,6 +10,11 @@
                (cls.predictions.*), else drawn fresh from (seed, name): an encoder-only checkpoint
                such as all-MiniLM-L6-v2 carries none
 
+`upcycle.train=moe` trains only what upcycling made new or changed, the MoE layers and the MLM head's
+transform and bias, and freezes the pretrained backbone and the tied word embeddings; on a slow
+link the dense gradient all-reduce (about 90 MB per step for all-MiniLM-L6-v2, most of it the
+embeddings) would otherwise outweigh the all-to-all (a few MB per step at small batches).
+
 At noise 0 every expert is the FFN, and each token's gate weights sum to 1 (normalize_weights, and
 transformers' top-1 rule), so the MoE layer computes the FFN exactly: the upcycled model is the dense
 model until training moves the experts apart (Komatsuzaki et al., "Sparse Upcycling", 2023).
@@ -140,6 +145,15 @@ def _fresh_head(model: nn.Module, missing: list[str], seed: int, std: float) -> 
             p.copy_(torch.randn(p.shape, generator=generator(seed, "mlm-head", name), dtype=torch.float64) * std)
 
 
+def freeze_backbone(model: nn.Module) -> None:
+    """Leave trainable only the MoE layers and the MLM head's own transform and bias (`upcycle.train=moe`)."""
+    tied = model.bert.embeddings.word_embeddings.weight
+    keep = {id(p) for m in model.modules() if isinstance(m, HFMoEBlock) for p in m.parameters()}
+    keep |= {id(p) for p in model.cls.parameters() if p is not tied}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
 def upcycle_bert(
     path: str | Path,
     comm: Comm | None = None,
@@ -171,7 +185,9 @@ def upcycle_bert(
         layer.intermediate = HFMoEBlock(moe)  # D -> D: the experts end with the FFN's output projection
         layer.output.dense = nn.Identity()  # BertOutput keeps dropout + LayerNorm(h + residual)
     model.moe_cfg = mcfg
+    if uc.train == "moe":
+        freeze_backbone(model)
     return model.train(), mcfg  # NOTE: from_pretrained hands back eval mode; a built model trains
 
 
-__all__ = ["copy_ffn", "read_bert_config", "upcycle_bert", "upcycle_moe_config", "upcycled_layers"]
+__all__ = ["copy_ffn", "freeze_backbone", "read_bert_config", "upcycle_bert", "upcycle_moe_config", "upcycled_layers"]
