@@ -40,6 +40,7 @@ ORDER = [
     "quant_dedup",
     "quality_fp8",
     "compress_auto",
+    "compress_auto_err",
     "upcycle",
     "profile",
     "soak",
