@@ -116,10 +116,11 @@ class AutoCompressor(CompressorBase):
     @property
     def stats(self) -> dict[str, Stat]:
         out = dict(self.current.stats)
-        out["auto_choice"] = Stat(float(self.names.index(self.choice)), Reduce.MEAN)
-        out["auto_pred_speedup"] = Stat(self._pred_speedup, Reduce.MEAN)
+        # states, not per-step amounts: the metrics report their value at the interval's end
+        out["auto_choice"] = Stat(float(self.names.index(self.choice)), Reduce.LAST)
+        out["auto_pred_speedup"] = Stat(self._pred_speedup, Reduce.LAST)
         if not math.isnan(self._measured_speedup):
-            out["auto_measured_speedup"] = Stat(self._measured_speedup, Reduce.MEAN)
+            out["auto_measured_speedup"] = Stat(self._measured_speedup, Reduce.LAST)
         return out
 
     def wires(self) -> Wires:

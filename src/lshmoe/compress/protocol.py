@@ -52,6 +52,7 @@ class Reduce(str, Enum):
     MEAN = "mean"  # per step, averaged over ranks (seconds, a chosen parameter)
     PER_PROBE = "per_probe"  # averaged over the probes that ran in the interval (see PROBES)
     PROBES = "probes"  # the count of probes that ran; the denominator of PER_PROBE, not reported
+    LAST = "last"  # the interval's last value, averaged over ranks (a state: a choice, a measured ratio)
 
 
 @dataclass(frozen=True, slots=True)

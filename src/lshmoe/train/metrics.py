@@ -17,7 +17,8 @@ excluded from the communication share) and rank 0 writes one `train` record with
 - expert_load: per MoE layer, rows per expert per step, summed over ranks
 - layers: per MoE layer, its own numbers (`MoEOutput.stats`), each reduced as `MoEOutput.reduce`
   declares: rows and bytes summed over ranks, a compressor's seconds and parameters averaged over
-  ranks, its probe measurements averaged over the probes of the interval; `compression_rate` =
+  ranks, its probe measurements averaged over the probes of the interval, a state (`auto_choice`) as
+  its value at the interval's last step; `compression_rate` =
   rows sent / rows routed
 """
 
@@ -115,8 +116,9 @@ class IntervalStats:
             self.layer_reduce.setdefault(layer, {}).update(reduce)
         for layer, stats in (layer_stats or {}).items():
             acc = self.layer_sums.setdefault(layer, {})
+            how = self.layer_reduce.get(layer, {})
             for k, v in stats.items():
-                acc[k] = acc.get(k, 0.0) + float(v)
+                acc[k] = float(v) if how.get(k) is Reduce.LAST else acc.get(k, 0.0) + float(v)
         merged = {**values, **{k: getattr(comm_step, k) for k in FROM_LEDGER}}
         for k in SCALARS:
             self.sums[k] += float(merged.get(k, 0.0))
@@ -181,6 +183,8 @@ def _layer_record(
                 rec[k] = v / probes if probes else float("nan")
             elif kind is Reduce.MEAN:
                 rec[k] = v / steps / world
+            elif kind is Reduce.LAST:
+                rec[k] = v / world
             else:
                 rec[k] = v / steps
         if rec.get("rows_routed"):
