@@ -36,6 +36,7 @@ ORDER = [
     "quality",
     "quality_rate20",
     "lsh_split",
+    "quality_4x2",
     "lsh_rate",
     "quant_dedup",
     "quality_fp8",
