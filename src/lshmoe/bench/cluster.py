@@ -21,6 +21,7 @@ from pathlib import Path
 from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, recorded_args, run_ab
 from lshmoe.bench.netns import rate_bits
 from lshmoe.bench.report import md_table, median, save_plot, write_section
+from lshmoe.bench.simulate import amdahl_bound
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.train.data import load_data
 
@@ -67,7 +68,7 @@ def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") ->
             rb = row["a2a_bytes_per_step"] / bytes_base if bytes_base else r
             row["bytes_ratio"] = rb
             row["speedup"] = t_base / st
-            row["amdahl_bound"] = 1.0 / ((1 - f_base) + f_base * rb)
+            row["amdahl_bound"] = amdahl_bound(f_base, rb)
             row["efficiency"] = row["speedup"] / row["amdahl_bound"]
         rows.append(row)
     return rows

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lshmoe.bench.harness import Cluster, bench_parser, recorded_args, run_training
+from lshmoe.bench.harness import DEFAULT_OUT, Cluster, bench_parser, recorded_args, run_training
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, apply_sets, set_value
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             set_value(cfg, k, str(v))
         set_value(cfg, "train.progress", "false")
         set_value(cfg, "dist.threads", "1")
-        run_dir = Path("runs/bench") / f"{a.name}_run"  # the training run stays out of the report
+        run_dir = DEFAULT_OUT / f"{a.name}_run"  # the training run stays out of the report
         records = run_training(cfg, Cluster(nodes=1, ranks_per_node=a.nproc), run_dir)
     config = next((r["config"] for r in records if r.get("kind") == "config"), {})
     rates, val = curves(records)

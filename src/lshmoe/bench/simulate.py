@@ -25,6 +25,11 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 
 
+def amdahl_bound(f: float, r: float) -> float:
+    """The speedup if only the all-to-all changes: the fraction f of the step it takes, scaled by r."""
+    return 1.0 / ((1.0 - f) + f * r)
+
+
 @dataclass(kw_only=True)
 class ClusterModel:
     nodes: int = 4
@@ -89,7 +94,7 @@ def project(m: ClusterModel) -> Projection:
         a2a_share=f,
         t_lsh_s=t_lsh,
         speedup=(t_a2a + t_comp) / (m.rate * t_a2a + t_comp + t_lsh),
-        amdahl_bound=1 / ((1 - f) + f * m.rate),
+        amdahl_bound=amdahl_bound(f, m.rate),
         paper_ratio=paper,
     )
 

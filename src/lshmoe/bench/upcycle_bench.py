@@ -18,8 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from lshmoe.bench.harness import bench_parser, cluster_from, recorded_args, run_job
+from lshmoe.bench.harness import DEFAULT_OUT, bench_parser, cluster_from, recorded_args, run_job
 from lshmoe.bench.report import md_table, median, write_section
+from lshmoe.bench.simulate import amdahl_bound
 from lshmoe.config import AutoConfig
 
 VARIANTS = {
@@ -43,7 +44,6 @@ VARIANTS = {
     "lsh+fp8": ["--compress", "lsh+fp8"],
     "auto": ["--compress", "auto", "--auto-start", "3"],
 }
-RUNS = Path("runs/bench")
 MODEL = ["--hf", "all-MiniLM-L6-v2", "--num-experts", "8", "--top-k", "2", "--upcycle-every", "2"]
 
 
@@ -102,8 +102,7 @@ def summarise(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
             r["bytes_vs_base"] = ratio
             r["speedup"] = base["step_s"] / r["step_s"]
             if ratio is not None:
-                f = base["a2a_share"]
-                r["amdahl_bound"] = 1.0 / ((1.0 - f) + f * ratio)
+                r["amdahl_bound"] = amdahl_bound(base["a2a_share"], ratio)
             r["val_delta_pct"] = 100 * (r["val_mean"] / base["val_mean"] - 1)
     return rows
 
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, list[dict]]] = {v: {} for v in names}
     for k, seed in enumerate(seeds):
         for v in names if k % 2 == 0 else names[::-1]:  # alternate the order: drift spreads over variants
-            out = RUNS / f"{a.name}_runs" / f"{v}-{seed}"  # the training runs stay out of the report
+            out = DEFAULT_OUT / f"{a.name}_runs" / f"{v}-{seed}"  # the training runs stay out of the report
             print(f"== seed {seed} {v} ({cluster.where()})", flush=True)
             cmd = [
                 sys.executable,

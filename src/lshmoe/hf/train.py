@@ -174,26 +174,14 @@ class HFTrainer:
             self.opt.zero_grad(set_to_none=True)
         if self.comm.device.type == "cuda":
             torch.cuda.synchronize()
-        outs = {i: b.last_out for i, b in moe_blocks(self.model)}
         values = {
             "loss": float(out["loss"].detach()),
             "ce_loss": float(out["ce"].detach()),
             "aux_loss": float(out["aux"].detach()),
             "grad_norm": grad_norm,
             "step_time_s": time.perf_counter() - t0,
-            "rows_routed": sum(o.rows_routed for o in outs.values()),
-            "rows_sent": sum(o.rows_sent for o in outs.values()),
-            "dropped_tokens": sum(int(o.dropped) for o in outs.values()),
         }
-        load_LE = torch.stack([o.tokens_per_expert_E.cpu() for o in outs.values()]) if outs else torch.zeros(0, 0)
-        self.stats.add(
-            values,
-            ledger.end_step(),
-            load_LE,
-            {i: o.stats for i, o in outs.items()},
-            {i: o.reduce for i, o in outs.items()},
-        )
-        return values
+        return self.stats.add_step(values, ledger.end_step(), {i: b.last_out for i, b in moe_blocks(self.model)})
 
     # ------------------------------------------------------------------------------------ checkpoints
 

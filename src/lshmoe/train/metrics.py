@@ -124,6 +124,25 @@ class IntervalStats:
             self.sums[k] += float(merged.get(k, 0.0))
         self.load += load_LE.double()
 
+    def add_step(self, values: dict[str, float], comm_step: StepComm, moe: dict[int, Any]) -> dict[str, float]:
+        """One training step from its MoE layers' outputs (`MoEOutput` by layer id, in `moe_layers`
+        order): `values` plus the rows routed, sent and dropped over the layers, which it returns; the
+        expert load and each layer's stats go into the interval too."""
+        values = {
+            **values,
+            "rows_routed": sum(o.rows_routed for o in moe.values()),
+            "rows_sent": sum(o.rows_sent for o in moe.values()),
+            "dropped_tokens": sum(int(o.dropped) for o in moe.values()),
+        }
+        load_LE = (
+            torch.stack([moe[i].tokens_per_expert_E.cpu() for i in self.moe_layers])
+            if moe
+            else torch.zeros_like(self.load)
+        )
+        stats = {i: o.stats for i, o in moe.items()}
+        self.add(values, comm_step, load_LE, stats, {i: o.reduce for i, o in moe.items()})
+        return values
+
     def reduce(self, comm: Comm, tokens_per_rank_step: int) -> dict[str, Any]:
         """All-reduce the interval over the world and return the cross-rank record (every rank)."""
         # Every rank has the same layers and stat keys (they follow from the config), so the vectors align.

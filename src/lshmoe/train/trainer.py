@@ -128,25 +128,18 @@ class Trainer:
             torch.cuda.synchronize()
         self.heap.step()  # inside the step time: its cost is the step's
         step_time = time.perf_counter() - t0
-        load = torch.stack([out.moe[i].tokens_per_expert_E.cpu() for i in self.moe_ids])
         values = {
             "loss": float(out.loss.detach()),
             "ce_loss": float(out.ce_loss.detach()),
             "aux_loss": float(out.aux_loss.detach()),
             "step_time_s": step_time,
             "grad_norm": grad_norm,
-            "rows_routed": sum(o.rows_routed for o in out.moe.values()),
-            "rows_sent": sum(o.rows_sent for o in out.moe.values()),
-            "dropped_tokens": sum(int(o.dropped) for o in out.moe.values()),
             "host_syncs": syncs.count,
             "host_syncs_comm": self.comm.host_syncs - comm_syncs,
         }
         self.last_comm = ledger.end_step()
         self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
-        self.stats.add(
-            values, self.last_comm, load, self.last_layer_stats, {i: out.moe[i].reduce for i in self.moe_ids}
-        )
-        return values
+        return self.stats.add_step(values, self.last_comm, {i: out.moe[i] for i in self.moe_ids})
 
     def _poison_a_gradient(self) -> None:
         self.model.moe_layers[-1].experts.w1_GDF.grad.fill_(float("nan"))
