@@ -9,8 +9,8 @@ from cli_util import corpus
 from lshmoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
 from lshmoe.testing import run_ranks
 from lshmoe.train import checkpoint as ckpt
-from lshmoe.train.data import load_data
-from lshmoe.train.trainer import Trainer
+from lshmoe.train.gpt_task import GPTTask
+from lshmoe.train.loop import Trainer
 
 
 def _cfg(tmp, resume="none") -> dict:
@@ -33,7 +33,7 @@ def _entries(tr: Trainer) -> dict[str, torch.Tensor]:
 
 def _save_worker(comm, cfg_dict):
     cfg = from_dict(cfg_dict)
-    tr = Trainer(cfg, comm, load_data(cfg.data))
+    tr = Trainer(cfg, comm, GPTTask())
     for step in range(3):
         tr.train_step(step)
     path = tr.save_checkpoint(3)
@@ -42,7 +42,7 @@ def _save_worker(comm, cfg_dict):
 
 def _load_worker(comm, cfg_dict):
     cfg = from_dict(cfg_dict)
-    tr = Trainer(cfg, comm, load_data(cfg.data))
+    tr = Trainer(cfg, comm, GPTTask())
     out = {"start": tr.start_step, "entries": _entries(tr)}
     tr.train_step(tr.start_step)  # and training continues on the new layout
     return out

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_util import run, train_args
 
 
 @pytest.mark.slow
@@ -66,3 +67,20 @@ def test_two_rank_cli_run_writes_metrics(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and math.isfinite(summary["final_val_loss"])
     assert summary["final_val_loss"] < math.log(4096), "six steps must already beat the uniform predictor"
+
+
+def test_tensorboard_events_of_a_gpt_run_are_grouped(tmp_path):
+    """`--tensorboard` on the GPT-MoE writes event files (it was validated, then ignored, before the
+    loops were one): grouped scalars, per-layer values and exact/compressed validation, read back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    code, err, _ = run(train_args(tmp_path, out, "--tensorboard", "--compress", "lsh", "--eval-every", "2", steps=4))
+    assert code == 0, err
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm", "comm/a2a_share", "moe/rows_sent", "moe/compression_rate"} <= scalars
+    assert {"eval/val_loss", "eval/val_loss_compressed", "moe/layer_1/compression_rate"} <= scalars, sorted(scalars)
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "moe/layer_1/expert_load" in acc.Tags()["histograms"]

@@ -18,7 +18,8 @@ from lshmoe.sched.timeline import (
 )
 from lshmoe.testing import run_ranks
 from lshmoe.train.data import load_data
-from lshmoe.train.trainer import Trainer
+from lshmoe.train.gpt_task import GPTTask
+from lshmoe.train.loop import Trainer
 
 CHUNK_MB = 0.02  # ~20 KB: many chunks per gradient, so ordering and priority are exercised
 
@@ -41,7 +42,7 @@ def _cfg(tmp, policy, dtype="float64") -> dict:
 
 def _train_worker(comm, cfg_dict, steps):
     cfg = from_dict(cfg_dict)
-    tr = Trainer(cfg, comm, load_data(cfg.data))
+    tr = Trainer(cfg, comm, GPTTask())
     for s in range(steps):
         tr.train_step(s)
     params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}

@@ -176,7 +176,8 @@ def test_mask_tokens_follows_bert_rule():
 
 
 def test_mlm_training_lowers_the_loss_on_real_text(bert, tmp_path):
-    from lshmoe.hf.train import HFTrainer
+    from lshmoe.hf.task import task_for
+    from lshmoe.train.loop import Trainer
 
     path, text = bert
     cfg = _settings(E=4, K=2, every=2, noise=0.01)
@@ -184,9 +185,9 @@ def test_mlm_training_lowers_the_loss_on_real_text(bert, tmp_path):
     cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 10, 8, 1e-2, 1
     cfg.train.log_every, cfg.train.eval_batches, cfg.train.eval_every = 1, 4, 0
     cfg.train.progress, cfg.train.out_dir, cfg.train.resume = False, str(tmp_path / "run"), "none"
-    trainer = HFTrainer(cfg, Comm.local())
-    before = trainer.evaluate()  # the same masked validation positions as the final evaluation
-    summary = trainer.run()
+    trainer = Trainer(cfg, Comm.local(), task_for(path))
+    before = trainer.evaluate()["val_loss"]  # the same masked validation positions as the final evaluation
+    result = trainer.run()
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 11)) and all(r["a2a_bytes"] == 0 for r in train)
@@ -194,14 +195,15 @@ def test_mlm_training_lowers_the_loss_on_real_text(bert, tmp_path):
     assert all(list(r["expert_load"]) == ["moe1"] for r in train)
     assert all(r["rows_routed"] == r["rows_sent"] == 8 * 32 * 2 for r in train)
     assert all(sum(sum(v) for v in r["expert_load"].values()) == r["rows_routed"] for r in train)
-    assert summary["final_val_loss"] < before - 0.1, (before, summary["final_val_loss"], [r["loss"] for r in train])
+    assert result.final_val_loss < before - 0.1, (before, result.final_val_loss, [r["loss"] for r in train])
 
 
 def test_train_moe_freezes_the_backbone_and_trains_the_new_parts(bert, tmp_path):
     """`upcycle.train=moe`: the MoE layers and the MLM head's transform and bias train; the backbone
     and the tied embeddings do not move, and the gradient sync holds only the routers and the head."""
-    from lshmoe.hf.train import HFTrainer
+    from lshmoe.hf.task import task_for
     from lshmoe.train.grad_sync import GradSync
+    from lshmoe.train.loop import Trainer
 
     path, text = bert
     cfg = _settings(E=4, K=2, every=1, noise=0.01)
@@ -210,7 +212,7 @@ def test_train_moe_freezes_the_backbone_and_trains_the_new_parts(bert, tmp_path)
     cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 3, 4, 1e-2, 1
     cfg.train.log_every, cfg.train.eval_batches, cfg.train.eval_every = 1, 1, 0
     cfg.train.progress, cfg.train.out_dir, cfg.train.resume = False, str(tmp_path / "run"), "none"
-    trainer = HFTrainer(cfg, Comm.local())
+    trainer = Trainer(cfg, Comm.local(), task_for(path))
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.run()
@@ -313,3 +315,36 @@ def test_cli_two_ranks_lsh_dedup_capture(bert, tmp_path):
     assert got["world_size"] == 2 and sorted(got["layers"]) == [0, 1, 2] and got["meta"]["steps"] == 4
     for layer in got["layers"].values():  # each rank routes its 4 x 16 tokens to 2 experts each
         assert layer["counts_WE"].sum(1).tolist() == [128, 128] and layer["rows_ND"].shape == (256, D)
+
+
+def test_upcycled_run_resumes_exactly_and_export_refuses_in_one_line(bert, tmp_path):
+    """The upcycled masked LM checkpoints and resumes bitwise through the one loop; `lshmoe export`
+    says in one line why it writes no transformers checkpoint of it (BERT has no MoE classes)."""
+    from lshmoe.hf.task import task_for
+    from lshmoe.hf.train import export_checkpoint
+    from lshmoe.train.checkpoint import CheckpointError
+    from lshmoe.train.loop import Trainer
+
+    path, text = bert
+
+    def cfg(out, resume="none"):
+        c = _settings(E=4, K=2, every=2, noise=0.01, compress="lsh")
+        c.model.hf, c.data.path, c.model.seq_len = str(path), str(text), 16
+        c.train.steps, c.train.batch_size, c.train.warmup_steps, c.train.save_every = 6, 4, 1, 3
+        c.train.log_every, c.train.eval_batches, c.train.eval_every = 1, 1, 0
+        c.train.progress, c.train.out_dir, c.train.resume = False, str(out), resume
+        return c
+
+    full = Trainer(cfg(tmp_path / "full"), Comm.local(), task_for(path)).run()
+    step3 = tmp_path / "full" / "checkpoints" / "step_00000003"
+    half = Trainer(cfg(tmp_path / "half", str(step3)), Comm.local(), task_for(path)).run()
+
+    def train_losses(out):
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+    lf, lh = train_losses(tmp_path / "full"), train_losses(tmp_path / "half")
+    assert sorted(lh) == [4, 5, 6] and all(lh[s] == lf[s] for s in lh), (lf, lh)
+    assert half.final_val_loss == full.final_val_loss
+    with pytest.raises(CheckpointError, match="an upcycled BERT has MoE layers that transformers' BERT classes"):
+        export_checkpoint(str(tmp_path / "full" / "checkpoints"), str(tmp_path / "exported"))

@@ -49,7 +49,7 @@ _EXPORTS = {
     "Wires": "lshmoe.distributed.wire",
     "GPTMoE": "lshmoe.models.gpt",
     "GradSync": "lshmoe.train.grad_sync",
-    "train": "lshmoe.train.trainer",
+    "train": "lshmoe.train.gpt_task",
 }
 _RENAMED = {"COMPRESSORS": "NAMES"}
 

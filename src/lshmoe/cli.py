@@ -18,7 +18,7 @@ import sys
 from typing import NoReturn
 
 from lshmoe import config as C
-from lshmoe.errors import DistError, NumericalError, UserError
+from lshmoe.errors import DistError, NumericalError, Stopped, UserError
 
 EXIT_USER, EXIT_DIST, EXIT_NUMERIC = 2, 3, 4
 
@@ -170,16 +170,17 @@ def prepare(cfg: C.Config) -> None:
 def cmd_train_hf(cfg: C.Config, argv: list[str]) -> int:
     from lshmoe.hf.train import train_hf
 
-    if _under_launcher() or cfg.dist.nproc == 1:
+    if _under_launcher() or (cfg.dist.nproc == 1 and cfg.fault.max_restarts == 0):
         train_hf(cfg)
         return 0
     C.validate(cfg)
     from lshmoe.hf.task import task_for
 
-    task_for(cfg.model.hf).read_config(cfg.model.hf)  # a bad directory fails here, once, before any rank starts
+    task = task_for(cfg.model.hf)
+    task.read_config(task.src)  # a bad directory fails here, once, before any rank starts
     from lshmoe.distributed.launch import launch
 
-    return launch(argv, cfg.dist.nproc)
+    return launch(argv, cfg.dist.nproc, max_restarts=cfg.fault.max_restarts, stop_grace_s=cfg.dist.timeout_s)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -195,19 +196,19 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     if cfg.model.hf:
         return cmd_train_hf(cfg, argv)
     if _under_launcher():
-        from lshmoe.train.trainer import train
+        from lshmoe.train.gpt_task import train
 
         train(cfg)
         return 0
     prepare(cfg)
     if cfg.dist.nproc == 1 and cfg.fault.max_restarts == 0:
-        from lshmoe.train.trainer import train
+        from lshmoe.train.gpt_task import train
 
         train(cfg)
         return 0
     from lshmoe.distributed.launch import launch
 
-    return launch(argv, cfg.dist.nproc, max_restarts=cfg.fault.max_restarts)
+    return launch(argv, cfg.dist.nproc, max_restarts=cfg.fault.max_restarts, stop_grace_s=cfg.dist.timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +269,10 @@ def _main(argv: list[str]) -> int:
         if rank == 0:
             print(f"lshmoe: error: {e}", file=sys.stderr)
         return EXIT_NUMERIC
+    except Stopped as e:
+        if rank == 0:
+            print(f"lshmoe: {e}", file=sys.stderr)
+        return Stopped.exit_status
     except KeyboardInterrupt:
         print("lshmoe: interrupted", file=sys.stderr)
         return 130

@@ -26,3 +26,10 @@ class DistError(RuntimeError):
 
 class NumericalError(RuntimeError):
     """A non-finite loss or gradient under `fault.nan_policy=stop` (a checkpoint was saved first)."""
+
+
+class Stopped(Exception):
+    """The job was asked to stop (SIGTERM, as a scheduler preempting it) and stopped after a step,
+    saving a checkpoint of it when the run saves checkpoints (train/stop.py)."""
+
+    exit_status = 143  # 128 + SIGTERM, as a process killed by it; launchers do not restart it

@@ -28,7 +28,8 @@ from lshmoe.bench.progress import Progress
 from lshmoe.config import from_dict
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.train.data import load_data
-from lshmoe.train.trainer import Trainer
+from lshmoe.train.gpt_task import GPTTask
+from lshmoe.train.loop import Trainer
 
 # per-step numbers and how the ranks' values are combined: the slowest rank's, the sum, or the mean
 PER_STEP = {
@@ -76,9 +77,9 @@ def run(spec: dict) -> None:
         if impls.get(name) == "deepspeed":
             from lshmoe.bench.deepspeed_moe import DeepSpeedMoE
 
-            trainers[name] = Trainer(cfg, comm, data, DeepSpeedMoE)
+            trainers[name] = Trainer(cfg, comm, GPTTask(DeepSpeedMoE, data))
         else:
-            trainers[name] = Trainer(cfg, comm, data)
+            trainers[name] = Trainer(cfg, comm, GPTTask(data=data))
     names = list(trainers)
     world = comm.group("world")
     flag = torch.zeros(1, device=comm.device)

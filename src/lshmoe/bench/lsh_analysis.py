@@ -42,7 +42,8 @@ from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.permute import permute_rows, sort_by_expert
 from lshmoe.train.data import default_cache_dir, load_data
-from lshmoe.train.trainer import Trainer
+from lshmoe.train.gpt_task import GPTTask
+from lshmoe.train.loop import Trainer
 
 
 def trained_model(cfg: Config, steps: int) -> tuple[GPTMoE, object]:
@@ -52,7 +53,7 @@ def trained_model(cfg: Config, steps: int) -> tuple[GPTMoE, object]:
     path = default_cache_dir() / "bench" / f"model-{key}.pt"
     comm = Comm.local()
     data = load_data(cfg.data, print)
-    trainer = Trainer(cfg, comm, data)
+    trainer = Trainer(cfg, comm, GPTTask(data=data))
     if path.exists():
         trainer.model.load_state_dict(torch.load(path))
     else:

@@ -23,7 +23,8 @@ from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, apply_sets, from_dict
 from lshmoe.testing import run_ranks
 from lshmoe.train.data import load_data
-from lshmoe.train.trainer import Trainer
+from lshmoe.train.gpt_task import GPTTask
+from lshmoe.train.loop import Trainer
 
 
 def rss_mb() -> float:
@@ -36,7 +37,7 @@ def rss_mb() -> float:
 
 def _worker(comm, cfg_dict: dict, every: int) -> list[dict]:
     cfg = from_dict(cfg_dict)
-    tr = Trainer(cfg, comm, load_data(cfg.data))
+    tr = Trainer(cfg, comm, GPTTask())
     samples: list[dict] = []
 
     def sample(step: int) -> None:

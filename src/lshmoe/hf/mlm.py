@@ -69,6 +69,7 @@ class MaskedData:
 
     def __init__(self, data: TokenData, spec: MaskSpec):
         self.data, self.spec = data, spec
+        self.vocab_size, self.source, self.key = data.vocab_size, data.source, data.key
 
     def check_seq_len(self, seq_len: int) -> None:
         self.data.check_seq_len(seq_len)

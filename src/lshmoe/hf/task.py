@@ -1,33 +1,44 @@
-"""What `train --hf` does with a checkpoint, chosen by its model type.
+"""The tasks of `train --hf`, chosen by the checkpoint's model type (train/task.py is the seam):
 
-    an MoE family (hf/family.py)  fine-tune: the checkpoint's causal LM made expert-parallel
+    an MoE family (hf/family.py)  FineTune: the checkpoint's causal LM made expert-parallel
                                   (hf/model.py), next-token targets, its weights read by hf/load.py
-    bert (dense)                  upcycle: every n-th FFN made an MoE of copies (hf/upcycle.py), a
-                                  masked-LM head, BERT's masked-LM batches (hf/mlm.py)
+    bert (dense)                  Upcycle: every n-th FFN made an MoE of copies (hf/upcycle.py), a
+                                  masked-LM head, BERT's masked-LM batches (hf/mlm.py), and the FFN
+                                  inputs captured after training when `upcycle.capture` asks
 
-Both then train through the same loop (hf/train.py's HFTrainer) and loss (hf/loss.py's lm_loss);
-a task is the three things that differ: how the config is read, how the model is built and given
-its starting weights, and what a batch is.
+Both train through the one loop (train/loop.py) on transformers' loss (hf/loss.py's lm_loss). Their
+checkpoints carry the transformers config and tokenizer files under `hf/` (inside the manifest), so
+`lshmoe export` needs nothing else; a checkpoint resumes only into the same model (type and config
+digest), at any EP size that divides its experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from lshmoe.config import DTYPES, Config, ConfigError, MoEConfig
+from lshmoe.config import DTYPES, Config, ConfigError, MoEConfig, validate
 from lshmoe.distributed.comm import Comm
+from lshmoe.hf.capture import capture_ffn_inputs
+from lshmoe.hf.export import SIDE_FILES
+from lshmoe.hf.family import HFError
 from lshmoe.hf.load import load_weights
+from lshmoe.hf.loss import lm_loss
 from lshmoe.hf.mlm import MaskedData, mask_spec
-from lshmoe.hf.model import build_model
+from lshmoe.hf.model import build_model, moe_blocks
+from lshmoe.hf.packaged import checkpoint_dir
 from lshmoe.hf.read import model_type_of, read_config
 from lshmoe.hf.upcycle import read_bert_config, upcycle_bert
-from lshmoe.train.data import TokenData
+from lshmoe.train.corpus import embedded_corpus, user_corpus
+from lshmoe.train.data import TokenData, is_val
+from lshmoe.train.task import Log, StepOutput, TaskBase, params_line
 
 # Set by an MoE checkpoint: a fine-tuning run cannot change them.
 SHAPE_FIELDS = ("num_experts", "top_k", "d_expert", "activation", "expert_bias")
@@ -46,49 +57,166 @@ def moe_overrides(cfg: MoEConfig) -> dict[str, Any]:
     return out
 
 
-# (config, checkpoint dir, run config, comm, starting weights wanted) -> (model, its MoEConfig)
-Builder = Callable[[Any, Path, Config, Comm, bool], tuple[nn.Module, MoEConfig]]
+def config_digest(config: Any) -> str:
+    """A short digest of a transformers config (the fields that define the model)."""
+    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ("transformers_version",)}
+    return hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-@dataclass(frozen=True, kw_only=True)
-class HFTask:
-    name: str
-    read_config: Callable[[Path], Any]
-    build: Builder  # a resumed run passes False: the checkpoint supplies the weights
-    batches: Callable[[TokenData, Path, Config, int], Any]  # token windows -> the task's batches
+def hf_token_data(path: Path, cfg: Config, vocab_size: int, log: Log) -> TokenData:
+    """The run's text tokenised by the checkpoint's tokenizer.json, split like train/data.py."""
+    from tokenizers import Tokenizer
 
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise HFError(f"{path}: no tokenizer.json; train --hf tokenises --data with the checkpoint's own tokenizer")
+    tok = Tokenizer.from_file(str(tok_file))
+    tok.no_padding()  # NOTE: a sentence-embedding tokenizer pads / truncates every text to 128 tokens
+    tok.no_truncation()
+    dc = cfg.data
+    docs = user_corpus(dc.path) if dc.path else embedded_corpus(dc.corpus)
+    train_docs = [d for d in docs if not is_val(d, dc.val_fraction)]
+    val_docs = [d for d in docs if is_val(d, dc.val_fraction)]
+    if not val_docs or not train_docs:
+        cut = max(1, int(len(docs) * (1 - dc.val_fraction)))
+        train_docs, val_docs = docs[:cut], docs[cut:] or docs[-1:]
+    eos = _eos_id(path, tok)
 
-def _fine_tune_build(config: Any, path: Path, cfg: Config, comm: Comm, load: bool) -> tuple[nn.Module, MoEConfig]:
-    model, mcfg = build_model(
-        config, comm, dtype=DTYPES[cfg.train.dtype], overrides=moe_overrides(cfg.moe), settings=cfg
+    def encode(batch: list[str]) -> torch.Tensor:
+        ids: list[int] = []
+        for enc in tok.encode_batch(batch):
+            ids.extend(enc.ids)
+            if eos is not None:
+                ids.append(eos)
+        return torch.tensor(ids, dtype=torch.int32)
+
+    train_ids, val_ids = encode(train_docs), encode(val_docs)
+    top = int(max(train_ids.max(), val_ids.max()))
+    if top >= vocab_size:
+        raise HFError(f"{tok_file}: token id {top} is outside the model's vocab_size={vocab_size}")
+    source = dc.path or f"embedded:{dc.corpus}"
+    log(f"tokenised {source} with {tok_file}: {train_ids.numel()} training, {val_ids.numel()} validation tokens")
+    return TokenData(
+        train_ids=train_ids, val_ids=val_ids, vocab_size=vocab_size, tokenizer_path=tok_file, source=source
     )
-    if load:
-        load_weights(model, path)
-    return model, mcfg
 
 
-def _upcycle_build(config: Any, path: Path, cfg: Config, comm: Comm, load: bool) -> tuple[nn.Module, MoEConfig]:
-    # NOTE: the experts are made from the dense weights, so they are read even when a checkpoint follows
-    return upcycle_bert(path, comm, cfg, dtype=DTYPES[cfg.train.dtype])
+def _eos_id(path: Path, tok) -> int | None:
+    conf = path / "tokenizer_config.json"
+    name = json.loads(conf.read_text()).get("eos_token") if conf.is_file() else None
+    if isinstance(name, dict):
+        name = name.get("content")
+    return tok.token_to_id(name) if name else None
 
 
-FINE_TUNE = HFTask(
-    name="fine-tune",
-    read_config=read_config,
-    build=_fine_tune_build,
-    batches=lambda data, path, cfg, vocab: data,
-)
-UPCYCLE = HFTask(
-    name="upcycle",
-    read_config=read_bert_config,
-    build=_upcycle_build,
-    batches=lambda data, path, cfg, vocab: MaskedData(data, mask_spec(path, vocab, cfg.upcycle.mask_prob)),
-)
+class HFTask(TaskBase):
+    """What fine-tuning and upcycling share: the checkpoint directory, its config, the loss, the
+    checkpoint signature and side files."""
+
+    def __init__(self, src: Path):
+        self.src = src
+        self.cfg: Config | None = None
+        self.hf_config: Any = None
+
+    def read_config(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def batches(self, tokens: TokenData) -> Any:
+        return tokens
+
+    def setup(self, cfg: Config, comm: Comm, log: Log) -> Any:
+        ep = max(1, cfg.moe.ep_size or comm.world_size)
+        validate(cfg, comm.world_size if cfg.moe.num_experts % ep == 0 else None)  # the checkpoint's E: build()
+        if cfg.model.arch != "gpt":
+            raise ConfigError(f"model.arch={cfg.model.arch}: with --hf the model is the checkpoint's own (arch gpt)")
+        self.cfg = cfg
+        self.hf_config = self.read_config(self.src)
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
+        if max_pos is not None and cfg.model.seq_len > max_pos:
+            raise ConfigError(f"model.seq_len={cfg.model.seq_len} is out of range; the checkpoint allows <= {max_pos}")
+        return self.batches(hf_token_data(self.src, cfg, self.hf_config.vocab_size, log))
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        out = lm_loss(model, x, y)
+        moe = {i: b.last_out for i, b in moe_blocks(model)}
+        return StepOutput(loss=out["loss"], ce=out["ce"], aux=out["aux"], moe=moe)
+
+    def moe_layers(self, model: nn.Module) -> list[nn.Module]:
+        return [b.moe for _, b in moe_blocks(model)]
+
+    def signature(self) -> dict[str, Any]:
+        return {"hf.model_type": self.hf_config.model_type, "hf.config": config_digest(self.hf_config)}
+
+    def meta(self) -> dict[str, Any]:
+        return {"hf": {"source": str(self.src), "dtype": self.cfg.train.dtype, "task": self.name}}
+
+    def write_side_files(self, directory: Path) -> None:
+        """What `lshmoe export` needs besides the weights: the config and the tokenizer files."""
+        (directory / "hf").mkdir(exist_ok=True)
+        self.hf_config.save_pretrained(str(directory / "hf"))
+        for f in SIDE_FILES:
+            if (self.src / f).is_file():
+                shutil.copy2(self.src / f, directory / "hf" / f)
+
+    def describe(self, model: nn.Module) -> str:
+        mcfg = model.moe_cfg
+        return (
+            f"{self.hf_config.model_type} from {self.src} ({self.name}), {params_line(model)}, "
+            f"{len(moe_blocks(model))} MoE layers x {mcfg.num_experts} experts (top-{mcfg.top_k})"
+        )
+
+
+class FineTune(HFTask):
+    """An HF MoE checkpoint's causal LM, made expert-parallel, trained on next-token targets."""
+
+    name = "fine-tune"
+
+    def read_config(self, path: Path) -> Any:
+        return read_config(path)
+
+    def build(self, cfg: Config, comm: Comm, fresh: bool) -> nn.Module:
+        model, _ = build_model(
+            self.hf_config, comm, dtype=DTYPES[cfg.train.dtype], overrides=moe_overrides(cfg.moe), settings=cfg
+        )
+        if fresh:  # a resumed run takes its weights from the checkpoint
+            load_weights(model, self.src)
+        return model
+
+
+class Upcycle(HFTask):
+    """A dense BERT checkpoint whose every n-th FFN becomes an MoE of its copies, as a masked LM."""
+
+    name = "upcycle"
+
+    def read_config(self, path: Path) -> Any:
+        return read_bert_config(path)
+
+    def batches(self, tokens: TokenData) -> MaskedData:
+        return MaskedData(tokens, mask_spec(self.src, self.hf_config.vocab_size, self.cfg.upcycle.mask_prob))
+
+    def build(self, cfg: Config, comm: Comm, fresh: bool) -> nn.Module:
+        # NOTE: the experts are made from the dense weights, so they are read even when a checkpoint follows
+        model, _ = upcycle_bert(self.src, comm, cfg, dtype=DTYPES[cfg.train.dtype])
+        return model
+
+    def after_training(self, trainer: Any) -> None:
+        """`upcycle.capture`: the MoE layers' FFN inputs on the batch the next step would train on."""
+        path = self.cfg.upcycle.capture
+        if not path:
+            return
+        tc = self.cfg.train
+        x, _ = trainer.data.train_batch(
+            tc.steps, trainer.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed, trainer.comm.device
+        )
+        meta = {"hf": str(self.src), "task": self.name, "steps": tc.steps, "config": self.cfg.to_dict()}
+        capture_ffn_inputs(trainer.model, trainer.comm, x, path, meta)
+        trainer.log(f"captured the FFN inputs of {len(moe_blocks(trainer.model))} MoE layers in {path}")
 
 
 def task_for(path: str | Path) -> HFTask:
     """Upcycling for a dense BERT checkpoint, fine-tuning for anything else (an MoE family or an error)."""
-    return UPCYCLE if model_type_of(path) == "bert" else FINE_TUNE
+    src = checkpoint_dir(path)
+    return Upcycle(src) if model_type_of(src) == "bert" else FineTune(src)
 
 
-__all__ = ["FINE_TUNE", "UPCYCLE", "HFTask", "moe_overrides", "task_for"]
+__all__ = ["FineTune", "HFTask", "Upcycle", "config_digest", "hf_token_data", "moe_overrides", "task_for"]

@@ -132,6 +132,7 @@ class MoELayer(nn.Module):
         )
         self.split = getattr(getattr(settings, "lsh", None), "split", "none")
         self.step = 0
+        self.exact = False  # True: the compressor is bypassed (exact evaluation, train/evaluate.py)
 
     def reset_parameters(self, seed: int = 0, std: float = 0.02, out_std: float | None = None) -> None:
         """Initialise independently of the parallel layout: the router from one (seed, layer)
@@ -159,7 +160,7 @@ class MoELayer(nn.Module):
         self.compressor.set_step(step)
 
     def forward(self, x: torch.Tensor, route: RouterOutput | None = None) -> MoEOutput:
-        if self.split != "none" and self.training and self.compressor.active(True):
+        if self.split != "none" and self.training and not self.exact and self.compressor.active(True):
             return self._split_forward(x, route)
         if self.shared is None:
             return self.finish(self.compute(self.begin(x, route)))
@@ -202,7 +203,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         if compressor is None:
-            compressor = self.compressor if self.compressor.active(self.training) else self.identity
+            lossy = not self.exact and self.compressor.active(self.training)
+            compressor = self.compressor if lossy else self.identity
         route = route if route is not None else self.router(x_TD, seq_len=shape[-2] if x.dim() == 3 else None)
         perm_N, counts_E, rows_ND = self.group_rows(x_TD, route)
         payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E)

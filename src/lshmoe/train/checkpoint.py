@@ -14,10 +14,12 @@ loads on W':
 - `optim/<same key>/{exp_avg,exp_avg_sq,step}`: the AdamW state, split the same way;
 - `rng/rank<r>`: each rank's torch generator state;
 - `compressor/rank<r>/moe<i>/<name>`: each compressor's `state_dict()` (e.g. LSH's L controller);
-- `trainer/{step,train_time_s,skipped_steps}`: the `RunState`.
+- `trainer/{step,train_time_s,skipped_steps}`: the `RunState`;
+- the task's side files (an HF checkpoint's config and tokenizer under `hf/`), written by rank 0
+  before the manifest, so they are verified with the shards.
 Learning-rate schedule, data position and LSH projections are functions of the step, so restoring
-the step restores them. `meta.json` holds the model config; loading into an incompatible model is a
-one-line error, as is a missing or corrupted checkpoint.
+the step restores them. `meta.json` holds the run's config and the task's model signature; loading
+into an incompatible model is a one-line error, as is a missing or corrupted checkpoint.
 
 Saving: every rank writes its shards into `step_N.tmp` and records their SHA-256; then rank 0 adds
 meta.json, writes `manifest.json` last (`train/integrity.py`), renames the directory to `step_N`,
@@ -128,28 +130,30 @@ def _compressor_prefix(rank: int, layer: nn.Module) -> str:
     return f"compressor/rank{rank}/moe{layer.layer_id}/"
 
 
-def run_entries(model: nn.Module, rank: int, state: RunState) -> dict[str, torch.Tensor]:
-    """The checkpoint entries besides parameters, optimizer and RNG: trainer counters, compressor state."""
+def run_entries(layers: list[nn.Module], rank: int, state: RunState) -> dict[str, torch.Tensor]:
+    """The checkpoint entries besides parameters, optimizer and RNG: trainer counters, the state of
+    each MoE layer's compressor (`layers`: the task's MoE layers)."""
     out = {
         "trainer/step": torch.tensor(state.step),
         "trainer/train_time_s": torch.tensor(state.train_time_s),
         "trainer/skipped_steps": torch.tensor(state.skipped_steps),
     }
-    for layer in model.moe_layers:
+    for layer in layers:
         comp = getattr(layer, "compressor", None)  # a peer system's layer has none
         for name, t in (comp.state_dict() if comp is not None else {}).items():
             out[_compressor_prefix(rank, layer) + name] = t
     return out
 
 
-def run_meta(cfg: Config, comm: Comm, vocab_size: int) -> dict[str, Any]:
-    """meta.json: what a later run checks before it loads the tensors."""
+def run_meta(cfg: Config, comm: Comm, signature: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """meta.json: what a later run checks before it loads the tensors (`signature`: the task's model)."""
     return {
-        "model": model_signature(cfg, vocab_size),
+        "model": signature,
         "world_size": comm.world_size,
         "ep_size": comm.group("ep").size,
         "nodes": num_nodes(comm),
         "config": cfg.to_dict(),
+        **extra,
     }
 
 
@@ -162,47 +166,58 @@ def save_run(
     opt: torch.optim.Optimizer,
     comm: Comm,
     cfg: Config,
-    vocab_size: int,
     state: RunState,
+    *,
+    layers: list[nn.Module],
+    meta: dict[str, Any],
+    side_files: Callable[[Path], None] | None = None,
     inside_save: Callable[[int], None] | None = None,
 ) -> Path:
-    """Save everything a run needs to continue at `state.step` exactly; return the checkpoint directory."""
-    entries = state_entries(model, opt, comm.rank, run_entries(model, comm.rank, state))
+    """Save everything a run needs to continue at `state.step` exactly; return the checkpoint directory.
+    `side_files(dir)` (rank 0) writes the task's extra files into it before the manifest is made."""
+    entries = state_entries(model, opt, comm.rank, run_entries(layers, comm.rank, state))
     hook = (lambda: inside_save(state.step)) if inside_save is not None else None
-    meta = run_meta(cfg, comm, vocab_size)
-    return save(checkpoint_root(cfg), state.step, entries, meta, comm, cfg.train.keep_last, inside=hook)
+    return save(
+        checkpoint_root(cfg), state.step, entries, meta, comm, cfg.train.keep_last, inside=hook, side_files=side_files
+    )
 
 
 def restore_run(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, comm: Comm, cfg: Config, vocab_size: int
-) -> tuple[RunState, dict[str, Any]]:
-    """Load a checkpoint into `model`/`opt`, this rank's RNG and compressors; return its RunState and meta."""
-    meta = read_meta(path)
-    check_compatible(path, meta, cfg, vocab_size, nodes=num_nodes(comm))
-    entries = state_entries(model, opt, comm.rank, run_entries(model, comm.rank, RunState()))
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, comm: Comm, layers: list[nn.Module]
+) -> RunState:
+    """Load a checkpoint into `model`/`opt`, this rank's RNG and the compressors of `layers`; return its
+    RunState (the caller has checked the checkpoint is of this model: `check_compatible`)."""
+    entries = state_entries(model, opt, comm.rank, run_entries(layers, comm.rank, RunState()))
+    if comm.rank != 0:  # rank 0's compressor state, for a rank the saving job did not have
+        entries.update({k: v.clone() for k, v in run_entries(layers, 0, RunState()).items() if k.startswith("compr")})
     missing = load(path, entries)
     rng = f"rng/rank{comm.rank}"
     if rng not in missing:
         torch.set_rng_state(entries[rng])
-    for layer in model.moe_layers:
+    for layer in layers:
         comp = getattr(layer, "compressor", None)
         if comp is None:
             continue
+        # NOTE: a compressor's state is agreed by the ranks (auto's choice, the L controller's averages),
+        # so a rank new to a resharded job takes rank 0's
         prefix = _compressor_prefix(comm.rank, layer)
+        if not any(k.startswith(prefix) and k not in missing for k in entries):
+            prefix = _compressor_prefix(0, layer)
         comp.load_state_dict(
             {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix) and k not in missing}
         )
-    state = RunState(
+    return RunState(
         step=int(entries["trainer/step"]),
         train_time_s=float(entries["trainer/train_time_s"]),
         skipped_steps=int(entries["trainer/skipped_steps"]),
     )
-    return state, meta
 
 
 def model_signature(cfg: Config, vocab_size: int | None) -> dict[str, Any]:
+    """The GPT-MoE's signature: the shape fields and the data's vocabulary (None: not known yet, left out)."""
     sig = {f"{sec}.{k}": getattr(getattr(cfg, sec), k) for sec, keys in SHAPE_FIELDS.items() for k in keys}
-    sig["data.vocab_size(actual)"] = vocab_size
+    if vocab_size is not None:
+        sig["data.vocab_size(actual)"] = vocab_size
     return sig
 
 
@@ -330,7 +345,7 @@ def preflight(cfg: Config) -> None:
     the checkpoint it names (or the one `auto` falls back to) is verified and matches the model."""
     path = resolve_resume(cfg)
     if path is not None:
-        check_compatible(path, read_meta(path), cfg, vocab_size=None)
+        check_compatible(path, read_meta(path), model_signature(cfg, None), cfg)
 
 
 def verify_files(path: Path) -> None:
@@ -351,16 +366,14 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(
-    path: Path, meta: dict[str, Any], cfg: Config, vocab_size: int | None, nodes: int | None = None
+    path: Path, meta: dict[str, Any], want: dict[str, Any], cfg: Config, nodes: int | None = None
 ) -> None:
-    """One-line error unless the checkpoint's model matches (vocab_size / nodes None: not known yet)."""
-    want = model_signature(cfg, vocab_size)
+    """One-line error unless the checkpoint's model signature matches `want` (keys `want` lacks are
+    not known yet and not compared; `nodes` None: not known yet)."""
     for k, v in meta["model"].items():
-        if vocab_size is None and k.startswith("data."):
-            continue
-        if want.get(k) != v:
+        if k in want and want[k] != v:
             raise CheckpointError(
-                f"checkpoint {path} was saved with {k}={v}, this run has {k}={want.get(k)}; "
+                f"checkpoint {path} was saved with {k}={v}, this run has {k}={want[k]}; "
                 "use the checkpoint's model config"
             )
     if nodes is not None and cfg.locmoe.node_bias and meta.get("nodes") != nodes:
@@ -424,9 +437,11 @@ def save(
     comm: Comm,
     keep_last: int,
     inside: Callable[[], None] | None = None,
+    side_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (see the module docstring); return its directory. `inside()` (a fault
-    hook) runs once this rank's shards are written, before the ranks agree to commit."""
+    hook) runs once this rank's shards are written, before the ranks agree to commit; `side_files(dir)`
+    runs on rank 0 before the manifest, so the files it writes are verified on resume like the shards."""
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     failure: BaseException | None = None
@@ -451,16 +466,27 @@ def save(
     _agree(comm, failure, step, root, tmp)
     if comm.rank == 0:
         try:
-            _commit(root, tmp, final, step, meta, comm.world_size, keep_last)
+            _commit(root, tmp, final, step, meta, comm.world_size, keep_last, side_files)
         except OSError as e:
             failure = e
     _agree(comm, failure, step, root, tmp)
     return final
 
 
-def _commit(root: Path, tmp: Path, final: Path, step: int, meta: dict, world: int, keep_last: int) -> None:
-    """Rank 0: meta.json, the manifest (last), the rename, `latest`, pruning."""
+def _commit(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    meta: dict,
+    world: int,
+    keep_last: int,
+    side_files: Callable[[Path], None] | None,
+) -> None:
+    """Rank 0: meta.json, the task's side files, the manifest (last), the rename, `latest`, pruning."""
     (tmp / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "step": step, "time": time.time()}, indent=1))
+    if side_files is not None:
+        side_files(tmp)
     files: dict[str, dict] = {}
     for r in range(world):
         part = tmp / f"sums.rank{r}.part"

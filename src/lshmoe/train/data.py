@@ -82,7 +82,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "lshmoe"
 
 
-def _is_val(doc: str, fraction: float) -> bool:
+def is_val(doc: str, fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "replace"), digest_size=8).digest(), "little")
     return (h % 1_000_000) < fraction * 1_000_000
 
@@ -104,8 +104,8 @@ def _build(cfg: DataConfig, out: Path, log: Callable[[str], None], stats: dict |
     source = cfg.path or f"embedded:{cfg.corpus}"
     docs = user_corpus(cfg.path) if cfg.path else embedded_corpus(cfg.corpus)  # bad input fails before any output
     log(f"building token data from {source} (first use only; cached in {out})")
-    train_docs = [d for d in docs if not _is_val(d, cfg.val_fraction)]
-    val_docs = [d for d in docs if _is_val(d, cfg.val_fraction)]
+    train_docs = [d for d in docs if not is_val(d, cfg.val_fraction)]
+    val_docs = [d for d in docs if is_val(d, cfg.val_fraction)]
     if not val_docs or not train_docs:
         # Too few documents for a hashed split: hold out the tail instead.
         cut = max(1, int(len(docs) * (1 - cfg.val_fraction)))

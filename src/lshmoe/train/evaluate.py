@@ -1,8 +1,9 @@
-"""Validation loss, agreed by every rank (the trainer's and the HF fine-tuner's evaluation)."""
+"""Validation loss, agreed by every rank, and the switch that evaluates a model with exact experts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,3 +30,17 @@ def validation_loss(model: nn.Module, ce: CrossEntropy, data, cfg: Config, comm:
         comm.all_reduce(total, comm.group("world"), "eval.loss")
     model.train()
     return float(total) / (tc.eval_batches * comm.world_size)
+
+
+@contextlib.contextmanager
+def exact_experts(layers: list[nn.Module]) -> Iterator[None]:
+    """Inside the block every MoE layer sends its routed rows exactly (its compressor bypassed), so a
+    compressed model is scored as the model a user deploys; peer systems' layers are left as they are."""
+    changed = [layer for layer in layers if hasattr(layer, "exact") and not layer.exact]
+    for layer in changed:
+        layer.exact = True
+    try:
+        yield
+    finally:
+        for layer in changed:
+            layer.exact = False

@@ -1,19 +1,23 @@
-"""The training loop: GPT-MoE on token data, expert-parallel MoE, data-parallel dense weights.
+"""The training loop, one for every model: a `Task` (train/task.py) supplies what differs per model.
 
 One step on every rank:
     batch(step, rank) -> forward (phase forward) -> backward (phase backward)
     -> gradient sync + global-norm clip + AdamW (phase optimizer) -> ledger.end_step()
-Every `log_every` steps the ranks reduce their interval metrics and rank 0 writes a JSONL line;
-every `eval_every` steps (and at the end) all ranks compute the validation loss together; every
-`save_every` steps (and at the end) they write a checkpoint, from which `--resume` continues exactly.
+Every `log_every` steps the ranks reduce their interval metrics and rank 0 writes a JSONL line (and
+TensorBoard events, and a console line when there is no progress bar); every `eval_every` steps (and
+at the end) all ranks compute the validation loss together, with exact experts (`val_loss`, the model
+a user deploys) and, when the model compresses its all-to-all lossily, also as trained
+(`val_loss_compressed`); every `save_every` steps (and at the end) they write a checkpoint, from which
+`--resume` continues exactly.
 
 A non-finite loss or gradient is detected from the global gradient norm (identical on every rank,
 so all ranks take the same path); the first offending parameter is named, and the step is skipped
-or the run saves and stops (`fault.nan_policy`).
+or the run saves and stops (`fault.nan_policy`). SIGTERM stops the run after the current step, with a
+checkpoint of it when the run saves checkpoints (train/stop.py).
 
-What a checkpoint holds and how it is restored lives in `train/checkpoint.py` (`save_run`,
-`restore_run`); injected faults (for tests and `lshmoe bench chaos`) in `train/faults.py`: the loop
-only calls the injector's hooks at named points.
+What a checkpoint holds and how it is restored lives in `train/checkpoint.py`; injected faults (for
+tests and `lshmoe bench chaos`) in `train/faults.py`: the loop only calls the injector's hooks at
+named points.
 """
 
 from __future__ import annotations
@@ -30,30 +34,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from lshmoe.config import DTYPES, Config, validate
+from lshmoe.config import Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.distributed.syncs import HostSyncCounter
-from lshmoe.errors import DataError, NumericalError, UserError
-from lshmoe.models.gpt import GPTMoE, MoEFactory
-from lshmoe.moe.layer import MoELayer
+from lshmoe.errors import DataError, NumericalError, Stopped, UserError
+from lshmoe.moe.param_kinds import is_expert_param
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
 from lshmoe.train.allocator import HeapTrimmer
-from lshmoe.train.data import TokenData, load_data
-from lshmoe.train.evaluate import validation_loss
+from lshmoe.train.evaluate import exact_experts, validation_loss
 from lshmoe.train.faults import FaultInjector
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
 from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
+from lshmoe.train.stop import StopSignal
+from lshmoe.train.task import Batches, Task
 
 NO_BAD_PARAM = 1 << 30
 
 
 @dataclass(kw_only=True)
 class TrainResult:
-    final_val_loss: float
+    final_val_loss: float  # exact experts
+    final_val_loss_compressed: float | None = None  # as trained, when the model compresses lossily
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     median_step_time_s: float = 0.0
     median_tokens_per_s: float = 0.0
@@ -62,19 +68,28 @@ class TrainResult:
     records: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
 
 
-def _log(rank: int, msg: str) -> None:
+def say(rank: int, msg: str) -> None:
+    """A console line from rank 0 (stderr, `[lshmoe] ...`)."""
     if rank == 0:
         print(f"[lshmoe] {msg}", file=sys.stderr, flush=True)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, comm: Comm, data: TokenData, moe_factory: MoEFactory = MoELayer):
-        self.cfg, self.comm, self.data = cfg, comm, data
+    """The loop over a task's model; `run()` trains to `train.steps`, `train_step(step)` takes one step."""
+
+    def __init__(self, cfg: Config, comm: Comm, task: Task):
+        self.cfg, self.comm, self.task = cfg, comm, task
         tc = cfg.train
+        self.log = lambda m: say(comm.rank, m)
+        self.data: Batches = task.setup(cfg, comm, self.log)
+        self.data.check_seq_len(cfg.model.seq_len)
+        agree_on_data(comm, self.data, cfg)
+        self.out_dir = Path(tc.out_dir)
+        resume = ckpt.resolve_resume(cfg, comm, self.log)
         torch.manual_seed(tc.seed * 1000 + comm.rank)  # dropout and router jitter differ per rank
-        self.model = GPTMoE(cfg.model, cfg.moe, data.vocab_size, comm, moe_factory, settings=cfg, seed=tc.seed)
-        self.model.to(device=comm.device, dtype=DTYPES[tc.dtype])
-        self.model.reset_parameters(tc.seed)
+        self.model: nn.Module = task.build(cfg, comm, fresh=resume is None)
+        self.moe = list(task.moe_layers(self.model))
+        self.moe_ids = [layer.layer_id for layer in self.moe]
         self.opt = build_optimizer(self.model, tc)
         self.sync = GradSync(self.model, comm)
         self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
@@ -85,18 +100,23 @@ class Trainer:
             self.sched = GradScheduler(self.model, comm, cfg.lina.grad_sync, int(cfg.lina.chunk_mb * 2**20))
             comm.ledger.enable_timeline(50_000)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.moe_ids = self.model.moe_ids
-        self.stats = IntervalStats(self.moe_ids, cfg.moe.num_experts)
+        num_experts = getattr(self.moe[0], "num_experts", cfg.moe.num_experts) if self.moe else cfg.moe.num_experts
+        self.stats = IntervalStats(self.moe_ids, num_experts)
         self.tokens_per_rank_step = tc.batch_size * cfg.model.seq_len
-        self.out_dir = Path(tc.out_dir)
         self.faults = FaultInjector(cfg.fault.inject, comm.rank, self.out_dir)
         self.state = ckpt.RunState()
-        resume = ckpt.resolve_resume(cfg, comm, lambda m: _log(comm.rank, m))
         if resume is not None:
             self.load_checkpoint(resume)
         self.start_step = self.state.step
-        path = self.out_dir / "metrics.jsonl" if comm.rank == 0 else None
-        self.writer = MetricsWriter(path, append=resume is not None)
+        self.writer = MetricsWriter(
+            self.out_dir / "metrics.jsonl" if comm.rank == 0 else None, append=resume is not None
+        )
+        self.tb = None
+        if tc.tensorboard and comm.rank == 0:
+            from lshmoe.train.tensorboard import TensorBoard
+
+            self.tb = TensorBoard(self.out_dir / "tensorboard")
+        self.progress: Progress | None = None
 
     # ------------------------------------------------------------------------------------ step
 
@@ -109,9 +129,11 @@ class Trainer:
             step, self.comm.rank, tc.batch_size, self.cfg.model.seq_len, tc.seed, self.comm.device
         )
         set_lr(self.opt, lr_at(step, tc))
-        self.model.set_step(step)
+        for layer in self.moe:
+            if hasattr(layer, "set_step"):  # a peer system's layer has none
+                layer.set_step(step)
         with ledger.in_phase("forward"):
-            out = self.model(x, y)
+            out = self.task.forward(self.model, x, y)
         with ledger.in_phase("backward"):
             out.loss.backward()
             if self.sched is not None:
@@ -130,19 +152,21 @@ class Trainer:
         step_time = time.perf_counter() - t0
         values = {
             "loss": float(out.loss.detach()),
-            "ce_loss": float(out.ce_loss.detach()),
-            "aux_loss": float(out.aux_loss.detach()),
+            "ce_loss": float(out.ce.detach()),
+            "aux_loss": float(out.aux.detach()),
             "step_time_s": step_time,
             "grad_norm": grad_norm,
             "host_syncs": syncs.count,
             "host_syncs_comm": self.comm.host_syncs - comm_syncs,
         }
         self.last_comm = ledger.end_step()
-        self.last_layer_stats = {i: out.moe[i].stats for i in self.moe_ids}
-        return self.stats.add_step(values, self.last_comm, {i: out.moe[i] for i in self.moe_ids})
+        self.last_layer_stats = {i: o.stats for i, o in out.moe.items()}
+        return self.stats.add_step(values, self.last_comm, out.moe)
 
     def _poison_a_gradient(self) -> None:
-        self.model.moe_layers[-1].experts.w1_GDF.grad.fill_(float("nan"))
+        """The `nan` fault: one expert gradient of the last MoE layer becomes NaN."""
+        grad = next(p.grad for p in self.moe[-1].parameters() if is_expert_param(p) and p.grad is not None)
+        grad.fill_(float("nan"))
 
     def _first_bad(self, loss: torch.Tensor) -> int:
         """-1 for a non-finite loss, else the index of the first parameter with a non-finite gradient."""
@@ -170,29 +194,49 @@ class Trainer:
             saved = f"; saved {path}" if path else " (no checkpoint: train.save_every=0)"
             raise NumericalError(f"non-finite value in {what} at step {step}; stopping (fault.nan_policy=stop){saved}")
         n = self.state.skipped_steps
-        _log(self.comm.rank, f"step {step}: non-finite value in {what}; step skipped ({n} so far)")
+        self.log(f"step {step}: non-finite value in {what}; step skipped ({n} so far)")
 
     # ------------------------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, step: int) -> Path:
         self.state.step = step
-        return ckpt.save_run(
-            self.model, self.opt, self.comm, self.cfg, self.data.vocab_size, self.state, self.faults.inside_save
+        t0 = time.perf_counter()
+        meta = ckpt.run_meta(self.cfg, self.comm, self.task.signature(), self.task.meta())
+        path = ckpt.save_run(
+            self.model,
+            self.opt,
+            self.comm,
+            self.cfg,
+            self.state,
+            layers=self.moe,
+            meta=meta,
+            side_files=self.task.write_side_files,
+            inside_save=self.faults.inside_save,
         )
+        self._say(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
-        self.state, meta = ckpt.restore_run(path, self.model, self.opt, self.comm, self.cfg, self.data.vocab_size)
-        _log(
-            self.comm.rank,
+        meta = ckpt.read_meta(path)
+        ckpt.check_compatible(path, meta, self.task.signature(), self.cfg, nodes=ckpt.num_nodes(self.comm))
+        self.state = ckpt.restore_run(path, self.model, self.opt, self.comm, self.moe)
+        self.log(
             f"resumed from {path} at step {self.state.step} "
-            f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})",
+            f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})"
         )
 
     # ------------------------------------------------------------------------------------ eval
 
-    def evaluate(self) -> float:
-        """Mean validation cross-entropy over `eval_batches` batches per rank, agreed by all ranks."""
-        return validation_loss(self.model, lambda x, y: self.model(x, y).ce_loss, self.data, self.cfg, self.comm)
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation cross-entropy over `eval_batches` batches per rank, agreed by all ranks:
+        `val_loss` with exact experts (no compression: the model a user deploys) and, when some MoE
+        layer compresses its rows lossily, `val_loss_compressed` as the model computes in training."""
+        ce = lambda x, y: self.task.forward(self.model, x, y).ce  # noqa: E731
+        with exact_experts(self.moe):
+            out = {"val_loss": validation_loss(self.model, ce, self.data, self.cfg, self.comm)}
+        if any(_lossy(layer) for layer in self.moe):
+            out["val_loss_compressed"] = validation_loss(self.model, ce, self.data, self.cfg, self.comm)
+        return out
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -202,7 +246,8 @@ class Trainer:
         self._announce()
         result = TrainResult(final_val_loss=float("nan"), out_dir=str(self.out_dir))
         step_times: collections.deque[float] = collections.deque(maxlen=10_000)
-        progress = Progress(tc.steps, enabled=self.comm.rank == 0 and tc.progress, initial=self.state.step)
+        self.progress = Progress(tc.steps, enabled=self.comm.rank == 0 and tc.progress, initial=self.state.step)
+        stop = StopSignal()
         try:
             for step in range(self.state.step, tc.steps):
                 values = self.train_step(step)
@@ -212,27 +257,52 @@ class Trainer:
                 postfix = self._log_if_due(step, result)
                 postfix.update(self._evaluate_if_due(step, result))
                 self._save_if_due(step)
-                progress.update(1, **postfix)
+                self.progress.update(1, **postfix)
                 if on_step is not None:
                     on_step(step + 1)
+                if step + 1 < tc.steps and stop.agreed(self.comm):
+                    self._stop(step + 1)
         finally:
-            progress.close()
+            stop.close()
+            self.progress.close()
             if self.sched is not None:
                 self.sched.close()
+            if self.tb is not None:
+                self.tb.close()
+        self.task.after_training(self)
         return self._finish(result, step_times)
+
+    def _stop(self, step: int) -> None:
+        """SIGTERM: save this step (unless it was just saved, or the run saves nothing) and stop."""
+        every = self.cfg.train.save_every
+        saved = ""
+        if every:
+            path = ckpt.checkpoint_root(self.cfg) / f"step_{step:08d}"
+            if not self._is_due(step - 1, every):
+                path = self.save_checkpoint(step)
+            saved = f"; resume from {path}"
+        self.writer.write({"kind": "stopped", "step": step, "wall_time": time.time()})
+        self.writer.close()
+        raise Stopped(f"stopped by SIGTERM after step {step}{saved or ' (no checkpoint: train.save_every=0)'}")
 
     def _is_due(self, step: int, every: int) -> bool:
         """Interval work happens after every `every`-th step and after the last one (every=0: only the last)."""
         return step == self.cfg.train.steps - 1 or (every > 0 and (step + 1) % every == 0)
 
+    def _say(self, msg: str) -> None:
+        """A console line from rank 0 that does not tear the progress bar."""
+        if self.comm.rank != 0:
+            return
+        if self.progress is not None and self.progress.bar is not None:
+            self.progress.write(f"[lshmoe] {msg}")
+        else:
+            say(0, msg)
+
     def _announce(self) -> None:
-        comm, moe = self.comm, self.cfg.moe
-        n_params = sum(p.numel() for p in self.model.parameters())
-        _log(
-            comm.rank,
-            f"{comm.world_size} rank(s) on {comm.device}, model {n_params / 1e6:.2f} M params/rank, "
-            f"{len(self.moe_ids)} MoE layers x {moe.num_experts} experts (top-{moe.top_k}), "
-            f"{comm.world_size * self.tokens_per_rank_step} tokens/step",
+        comm = self.comm
+        self.log(
+            f"{self.task.describe(self.model)}; {comm.world_size} rank(s) on {comm.device}, "
+            f"{comm.world_size * self.tokens_per_rank_step} tokens/step"
         )
         self.writer.write(
             {
@@ -242,8 +312,9 @@ class Trainer:
                 "restart": ckpt.restart_count(),
                 "wall_time": time.time(),
                 "config": self.cfg.to_dict(),
-                "params_per_rank": n_params,
+                "params_per_rank": sum(p.numel() for p in self.model.parameters()),
                 "data": self.data.source,
+                "task": self.task.name,
             }
         )
 
@@ -260,21 +331,41 @@ class Trainer:
             skipped_steps=self.state.skipped_steps,
             wall_time=time.time(),
         )
+        self._name_choices(rec)
         self.writer.write(rec)
+        if self.tb is not None:
+            self.tb.write(rec)
         result.records.append(rec)
+        if not tc.progress:
+            self._say(_console_line(rec, tc.steps))
         return {
             "loss": f"{rec['loss']:.3f}",
             "tok/s": f"{rec['tokens_per_s']:.0f}",
             "comm": f"{100 * rec['comm_share']:.0f}%",
         }
 
+    def _name_choices(self, rec: dict[str, Any]) -> None:
+        """Per-layer compressor choices (`auto_choice`, an index) also by name."""
+        for layer in self.moe:
+            names = getattr(getattr(layer, "compressor", None), "names", None)
+            stats = rec.get("layers", {}).get(f"moe{layer.layer_id}", {})
+            if names and "auto_choice" in stats:
+                stats["auto_choice_name"] = names[int(round(stats["auto_choice"]))]
+
     def _evaluate_if_due(self, step: int, result: TrainResult) -> dict[str, Any]:
         if not self._is_due(step, self.cfg.train.eval_every):
             return {}
-        val = result.final_val_loss = self.evaluate()
-        result.val_losses.append((step + 1, val))
-        self.writer.write({"kind": "eval", "step": step + 1, "val_loss": val, "train_time_s": self.state.train_time_s})
-        return {"val": f"{val:.3f}"}
+        vals = self.evaluate()
+        result.final_val_loss = vals["val_loss"]
+        result.final_val_loss_compressed = vals.get("val_loss_compressed")
+        result.val_losses.append((step + 1, vals["val_loss"]))
+        rec = {"kind": "eval", "step": step + 1, **vals, "train_time_s": self.state.train_time_s}
+        self.writer.write(rec)
+        if self.tb is not None:
+            self.tb.write(rec)
+        if not self.cfg.train.progress:
+            self._say(f"step {step + 1}: {_val_text(vals)}")
+        return {"val": f"{vals['val_loss']:.3f}"}
 
     def _save_if_due(self, step: int) -> None:
         save_every = self.cfg.train.save_every
@@ -284,9 +375,10 @@ class Trainer:
     def _finish(self, result: TrainResult, step_times: collections.deque[float]) -> TrainResult:
         tc, comm = self.cfg.train, self.comm
         if self.start_step >= tc.steps:
-            result.final_val_loss = self.evaluate()
-            _log(comm.rank, f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
-        val = result.final_val_loss
+            vals = self.evaluate()
+            result.final_val_loss = vals["val_loss"]
+            result.final_val_loss_compressed = vals.get("val_loss_compressed")
+            self.log(f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
         result.skipped_steps = self.state.skipped_steps
         if step_times:
             warm = list(step_times)[min(len(step_times) - 1, 2) :]  # the first steps include one-off warm-up
@@ -294,57 +386,84 @@ class Trainer:
             result.median_tokens_per_s = comm.world_size * self.tokens_per_rank_step / result.median_step_time_s
         summary = {
             "kind": "summary",
-            "final_val_loss": val,
+            "final_val_loss": result.final_val_loss,
             "val_losses": result.val_losses,
             "median_step_time_s": result.median_step_time_s,
             "median_tokens_per_s": result.median_tokens_per_s,
             "steps": tc.steps,
             "world_size": comm.world_size,
             "skipped_steps": self.state.skipped_steps,
+            "task": self.task.name,
         }
+        if result.final_val_loss_compressed is not None:
+            summary["final_val_loss_compressed"] = result.final_val_loss_compressed
         self.writer.write(summary)
         self.writer.close()
         if comm.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        _log(
-            comm.rank,
-            f"done: val loss {val:.4f}, {result.median_tokens_per_s:.0f} tokens/s "
-            f"(median step {1000 * result.median_step_time_s:.0f} ms); metrics in {self.out_dir}",
+        vals = {"val_loss": result.final_val_loss}
+        if result.final_val_loss_compressed is not None:
+            vals["val_loss_compressed"] = result.final_val_loss_compressed
+        self.log(
+            f"done: {_val_text(vals)}, {result.median_tokens_per_s:.0f} tokens/s "
+            f"(median step {1000 * result.median_step_time_s:.0f} ms); metrics in {self.out_dir}"
         )
         return result
 
 
-def _agree_on_data(comm: Comm, data: TokenData, cfg: Config) -> None:
+def _lossy(layer: nn.Module) -> bool:
+    """Whether the layer's compressor may change its outputs (identity and peers' layers do not)."""
+    comp = getattr(layer, "compressor", None)
+    return comp is not None and comp.name != "identity"
+
+
+def _val_text(vals: dict[str, float]) -> str:
+    text = f"val loss {vals['val_loss']:.4f} (exact experts)"
+    if "val_loss_compressed" in vals:
+        text += f", {vals['val_loss_compressed']:.4f} as trained (compressed)"
+    return text
+
+
+def _console_line(rec: dict[str, Any], steps: int) -> str:
+    """One line per log interval when there is no progress bar."""
+    line = (
+        f"step {rec['step']}/{steps}: loss {rec['loss']:.4f}, {rec['tokens_per_s']:,.0f} tok/s, "
+        f"a2a {100 * rec['a2a_share']:.0f}% of the step"
+    )
+    if rec["rows_sent"] != rec["rows_routed"]:
+        line += f", {100 * rec['compression_rate']:.1f}% of routed rows sent"
+    return line
+
+
+def agree_on_data(comm: Comm, data: Batches, cfg: Config) -> None:
     """Every rank must train on the same token data: a data file edited while the ranks start would
     give them different caches (and vocabularies) without this check."""
     if comm.world_size == 1:
         return
-    key = int(data.key[:15], 16)  # 60 bits of the cache key
+    key = int(str(data.key)[:15], 16)  # 60 bits of the data key
     t = torch.tensor([key, -key], dtype=torch.int64, device=comm.device)
     comm.all_reduce(t, comm.group("world"), "data.agree", op="max", phase="setup")
     if int(t[0]) != -int(t[1]):
         raise DataError(
             f"--data {cfg.data.path or cfg.data.corpus}: the ranks read different contents (it changed while "
-            "the job started); "
-            "rerun when the data is not being written"
+            "the job started); rerun when the data is not being written"
         )
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run a training job in this process (one rank of it under torchrun or the local launcher)."""
+def run_job(cfg: Config, task: Task) -> TrainResult:
+    """Run a training job of `task` in this process (one rank of it under torchrun or the local launcher)."""
     comm = init_comm(cfg.dist, cfg.moe.ep_size)
     try:
-        ep_nodes = len({comm.node_of.get(r, 0) for r in comm.group("ep").ranks})
-        validate(cfg, comm.world_size, nodes=ep_nodes)
-        data = load_data(cfg.data, lambda m: _log(comm.rank, m))
-        data.check_seq_len(cfg.model.seq_len)
-        _agree_on_data(comm, data, cfg)
-        return Trainer(cfg, comm, data).run()
+        return Trainer(cfg, comm, task).run()
     except BaseException as e:
-        if not isinstance(e, UserError | NumericalError | KeyboardInterrupt):  # those are every rank's own verdict
+        # user errors, numerical stops, SIGTERM and Ctrl-C are every rank's own verdict
+        if not isinstance(e, UserError | NumericalError | Stopped | KeyboardInterrupt):
             comm.report_failure(e)
         raise
     finally:
         # NOTE: tear the process group down explicitly: left to interpreter exit, gloo's threads can
         # be destroyed while joinable and abort the process ("terminate called without an active exception").
         shutdown()
+
+
+__all__ = ["TrainResult", "Trainer", "agree_on_data", "run_job", "say"]
