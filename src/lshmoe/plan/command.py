@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_positive("--grad-accum"), help="micro-batches per step [all divisors]")
     p.add_argument("--ep", type=_positive("--ep"), help="expert-parallel size [every size that divides]")
     p.add_argument("--fsdp", choices=("on", "off", "both"), default="both", help="[both]")
-    p.add_argument("--compute-dtype", choices=(*DTYPES, "all"), default="all", help="[all]")
+    p.add_argument(
+        "--compute-dtype",
+        choices=(*DTYPES, "all"),
+        default="all",
+        help="float32; bf16-mp = fp32 master weights and AdamW, bf16 compute (train --compute-dtype bfloat16); "
+        "bf16-pure = no fp32 masters, what train --dtype bfloat16 does [all]",
+    )
     p.add_argument("--ac", choices=(*AC_MODES, "all"), default="all", help="activation checkpointing [all]")
     p.add_argument("--skew", type=_positive("--skew", 1.0, 64.0, float), default=1.25,
                    help="rows received by the busiest rank / the mean, EP > 1 [1.25]")  # fmt: skip
@@ -260,7 +266,7 @@ def _header(shape: ModelShape, workload: Workload, cluster: Cluster, budget: Bud
         f"experts {_count(shape.expert_params)} in {shape.moe_layers} MoE layers, "
         f"{_count(shape.active_params)} active){notes}\n"
         f"{cluster.nodes} x {cluster.gpus_per_node} GPUs of {_size(budget.gpu_bytes)}, {_size(budget.usable)} "
-        f"usable each; {workload.batch_size} sequences of {workload.seq_len} tokens per rank per step; "
+        f"usable each; {workload.batch_size} sequence(s) of {workload.seq_len} tokens per rank per step; "
         f"bytes per rank in {unit}"
     )
 
