@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_cases import FAMILIES, hf_config
 
 from lshmoe.config import Config, ConfigError, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.param_kinds import is_expert_param
 from lshmoe.plan import count_gpt, count_hf, read_config_json
-from tests.hf_cases import FAMILIES, hf_config
 
 PUBLISHED = Path(__file__).parent / "data" / "plan"
 

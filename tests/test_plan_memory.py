@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_cases import hf_config
 
 from lshmoe.config import Config, TrainConfig, validate
 from lshmoe.distributed.comm import Comm
@@ -14,7 +15,6 @@ from lshmoe.models.gpt import GPTMoE
 from lshmoe.plan import Setting, Workload, activation_bytes, count_gpt, count_hf, memory_per_rank, model_state_bytes
 from lshmoe.plan.memory import unit_params
 from lshmoe.train.optim import build_optimizer
-from tests.hf_cases import hf_config
 
 V, B, S = 200, 4, 32
 

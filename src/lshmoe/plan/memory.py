@@ -78,6 +78,11 @@ Plus the largest transient, once (a layer's working set at its peak, or its grad
     head backward     4 T V + c T V (the gradients of the log-probs and the logits)
 
 activations = sum of saved + max(transients).
+
+Assumed: dropless routing (a capacity factor drops rows: fewer), the identity compressor's restore (LSH
+keeps a little more for its residual), every activation in the compute dtype. Under autocast (bf16-mp
+without FSDP) the residual stream stays float32 unless the model casts it, so the norms' inputs and the
+combine can be up to twice their count there.
 """
 
 from __future__ import annotations
