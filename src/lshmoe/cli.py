@@ -22,7 +22,12 @@ from lshmoe.errors import DistError, NumericalError, Stopped, UserError
 
 EXIT_USER, EXIT_DIST, EXIT_NUMERIC = 2, 3, 4
 
-PASS_THROUGH = {"simulate": "lshmoe.bench.simulate", "demo": "lshmoe.bench.demo", "infer": "lshmoe.infer.run"}
+PASS_THROUGH = {
+    "simulate": "lshmoe.bench.simulate",
+    "demo": "lshmoe.bench.demo",
+    "infer": "lshmoe.infer.run",
+    "plan": "lshmoe.plan.command",
+}
 
 # benchmark name -> (module with main(argv) -> int, what it measures)
 BENCHES = {
@@ -127,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a checkpoints root with 'latest'")
     exp.add_argument("--hf-out", required=True, help="output directory")
+    plan = sub.add_parser(
+        "plan",
+        help="per-rank memory of a model for each parallel setting, and which fit (reads config.json)",
+        add_help=False,
+    )
+    plan.add_argument("args", nargs=argparse.REMAINDER)
     infer = sub.add_parser("infer", help="score a trained checkpoint with Lina's expert placement", add_help=False)
     infer.add_argument("args", nargs=argparse.REMAINDER)
     return parser
