@@ -22,11 +22,10 @@ import sys
 import time
 from collections.abc import Callable
 
-USER_ERROR_STATUS = 2
-NUMERICAL_STOP_STATUS = 4
-INTERRUPTED_STATUS = 130
+from lshmoe.errors import EXIT_INTERRUPTED, EXIT_NUMERIC, EXIT_USER
+
 # A job that ended with one of these is not restarted: a restart would fail the same way.
-FINAL_STATUSES = (0, USER_ERROR_STATUS, NUMERICAL_STOP_STATUS, INTERRUPTED_STATUS)
+FINAL_STATUSES = (0, EXIT_USER, EXIT_NUMERIC, EXIT_INTERRUPTED)
 
 
 def free_port() -> int:
@@ -112,7 +111,7 @@ def supervise(cmds: list[list[str]], envs: list[dict[str, str]], grace_s: float 
     if first_fail is not None:
         rank, code = first_fail
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        if code != USER_ERROR_STATUS:  # a user error was already reported in one line by rank 0
+        if code != EXIT_USER:  # a user error was already reported in one line by rank 0
             print(f"lshmoe: the job failed: rank {rank} was the first to stop ({how})", file=sys.stderr)
         return 128 - code if code < 0 else code
     return 0
