@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from lshmoe.errors import UserError
+
 LINKS_GBPS = (100, 200, 400)
 STAGES = ("smoke", "kernels", "layer")
 
@@ -597,11 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     stages = [x for x in a.stages.split(",") if x]
     unknown = set(stages) - set(STAGES)
     if unknown:
-        print(f"lshmoe bench gpu: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-        return 2
+        bad = ", ".join(sorted(unknown))
+        raise UserError(f"lshmoe bench gpu: unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     if not a.dry_run and not torch.cuda.is_available():
-        print("lshmoe bench gpu: no CUDA device; --dry-run runs every stage on the CPU at tiny sizes")
-        return 2
+        raise UserError("lshmoe bench gpu: no CUDA device; --dry-run runs every stage on the CPU at tiny sizes")
     device = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined (lshmoe.kernels.lsh)
