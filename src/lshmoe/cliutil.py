@@ -15,15 +15,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Iterable
 from typing import NoReturn
 
 from lshmoe import config as C
 from lshmoe.errors import UserError
 
+# A flag's value that starts with "-" yet is a number: argparse alone knows only -3 and -0.5
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line: `UserError("<prog>: <message>")`, exit status 2 in the CLI."""
+    """argparse whose errors are one line: `UserError("<prog>: <message>")`, exit status 2 in the CLI.
+    A negative number in any notation (-1e-3, -inf) is a flag's value, never taken for a flag, so that a
+    bad one is reported by the field it was given to (`--progress -1e9`: `train.progress: expected bool`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message}")

@@ -70,14 +70,27 @@ def prepare(cfg: C.Config) -> None:
     data.check_seq_len(cfg.model.seq_len)
 
 
-def _train_hf(cfg: C.Config, argv: list[str]) -> int:
-    if under_launcher() or cfg.dist.nproc == 1:
-        run_hf(cfg)
-        return 0
+def prepare_hf(cfg: C.Config) -> None:
+    """What can be checked before a `--hf` rank starts: the config, and the checkpoint's config.json
+    (read once here; a bad directory is one line that names the field)."""
     C.validate(cfg)
+    from lshmoe.hf.family import HFError
     from lshmoe.hf.task import task_for
 
-    task_for(cfg.model.hf).read_config(cfg.model.hf)  # a bad directory fails here, once, before any rank starts
+    try:
+        task_for(cfg.model.hf).read_config(cfg.model.hf)
+    except HFError as e:
+        raise HFError(f"model.hf: {e}") from None
+
+
+def _train_hf(cfg: C.Config, argv: list[str]) -> int:
+    if under_launcher():
+        run_hf(cfg)
+        return 0
+    prepare_hf(cfg)
+    if cfg.dist.nproc == 1:
+        run_hf(cfg)
+        return 0
     from lshmoe.distributed.launch import launch
 
     return launch(["train", *argv], cfg.dist.nproc)
