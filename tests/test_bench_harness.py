@@ -12,7 +12,7 @@ import pytest
 
 from lshmoe.bench import harness
 from lshmoe.bench.ab_worker import compressor_seconds
-from lshmoe.cli import BENCHES
+from lshmoe.commands.bench import BENCHES
 
 CLUSTER_BENCHES = {
     "cluster": "lshmoe.bench.cluster",

@@ -82,9 +82,9 @@ def test_missing_config_file(capsys):
 def test_yaml_and_flag_precedence(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("moe:\n  top_k: 1\n  num_experts: 4\ntrain:\n  steps: 7\n")
-    from lshmoe.cli import build_parser, config_from_args
+    from lshmoe.commands.train import config_from_args, parser
 
-    ns = build_parser().parse_args(["train", "--config", str(f), "--set", "train.steps=9", "--top-k", "2"])
+    ns = parser().parse_args(["--config", str(f), "--set", "train.steps=9", "--top-k", "2"])
     cfg = config_from_args(ns)
     assert (cfg.moe.top_k, cfg.moe.num_experts, cfg.train.steps) == (2, 4, 9)
     assert cfg.moe.capacity_factor is None

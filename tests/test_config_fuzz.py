@@ -13,11 +13,11 @@ from cli_util import TINY, corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lshmoe import cli
+from lshmoe import cli, cliutil
 from lshmoe import config as C
 
 LEAVES = {dotted: (f, tp) for dotted, f, tp in C.leaf_fields()}
-FLAGS = cli._flag_names()
+FLAGS = cliutil.flag_names()
 # Paths the fuzz must not scatter over the disk, and the corpus choice (the `installed` corpus is ~30 MB):
 # these are fixed by the base arguments instead.
 FIXED = {"data.cache_dir", "train.out_dir", "train.ckpt_dir", "data.corpus", "data.path", "fault.max_restarts"}

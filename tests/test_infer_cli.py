@@ -71,7 +71,7 @@ def test_infer_scores_a_checkpoint_identically_under_both_placements(tmp_path):
     "args, needle",
     [
         (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint /nonexistent/ckpt: no such checkpoint directory"),
-        (["--checkpoint", ".", "--placement", "random"], "--placement 'random': choose one of popularity, uniform"),
+        (["--checkpoint", ".", "--placement", "random"], "infer.placement='random' is not valid; choose one of: popul"),
         (["--checkpoint", ".", "--batches", "0"], "--batches 0: must be >= 1"),
         ([], "the following arguments are required: --checkpoint"),
     ],

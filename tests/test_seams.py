@@ -120,6 +120,22 @@ def test_every_dispatcher_implements_the_protocol(chunks):
     assert isinstance(ReplicaDispatcher(comm, comm.group("world"), 4, 0, uniform_placement(4, 1)), Dispatcher)
 
 
+def test_a_call_leaves_no_state_on_its_dispatcher():
+    """The protocol's rule, Lina's replica dispatcher included: a call's numbers travel in its meta;
+    nothing about it is set on the dispatcher."""
+    from lshmoe.infer.dispatch import ReplicaDispatcher
+    from lshmoe.infer.placement import uniform_placement
+
+    comm = Comm.local()
+    replicas = ReplicaDispatcher(comm, comm.group("world"), 4, 0, uniform_placement(4, 1), source_major=True)
+    for dispatcher in (None, replicas):
+        layer = MoELayer(MoEConfig(num_experts=4, d_expert=8), 8, comm, 0, dispatcher=dispatcher).double()
+        layer.reset_parameters(0)
+        before = {k: id(v) for k, v in vars(layer.dispatcher).items()}
+        layer(torch.randn(5, 8, dtype=torch.float64)).y_TD.sum().backward()
+        assert {k: id(v) for k, v in vars(layer.dispatcher).items()} == before, type(layer.dispatcher).__name__
+
+
 def test_layer_state_is_frozen_and_stage_specific():
     comm = Comm.local()
     layer = MoELayer(MoEConfig(num_experts=4, top_k=2, d_expert=8), 8, comm, 0).double()

@@ -6,20 +6,26 @@ its help text and valid range through `_f(...)`; `validate()` checks ranges, cho
 cross-field rule and raises `ConfigError` with one line that names the field, the bad value and what
 is allowed. YAML files and `--flag value` overrides are coerced to the declared types, so a wrong
 type or an unknown key fails the same way, before any process is started.
+
+The config is the bottom floor of the package: it imports no other lshmoe package but `errors`
+(the compressor and dispatcher names are read from their registries on first use; fields.py).
 """
 
-from lshmoe.config.fields import _f, coerce, leaf_types
+from lshmoe.config.fields import Registered, _f, coerce, leaf_types
 from lshmoe.config.io import apply_sets, from_dict, leaf_fields, load_yaml, resolve, set_value
 from lshmoe.config.schema import (
     ALIASES,
+    AUTO_CHOICES,
     DTYPES,
     FAULT_KINDS,
     FLAG_PREFIX,
+    PLACEMENTS,
     SECTIONS,
     AutoConfig,
     Config,
     DataConfig,
     DistConfig,
+    Fault,
     FaultConfig,
     InferConfig,
     LinaConfig,
@@ -37,14 +43,17 @@ from lshmoe.errors import ConfigError
 
 __all__ = [
     "ALIASES",
+    "AUTO_CHOICES",
     "DTYPES",
     "FAULT_KINDS",
     "FLAG_PREFIX",
+    "PLACEMENTS",
     "SECTIONS",
     "Config",
     "ConfigError",
     "DataConfig",
     "DistConfig",
+    "Fault",
     "FaultConfig",
     "InferConfig",
     "LSHConfig",
@@ -54,6 +63,7 @@ __all__ = [
     "MoEConfig",
     "QuantConfig",
     "AutoConfig",
+    "Registered",
     "ScMoEConfig",
     "TrainConfig",
     "UpcycleConfig",

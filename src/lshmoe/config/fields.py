@@ -3,24 +3,59 @@
 A leaf field is declared with `_f(default, help, choices=..., ge=..., flag=...)`: its help text, its
 valid range (checked by `validate`) and, optionally, its short command-line flag. `coerce` turns a
 YAML or command-line value into the declared type, or raises a one-line ConfigError naming the field.
+
+`choices` is a tuple, or `Registered("module:NAMES")` for the names of a registry that lives above
+the config (the compressors, the dispatchers). Why a reference and not the names themselves: the
+config is the bottom floor of the package and imports no other lshmoe package but `errors`, yet a
+registry stays the one place a compressor or dispatcher is added (one module plus one line there).
+The reference is resolved on first use, by `validate` and by the CLI's help, when the whole package
+is importable; importing the config imports no registry (tests/test_floors.py checks it), so a
+dispatcher or compressor may import `lshmoe.config` without closing a circle.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
 
 from lshmoe.errors import ConfigError
 
 
+@functools.cache
+def _resolve(ref: str) -> tuple[str, ...]:
+    module, name = ref.split(":")
+    return tuple(getattr(importlib.import_module(module), name))
+
+
+class Registered(Sequence):
+    """The names of a registry above the config, `"module:NAMES"`, read on first use (module docstring)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return _resolve(self.ref)[i]
+
+    def __len__(self) -> int:
+        return len(_resolve(self.ref))
+
+    def __repr__(self) -> str:
+        return f"Registered({self.ref!r})"
+
+
 def _f(
     default: Any,
     help: str,
     *,
-    choices: tuple = (),
+    choices: Sequence[str] = (),
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,

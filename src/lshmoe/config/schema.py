@@ -10,17 +10,20 @@ range and flag with `_f` (fields.py); the YAML/flag machinery is in io.py and ev
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lshmoe.compress.registry import NAMES as COMPRESSORS
-from lshmoe.config.fields import _f
+from lshmoe.config.fields import Registered, _f
 from lshmoe.errors import ConfigError
-from lshmoe.moe.dispatch.build import KINDS as DISPATCHERS
 
+# The seams' registries own their names; the config reads them on first use (fields.py says why).
+COMPRESSORS = Registered("lshmoe.compress.registry:NAMES")
+DISPATCHERS = Registered("lshmoe.moe.dispatch.build:KINDS")
 PLACEMENTS = ("popularity", "uniform")  # Lina's inference placements
+FAULT_KINDS = ("kill", "stall", "nan", "killsave")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -72,10 +75,9 @@ class MoEConfig:
     normalize_weights: bool = _f(True, "renormalise the top-k router probabilities to sum to 1")
     aux_loss_weight: float = _f(0.01, "weight of the Switch/GShard load-balance loss", ge=0)
     z_loss_weight: float = _f(0.001, "weight of the router z-loss", ge=0)
-    compress: str = _f("identity", "all-to-all payload compressor: lsh = LSH-MoE centroids, fp8/int8 = rows quantized "
-                       "on the wire (quant section), lsh+fp8 = FP8 centroids, auto = chosen per layer by "
-                       "measurement (auto section); see compress/registry.py",
-                       choices=COMPRESSORS)
+    compress: str = _f("identity", "all-to-all payload compressor, by its name in compress/registry.py (e.g. lsh = "
+                       "LSH-MoE centroids, fp8 = rows quantized on the wire, auto = chosen per layer by "
+                       "measurement); its options are the section of its name", choices=COMPRESSORS)
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
     router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
@@ -101,6 +103,10 @@ class MoEConfig:
     shared_experts: int = _f(0, "SwiGLU shared experts inside the MoE layer, run while the dispatch travels", ge=0)
     d_shared: int = _f(0, "hidden width of each shared expert; 0 = d_expert", ge=0)
     shared_gate: bool = _f(False, "scale the shared experts' output by sigmoid(w . x) (Qwen2-MoE)")
+    split: str = _f("none", "analysis of a lossy compressor: forward = the compressed path's values with the exact "
+                    "path's gradients, backward = exact values with the compressed path's gradients (both paths "
+                    "run: twice the all-to-alls); pins a quality gap on one direction",
+                    choices=("none", "forward", "backward"))
 
 
 @dataclass(kw_only=True)
@@ -139,9 +145,6 @@ class LSHConfig:
     ema: float = _f(0.9, "smoothing of the running statistics the target modes choose L from", ge=0, lt=1)
     layers: str = _f("all", "MoE blocks that compress: all, or comma-separated block indices")
     eval_compress: bool = _f(True, "compress in evaluation too (false: exact experts at eval)")
-    split: str = _f("none", "analysis: forward = the compressed path's values with the exact path's gradients, "
-                    "backward = exact values with the compressed path's gradients (both paths run: twice the "
-                    "all-to-alls); pins a quality gap on one direction", choices=("none", "forward", "backward"))
     kernels: str = _f("auto", "compress/restore implementation: auto = fused Triton kernels on CUDA (PyTorch "
                       "elsewhere), triton = always the kernels, torch = the PyTorch reference",
                       choices=("auto", "triton", "torch"), flag="kernels")
@@ -152,6 +155,11 @@ class LSHConfig:
         opts = [f"projection={self.projection}"] if self.projection != "random" else []
         opts += [f"exact_spread={self.exact_spread}"] if self.exact_spread is not None else []
         return opts + ([f"scope={self.scope}"] if self.scope != "all" else [])
+
+    def projections_per_hash(self) -> int:
+        """P, the projections one hash reads: b/2 signed axes (cross-polytope), log2 b sign bits (hyperplane)."""
+        b = self.buckets_per_hash
+        return b // 2 if self.family == "cross_polytope" else int(math.log2(b))
 
     def layer_ids(self) -> set[int] | None:
         """None = every MoE layer."""
@@ -170,7 +178,9 @@ class QuantConfig:
     eval_quantize: bool = _f(True, "quantize in evaluation too (false: exact rows at eval)")
 
 
-AUTO_CHOICES = ("identity", "fp8", "int8", "lsh", "lsh+fp8")  # what `--compress auto` can choose
+# What `--compress auto` can choose: the one list (compress/auto.py builds from it; each is a registered
+# compressor, tests/test_floors.py checks).
+AUTO_CHOICES = ("identity", "fp8", "int8", "lsh", "lsh+fp8")
 
 
 @dataclass(kw_only=True)
@@ -339,6 +349,18 @@ class DistConfig:
                                 "stays flat (glibc); 0 = never", ge=0)
 
 
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One injected fault (train/faults.py acts on it): `kind` at `step` on `rank`."""
+
+    kind: str
+    rank: int
+    step: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.rank}:{self.step}"
+
+
 @dataclass(kw_only=True)
 class FaultConfig:
     """Faults: what to do on a non-finite step, restarts after a failure, and fault injection for tests."""
@@ -349,6 +371,21 @@ class FaultConfig:
                      "kill|stall|nan|killsave; each fires once per out_dir (<out_dir>/faults.fired)", flag="fault")
     max_restarts: int = _f(0, "--nproc launcher: restart the job up to N times after a rank fails; it resumes from "
                            "the latest checkpoint (under torchrun use its --max-restarts)", ge=0)
+
+    def faults(self) -> list[Fault]:
+        """`inject` (`kind:rank:step[,kind:rank:step...]`) as faults; a malformed item is a one-line ConfigError."""
+        out = []
+        for item in (s.strip() for s in self.inject.split(",")):
+            if not item:
+                continue
+            parts = item.split(":")
+            if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
+                raise ConfigError(
+                    f"fault.inject={self.inject!r}: item {item!r} must be kind:rank:step with kind in "
+                    f"{', '.join(FAULT_KINDS)}, e.g. kill:1:5 (several: kill:1:5,killsave:0:12)"
+                )
+            out.append(Fault(parts[0], int(parts[1]), int(parts[2])))
+        return out
 
 
 # fmt: on
@@ -381,7 +418,6 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-FAULT_KINDS = ("kill", "stall", "nan", "killsave")
 # Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
 FLAG_PREFIX = {"lsh": "lsh-", "upcycle": "upcycle-"}
 # Keys that moved to a system's own section: the old name keeps working in YAML, --set and flags.
@@ -393,4 +429,5 @@ ALIASES = {
     "train.chunk_mb": "lina.chunk_mb",
     "train.nan_policy": "fault.nan_policy",
     "dist.fault": "fault.inject",
+    "lsh.split": "moe.split",  # an analysis of any lossy compressor, not of LSH alone
 }

@@ -2,7 +2,10 @@
 
 `validate(cfg, world_size, nodes)` checks each leaf's declared range and choices, then the
 cross-field rules; the first violation raises a one-line ConfigError naming the field, its value
-and what is allowed. Layers and engines check nothing themselves.
+and what is allowed. Layers and engines check nothing themselves. A rule that needs a helper calls
+a method of its section (`LSHConfig.projections_per_hash`, `FaultConfig.faults`, ...), so the rules
+need nothing above the config; the compressor and dispatcher names are read from their registries
+here, on first use (fields.py's `Registered`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lshmoe.compress.hashing import projections_per_hash
 from lshmoe.config.io import leaf_fields
 from lshmoe.config.schema import Config, MoEConfig
 from lshmoe.errors import ConfigError
@@ -61,9 +63,9 @@ def _validate_lsh(cfg: Config) -> None:
             f"lsh.num_hashes={h.num_hashes} is out of range for buckets_per_hash={b} and "
             f"{cfg.moe.num_experts} experts; bucket ids need L*log2(b)+log2(E) <= 62 bits"
         )
-    if h.projection == "pca" and 0 < h.pca_rank < projections_per_hash(h.family, b):
+    if h.projection == "pca" and 0 < h.pca_rank < h.projections_per_hash():
         raise ConfigError(
-            f"lsh.pca_rank={h.pca_rank} is out of range; must be 0 or >= {projections_per_hash(h.family, b)} "
+            f"lsh.pca_rank={h.pca_rank} is out of range; must be 0 or >= {h.projections_per_hash()} "
             f"(the projections of one hash) and <= model.d_model"
         )
     if h.projection == "pca" and h.pca_rank > cfg.model.d_model:
@@ -148,10 +150,7 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             f"lina.a2a_chunks={cfg.lina.a2a_chunks} needs moe.a2a=flat: micro-op pipelining cuts the flat "
             f"all-to-all (moe.a2a={e.a2a} has no pipelined form)"
         )
-    if cfg.fault.inject:
-        from lshmoe.train.faults import parse_faults
-
-        parse_faults(cfg.fault.inject)
+    cfg.fault.faults()
     if cfg.train.tensorboard:
         import importlib.util
 

@@ -28,13 +28,10 @@ import sys
 import time
 from collections.abc import Callable
 
-from lshmoe.errors import Stopped
+from lshmoe.errors import EXIT_INTERRUPTED, EXIT_NUMERIC, EXIT_USER, Stopped
 
-USER_ERROR_STATUS = 2
-NUMERICAL_STOP_STATUS = 4
-INTERRUPTED_STATUS = 130
 # A job that ended with one of these is not restarted: a restart would fail the same way, or was not wanted.
-FINAL_STATUSES = (0, USER_ERROR_STATUS, NUMERICAL_STOP_STATUS, INTERRUPTED_STATUS, Stopped.exit_status)
+FINAL_STATUSES = (0, EXIT_USER, EXIT_NUMERIC, EXIT_INTERRUPTED, Stopped.exit_status)
 PR_SET_PDEATHSIG = 1
 
 
@@ -178,13 +175,13 @@ def _watch(procs: list[subprocess.Popen], forwarder: _Forwarder, grace_s: float,
             break
         time.sleep(0.05)
     if forwarder.signal == signal.SIGINT:
-        return INTERRUPTED_STATUS
+        return EXIT_INTERRUPTED
     if forwarder.signal:
         return Stopped.exit_status
     if first_fail is not None:
         rank, code = first_fail
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        if code != USER_ERROR_STATUS:  # a user error was already reported in one line by rank 0
+        if code != EXIT_USER:  # a user error was already reported in one line by rank 0
             print(f"lshmoe: the job failed: rank {rank} was the first to stop ({how})", file=sys.stderr)
         return 128 - code if code < 0 else code
     return 0

@@ -32,7 +32,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-EXIT_PEER_FAILED = 3
+from lshmoe.errors import EXIT_DIST
 
 
 class Watchdog:
@@ -183,7 +183,7 @@ class Watchdog:
         print(f"lshmoe: rank {self.rank}: {verdict}; exiting", file=sys.stderr, flush=True)
         if self.rank == 0:  # this process may host the store: give the peers time to read the verdict
             time.sleep(2 * self.interval_s)
-        os._exit(EXIT_PEER_FAILED)
+        os._exit(EXIT_DIST)
 
     def post_abort(self, verdict: str) -> None:
         """Share a diagnosed failure so every rank exits with the same verdict (best effort)."""

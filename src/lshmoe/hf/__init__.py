@@ -6,7 +6,8 @@
 
 `from_pretrained` builds the family's transformers model on the meta device from config.json, swaps
 each sparse MoE block for lshmoe's expert-parallel layer holding this rank's experts only, and reads
-from the safetensors files the dense weights and this rank's experts (hf/load.py).
+from the safetensors files the dense weights and this rank's experts (hf/load.py). `FAMILIES` is the
+table of supported families (hf/family.py), complete at import.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lshmoe.config import Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.hf.export import export
 from lshmoe.hf.family import FAMILIES, HFError
@@ -34,7 +36,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
-    settings: object = None,
+    settings: Config | None = None,
 ) -> nn.Module:
     """A local checkpoint directory as an expert-parallel model (this rank's experts only);
     `settings`: a `Config` whose compressor / LocMoE / Lina sections the MoE layers use."""

@@ -1,8 +1,9 @@
-"""What lshmoe needs to know about one Hugging Face MoE family, and the registry of families.
+"""What lshmoe needs to know about each Hugging Face MoE family: one table, `FAMILIES`.
 
-A family file (mixtral.py, qwen2_moe.py, ...) says three things: where the sparse block sits and
-what its tensors are called on disk (router, experts, shared experts), and how the model config's
-routing maps onto `MoEConfig`. Everything else about the model stays transformers' own code.
+A family entry says three things: where the sparse block sits and what its tensors are called on
+disk (router, experts, shared experts), and how the model config's routing maps onto `MoEConfig`.
+Everything else about the model stays transformers' own code. The table is plain data, complete at
+import; a new family is one entry in it (and a test case in tests/hf_cases.py).
 """
 
 from __future__ import annotations
@@ -33,24 +34,6 @@ class Family:
     aux_coef: Callable[[Any], float] = field(default=lambda c: 0.0)  # transformers' aux loss coefficient
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    FAMILIES[family.model_type] = family
-    return family
-
-
-def family_for(model_type: str) -> Family:
-    from lshmoe.hf import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: F401 - register
-
-    if model_type not in FAMILIES:
-        raise HFError(
-            f"model_type={model_type!r} is not a supported MoE family; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
-
-
 def softmax_aux(config: Any) -> float:
     """transformers adds router_aux_loss_coef * aux only when the config asks for the router logits."""
     return float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else 0.0
@@ -59,3 +42,88 @@ def softmax_aux(config: Any) -> float:
 def renormalised_topk(config: Any) -> dict[str, Any]:
     """Softmax top-k renormalised when `norm_topk_prob`, with transformers' top-1 rule (OLMoE, Qwen3-MoE)."""
     return {"normalize_weights": bool(config.norm_topk_prob), "normalize_top1": True}
+
+
+def _deepseek_v3_routing(c: Any) -> dict[str, Any]:
+    return dict(
+        score="sigmoid",
+        correction_bias=True,
+        n_group=int(c.n_group or 0),
+        topk_group=int(c.topk_group or 0),
+        routed_scaling_factor=float(c.routed_scaling_factor),
+        normalize_weights=bool(c.norm_topk_prob),
+        normalize_top1=True,
+        shared_experts=int(c.n_shared_experts or 0),
+        d_shared=int(c.moe_intermediate_size),
+    )
+
+
+def _qwen2_moe_routing(c: Any) -> dict[str, Any]:
+    return dict(
+        normalize_weights=bool(c.norm_topk_prob),
+        normalize_top1=True,
+        shared_experts=1,
+        d_shared=int(c.shared_expert_intermediate_size),
+        shared_gate=True,
+    )
+
+
+_TABLE = (
+    # Mixtral: softmax top-k, always renormalised (also at K = 1, where the weight becomes 1).
+    Family(
+        model_type="mixtral",
+        num_experts="num_local_experts",
+        d_expert="intermediate_size",
+        expert_names=("w1", "w3", "w2"),
+        disk_block="block_sparse_moe",
+        routing=lambda c: dict(normalize_weights=True, normalize_top1=True),
+        aux_coef=softmax_aux,
+    ),
+    # Qwen2-MoE: softmax top-k plus one shared SwiGLU expert gated by sigmoid(w . x).
+    Family(
+        model_type="qwen2_moe",
+        num_experts="num_experts",
+        d_expert="moe_intermediate_size",
+        shared_name="shared_expert",
+        shared_gate_name="shared_expert_gate",
+        routing=_qwen2_moe_routing,
+        aux_coef=softmax_aux,
+    ),
+    # Qwen3-MoE: softmax top-k, renormalised when `norm_topk_prob`; dense layers in `mlp_only_layers`.
+    Family(
+        model_type="qwen3_moe",
+        num_experts="num_experts",
+        d_expert="moe_intermediate_size",
+        routing=renormalised_topk,
+        aux_coef=softmax_aux,
+    ),
+    # OLMoE: softmax top-k, renormalised when `norm_topk_prob`.
+    Family(
+        model_type="olmoe",
+        num_experts="num_experts",
+        d_expert="intermediate_size",
+        routing=renormalised_topk,
+        aux_coef=softmax_aux,
+    ),
+    # DeepSeek-V3: sigmoid scores, a selection-only correction bias, group-limited selection (groups
+    # scored by their two best biased scores), routed_scaling_factor, and n_shared_experts ungated
+    # shared experts (one SwiGLU of width n * moe_intermediate_size). The first
+    # `first_k_dense_replace` layers are dense. transformers computes no auxiliary loss for it (the
+    # bias does the balancing).
+    Family(
+        model_type="deepseek_v3",
+        num_experts="n_routed_experts",
+        d_expert="moe_intermediate_size",
+        shared_name="shared_experts",
+        routing=_deepseek_v3_routing,
+    ),
+)
+FAMILIES: dict[str, Family] = {f.model_type: f for f in _TABLE}
+
+
+def family_for(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise HFError(
+            f"model_type={model_type!r} is not a supported MoE family; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]

@@ -95,10 +95,11 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
-    settings: object = None,
+    settings: Config | None = None,
 ) -> tuple[nn.Module, MoEConfig]:
     """The family's causal LM with expert-parallel MoE blocks, uninitialised, on `comm.device`.
-    `settings` (a `Config`, optional) gives the MoE layers their compressor / LocMoE / Lina sections."""
+    `settings` (the run's `Config`; None = defaults) gives the MoE layers their compressor / LocMoE /
+    Lina sections."""
     from transformers import AutoModelForCausalLM
 
     family = family_for(getattr(config, "model_type", None))

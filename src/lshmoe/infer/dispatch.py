@@ -17,8 +17,8 @@ It implements the dispatcher protocol (`lshmoe.moe.dispatch.protocol`):
 With `source_major=True` the received rows stay in arrival order [source][expert] (no regroup) and
 `run_experts` runs the experts once per source with `meta.recv_WE[source]` as the group sizes: every
 piece is then its own matmul, which (with aligned cuts, see `placement.split_sizes`) gives each row
-exactly the arithmetic of an unreplicated forward. The inference engine uses this form; the CPU time
-of the last expert computation is kept in `last_compute_s` for its metrics.
+exactly the arithmetic of an unreplicated forward. The inference engine uses this form (and times
+the expert computation itself: as the protocol asks, nothing about a call is kept on the dispatcher).
 
 Every rank takes the same collective path whatever the placement and the load: a rank that serves
 no expert, or an expert that receives no rows, still joins every exchange with empty splits.
@@ -26,7 +26,6 @@ no expert, or an expert that receives no rows, still joins every exchange with e
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,7 +91,6 @@ class ReplicaDispatcher(SyncDispatcherBase):
     ):
         self.comm, self.group, self.layer, self.num_experts = comm, group, layer, num_experts
         self.policy, self.align, self.source_major = policy, align, source_major
-        self.last_compute_s = 0.0
 
     def placement_for(self, counts_E: torch.Tensor) -> Placement:
         placement = self.policy if isinstance(self.policy, Placement) else self.policy(counts_E)
@@ -133,22 +131,16 @@ class ReplicaDispatcher(SyncDispatcherBase):
 
     def run_experts(self, experts: nn.Module, received_RD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
         """Expert-major rows: one grouped matmul. Source-major: one per source (module docstring)."""
-        c0 = time.process_time()
         if not self.source_major:
-            out = experts(received_RD, meta.local_counts)
-        else:
-            outs = [
-                experts(rows, counts)
-                for rows, counts, n in zip(
-                    torch.split(received_RD, meta.out_splits), meta.recv_WE.tolist(), meta.out_splits, strict=True
-                )
-                if n
-            ]
-            out = torch.cat(outs) if outs else experts(received_RD, meta.local_counts)
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)
-        self.last_compute_s = time.process_time() - c0
-        return out
+            return experts(received_RD, meta.local_counts)
+        outs = [
+            experts(rows, counts)
+            for rows, counts, n in zip(
+                torch.split(received_RD, meta.out_splits), meta.recv_WE.tolist(), meta.out_splits, strict=True
+            )
+            if n
+        ]
+        return torch.cat(outs) if outs else experts(received_RD, meta.local_counts)
 
     def dispatch(self, payload_MD: torch.Tensor, meta: ReplicaMeta) -> torch.Tensor:
         send_MD = payload_MD if meta.send_M is None else payload_MD.index_select(0, meta.send_M)

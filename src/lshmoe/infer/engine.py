@@ -6,7 +6,7 @@ dispatcher is a `ReplicaDispatcher` over the world group driven by the `TwoPhase
 
     block i's pre-hook: phase 1 (this rank's popularity estimate from its tokens' paths)
     MoE layer i:        gate -> plan = phase 2 (sum estimate + actual counts over ranks, compare, maybe re-plan)
-                        -> count exchange -> dispatch to replicas -> experts -> combine
+                        -> count exchange -> dispatch to replicas -> experts (timed) -> combine
                         -> record top-1 ids (the next layers' paths), rows computed, wall time
 
 Every rank scores its own sequences (data parallel); the outputs are identical to unreplicated
@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,9 @@ class Serving:
 class LinaMoELayer(MoELayer):
     """`MoELayer` with all experts local and, from construction, a replica dispatcher over the
     serving world (source-major: one matmul per source, so each row gets an unreplicated forward's
-    arithmetic); records every call's routing and timing with the scheduler."""
+    arithmetic); records every call's routing and timing with the scheduler. The layer's stages run
+    here one by one (begin, experts, combine, finish: `MoELayer.compute` without its overlap branch),
+    so that the expert computation is timed by its caller and no call leaves state on the dispatcher."""
 
     def __init__(self, cfg: MoEConfig, d_model: int, comm: Comm, layer_id: int, *, serving: Serving, **layer_kw):
         index, world = serving.index_of[layer_id], serving.world
@@ -75,15 +77,16 @@ class LinaMoELayer(MoELayer):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         t0 = time.perf_counter()
         st = self.begin(x)
-        out = self.finish(self.compute(st))
+        c0 = time.process_time()
+        out_RD = self.replicas.run_experts(self.experts, st.received, st.dmeta)
+        if out_RD.is_cuda:
+            torch.cuda.synchronize(out_RD.device)
+        compute_s = time.process_time() - c0
+        out = self.finish(replace(st, received=None, combined=self.replicas.combine(out_RD, st.dmeta)))
         if out.y_TD.is_cuda:
             torch.cuda.synchronize(out.y_TD.device)
         self.scheduler.routed(
-            self.index,
-            st.route.topk_ids_TK,
-            sum(st.dmeta.local_counts),
-            time.perf_counter() - t0,
-            self.replicas.last_compute_s,
+            self.index, st.route.topk_ids_TK, sum(st.dmeta.local_counts), time.perf_counter() - t0, compute_s
         )
         return out
 

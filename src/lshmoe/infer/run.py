@@ -1,6 +1,7 @@
 """`lshmoe infer`: score a trained checkpoint's validation data with Lina's expert placement.
 
     lshmoe infer --checkpoint out/checkpoints --nproc 4 [--placement popularity|uniform] [--compare]
+                 [--<infer field> value ...]
 
 Every rank loads every expert of the checkpoint (any expert-parallel layout it was saved with),
 builds the path profile from `--profile-batches` training batches per rank (uniform placement, top-1
@@ -8,7 +9,9 @@ routes, gathered from every rank), then scores `--batches` validation batches of
 sequences per rank. Rank 0 prints the validation loss and, per MoE layer, the MoE-layer latency
 p50/p95, the rows-per-rank load max/mean, the estimation accuracy of phase 1 and the re-plan rate
 of phase 2; `--out FILE.json` keeps every number. `--compare` scores each batch with both
-placements (rotating the order) and checks that their logits are identical.
+placements (rotating the order) and checks that their logits are identical. Every field of the
+`infer` config section is a flag (`--path-len`, `--estimate-top-k`, `--match-k`, `--ordered-match`,
+`--profile-routes`, `--infer-dtype`, ...; generated as `lshmoe train`'s are).
 """
 
 from __future__ import annotations
@@ -16,60 +19,53 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from lshmoe import config as C
+from lshmoe.cliutil import Parser, add_config_flags, apply_flags, under_launcher
 from lshmoe.errors import UserError
 
-PLACEMENTS = ("popularity", "uniform")
+# run-only flags and their least value (the placement's options are the `infer` config section's flags)
+MINIMA = {"nproc": 1, "profile_batches": 1, "batches": 1, "batch_size": 1, "threads": 1}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lshmoe.cli import _Parser
-
-    p = _Parser(prog="lshmoe infer", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="lshmoe infer", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint", required=True, help="a checkpoint directory, or a checkpoints root with a 'latest' pointer"
     )
     p.add_argument("--nproc", type=int, default=1, help="local ranks (>= 1)")
-    p.add_argument("--placement", default="popularity", help="popularity (Lina) or uniform (expert parallel)")
     p.add_argument("--compare", action="store_true", help="score every batch with both placements")
-    p.add_argument("--path-len", type=int, default=3, help="l: earlier MoE layers in a token's path (>= 0)")
     p.add_argument("--profile-batches", type=int, default=8, help="training batches per rank for the profile (>= 1)")
     p.add_argument("--batches", type=int, default=20, help="validation batches scored (>= 1)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per batch (>= 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (>= 1)")
     p.add_argument("--out", help="write the metrics as JSON to this file (rank 0)")
+    add_config_flags(p, ["infer"])
     return p
 
 
-def check_args(a: argparse.Namespace) -> None:
-    """One line per mistake, before any process starts."""
-    if a.placement not in PLACEMENTS:
-        raise UserError(f"--placement {a.placement!r}: choose one of {', '.join(PLACEMENTS)}")
-    for name, low in (
-        ("nproc", 1),
-        ("path_len", 0),
-        ("profile_batches", 1),
-        ("batches", 1),
-        ("batch_size", 1),
-        ("threads", 1),
-    ):
+def parse(argv: list[str]) -> tuple[argparse.Namespace, C.InferConfig]:
+    """The run's flags and its `InferConfig` (defaults < flags), checked: one line per mistake, before any
+    process starts."""
+    a = build_parser().parse_args(argv)
+    for name, low in MINIMA.items():
         if getattr(a, name) < low:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= {low}")
+    cfg = C.validate(apply_flags(C.Config(), a))
+    return a, cfg.infer
 
 
 def main(argv: list[str]) -> int:
-    a = build_parser().parse_args(argv)
-    check_args(a)
+    a, icfg = parse(argv)
     from lshmoe.train import checkpoint as ckpt
 
     path = ckpt.find_checkpoint(a.checkpoint, "--checkpoint")
-    if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or a.nproc == 1:
-        run_rank(a, path)
+    if under_launcher() or a.nproc == 1:
+        run_rank(a, icfg, path)
         return 0
     ckpt.verify_files(path)
     from lshmoe.distributed.launch import launch
@@ -77,17 +73,17 @@ def main(argv: list[str]) -> int:
     return launch(["infer", *argv], a.nproc)
 
 
-def run_rank(a: argparse.Namespace, path: Path) -> None:
+def run_rank(a: argparse.Namespace, icfg: C.InferConfig, path: Path) -> None:
     from lshmoe.config import DistConfig
     from lshmoe.distributed.setup import init_comm, shutdown
-    from lshmoe.infer.engine import InferConfig, InferenceEngine
+    from lshmoe.infer.engine import InferenceEngine
     from lshmoe.infer.metrics import summarise
     from lshmoe.train.data import load_data
 
     comm = init_comm(DistConfig(threads=a.threads))
     say = (lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True)) if comm.rank == 0 else (lambda m: None)
     try:
-        eng = InferenceEngine.from_checkpoint(path, comm, InferConfig(placement=a.placement, path_len=a.path_len))
+        eng = InferenceEngine.from_checkpoint(path, comm, icfg)
         cfg, dev, rank, world = eng.cfg, comm.device, comm.rank, comm.world_size
         data = load_data(cfg.data, say)
         B, S = a.batch_size, cfg.model.seq_len
@@ -96,7 +92,7 @@ def run_rank(a: argparse.Namespace, path: Path) -> None:
             f"profiling {a.profile_batches} batches per rank"
         )
         eng.profile(data.train_batch(i, rank, B, S, cfg.train.seed, dev)[0] for i in range(a.profile_batches))
-        modes = list(PLACEMENTS) if a.compare else [a.placement]
+        modes = list(C.PLACEMENTS) if a.compare else [icfg.placement]
         recs: dict[str, list] = {m: [] for m in modes}
         identical = 0
         for i in range(a.batches):

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lshmoe.config import PLACEMENTS
 from lshmoe.distributed.comm import Comm
 from lshmoe.infer.dispatch import PlacementPolicy
 from lshmoe.infer.placement import Placement, plan_placement, uniform_placement
 from lshmoe.infer.profile import PathProfile, path_distribution, top_experts, top_match
 
 FIXED_POINT = float(2**20)  # estimate sums travel as integers in units of 2**-20 of a token
-PLACEMENTS = ("popularity", "uniform")
 
 
 @dataclass(kw_only=True, slots=True)

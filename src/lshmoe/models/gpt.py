@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lshmoe.config import LocMoEConfig, ModelConfig, MoEConfig, ScMoEConfig
+from lshmoe.config import Config, ModelConfig, MoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.blocks import MLP, Block, make_norm
 from lshmoe.models.scmoe import SharedExpertBlock, ShortcutPair
@@ -39,11 +39,11 @@ class LMOutput:
 
 
 def build_units(
-    mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, settings: object, seed: int
+    mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, moe_factory: MoEFactory, settings: Config, seed: int
 ) -> list[nn.Module]:
     """The model's blocks for `mcfg.arch`; each unit maps x -> (x, MoEOutput or None) and has `layer_id`."""
     D, units = mcfg.d_model, []
-    sc = getattr(settings, "scmoe", None) or ScMoEConfig()
+    sc = settings.scmoe
     if mcfg.arch in ("scmoe", "dgmoe"):
         pair = mcfg.moe_every == 2
         for i in range(1 if pair else 0, mcfg.n_layers, mcfg.moe_every):
@@ -102,12 +102,13 @@ class GPTMoE(nn.Module):
         comm: Comm,
         moe_factory: MoEFactory = MoELayer,
         *,
-        settings: object = None,
+        settings: Config | None = None,
         seed: int = 0,
     ):
         super().__init__()
+        settings = settings or Config()
         self.mcfg, self.ecfg, self.vocab_size = mcfg, ecfg, vocab_size
-        self.locmoe = getattr(settings, "locmoe", None) or LocMoEConfig()
+        self.locmoe = settings.locmoe
         self.my_node = comm.node_of.get(comm.rank, 0)  # keys the per-node parameters in checkpoints
         D = mcfg.d_model
         self.tok_emb = nn.Embedding(vocab_size, D)

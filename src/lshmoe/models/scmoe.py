@@ -25,12 +25,11 @@ expert twice (hB's pass takes its next-ranked expert instead). Its hA pass is di
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import nn
 
-from lshmoe.config import ModelConfig, MoEConfig
+from lshmoe.config import Config, ModelConfig, MoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.models.blocks import MLP, CausalSelfAttention, make_norm
@@ -96,7 +95,15 @@ class SharedExpertBlock(nn.Module):
     """The shared-expert MoE baseline: a dense shared expert and routed experts on the same input."""
 
     def __init__(
-        self, mcfg: ModelConfig, ecfg: MoEConfig, comm: Comm, layer_id: int, *, combine: str, settings: Any, seed: int
+        self,
+        mcfg: ModelConfig,
+        ecfg: MoEConfig,
+        comm: Comm,
+        layer_id: int,
+        *,
+        combine: str,
+        settings: Config | None,
+        seed: int,
     ):
         super().__init__()
         D = mcfg.d_model
@@ -130,7 +137,7 @@ class ShortcutPair(nn.Module):
         overlap: bool,
         slot: int,
         warmup: int,
-        settings: object,
+        settings: Config | None,
         seed: int,
     ):
         super().__init__()

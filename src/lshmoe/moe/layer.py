@@ -16,7 +16,7 @@ from torch import nn
 
 from lshmoe.compress.protocol import Compressor, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext, build_compressor
-from lshmoe.config import LinaConfig, LocMoEConfig, MoEConfig
+from lshmoe.config import Config, MoEConfig
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.moe.capacity import capacity_keep_mask, expert_capacity
@@ -66,10 +66,10 @@ class MoEState:
 class MoELayer(nn.Module):
     """Top-k routed experts, sharded over the `ep` group of `comm`.
 
-    `settings` is the run's config tree (`lshmoe.config.Config`, or any object with the sections the
-    layer reads; None = defaults): the layer reads `locmoe` (locality routing), `lina` (micro-op
-    pipelining) and its compressor's own section (e.g. `lsh`). `dispatcher` replaces the one
-    `moe.a2a` selects (Lina's inference engine passes its replica dispatcher)."""
+    `settings` is the run's config tree (None = defaults): the layer reads `locmoe` (locality
+    routing) and `lina` (micro-op pipelining), and hands it to its compressor, which reads its own
+    section (e.g. `lsh`). `dispatcher` replaces the one `moe.a2a` selects (Lina's inference engine
+    passes its replica dispatcher)."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class MoELayer(nn.Module):
         comm: Comm,
         layer_id: int,
         *,
-        settings: object = None,
+        settings: Config | None = None,
         seed: int = 0,
         dispatcher: Dispatcher | None = None,
     ):
@@ -87,8 +87,8 @@ class MoELayer(nn.Module):
         self.cfg, self.layer_id, self.comm, self.ep_group = cfg, layer_id, comm, group
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         num_local = cfg.num_experts // group.size
-        loc = getattr(settings, "locmoe", None) or LocMoEConfig()
-        lina = getattr(settings, "lina", None) or LinaConfig()
+        settings = settings or Config()
+        loc, lina = settings.locmoe, settings.lina
         self.router = TopKRouter(
             d_model,
             cfg.num_experts,
@@ -130,7 +130,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher or build_dispatcher(
             comm, group, cfg.num_experts, layer_id, kind=cfg.a2a, chunks=lina.a2a_chunks
         )
-        self.split = getattr(getattr(settings, "lsh", None), "split", "none")
+        self.split = cfg.split
         self.step = 0
         self.exact = False  # True: the compressor is bypassed (exact evaluation, train/evaluate.py)
 
@@ -171,7 +171,7 @@ class MoELayer(nn.Module):
         return out
 
     def _split_forward(self, x: torch.Tensor, route: RouterOutput | None) -> MoEOutput:
-        """`lsh.split` (analysis): the layer runs once compressed and once exact on the same routing and
+        """`moe.split` (analysis): the layer runs once compressed and once exact on the same routing and
         returns the values of one path with the gradients of the other, so a quality gap can be pinned
         on the forward values (split=forward: compressed values, exact gradients) or on the gradients
         (split=backward). Twice the all-to-alls forward; the backward ones of the path giving gradients."""

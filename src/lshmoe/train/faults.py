@@ -22,39 +22,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from lshmoe.config.schema import FAULT_KINDS as KINDS
-from lshmoe.errors import ConfigError
+from lshmoe.config import Fault, FaultConfig
 
 FIRED_FILE = "faults.fired"
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    kind: str
-    rank: int
-    step: int
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.rank}:{self.step}"
-
-
-def parse_faults(spec: str) -> list[Fault]:
-    """`kind:rank:step[,kind:rank:step...]` -> faults; a malformed item is a one-line ConfigError."""
-    out = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) != 3 or parts[0] not in KINDS or not all(p.isdigit() for p in parts[1:]):
-            raise ConfigError(
-                f"fault.inject={spec!r}: item {item!r} must be kind:rank:step with kind in "
-                f"{', '.join(KINDS)}, e.g. kill:1:5 (several: kill:1:5,killsave:0:12)"
-            )
-        out.append(Fault(parts[0], int(parts[1]), int(parts[2])))
-    return out
 
 
 def read_fired(out_dir: str | Path) -> list[dict]:
@@ -77,7 +49,7 @@ class FaultInjector:
     def __init__(self, spec: str, rank: int, out_dir: str | Path):
         self.rank, self.out_dir = rank, Path(out_dir)
         fired = {rec.get("fault") for rec in read_fired(out_dir)}
-        self.pending = [f for f in parse_faults(spec) if f.rank == rank and str(f) not in fired]
+        self.pending = [f for f in FaultConfig(inject=spec).faults() if f.rank == rank and str(f) not in fired]
 
     def _take(self, kind: str, step: int) -> Fault | None:
         for f in self.pending:
