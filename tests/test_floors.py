@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lshmoe"
 FLOORS = [
     {"errors", "seeding"},
     {"config"},
-    {"cliutil"},
+    {"cliutil", "plan"},
     {"distributed"},
     {"compress", "kernels"},
     {"moe"},
