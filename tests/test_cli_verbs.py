@@ -71,5 +71,7 @@ def test_exit_statuses_are_defined_once():
     from lshmoe import errors
     from lshmoe.distributed import launch
 
-    assert (errors.EXIT_USER, errors.EXIT_DIST, errors.EXIT_NUMERIC, errors.EXIT_INTERRUPTED) == (2, 3, 4, 130)
-    assert launch.FINAL_STATUSES == (0, errors.EXIT_USER, errors.EXIT_NUMERIC, errors.EXIT_INTERRUPTED)
+    codes = (errors.EXIT_USER, errors.EXIT_DIST, errors.EXIT_NUMERIC, errors.EXIT_INTERRUPTED, errors.EXIT_STOPPED)
+    assert codes == (2, 3, 4, 130, 143) and errors.Stopped.exit_status == errors.EXIT_STOPPED
+    final = (0, errors.EXIT_USER, errors.EXIT_NUMERIC, errors.EXIT_INTERRUPTED, errors.EXIT_STOPPED)
+    assert launch.FINAL_STATUSES == final

@@ -25,6 +25,7 @@ from lshmoe.errors import (
     EXIT_DIST,
     EXIT_INTERRUPTED,
     EXIT_NUMERIC,
+    EXIT_STOPPED,
     EXIT_USER,
     DistError,
     NumericalError,
@@ -109,7 +110,7 @@ def _main(argv: list[str]) -> int:
     except Stopped as e:
         if rank == 0:
             print(f"lshmoe: {e}", file=sys.stderr)
-        return Stopped.exit_status
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("lshmoe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

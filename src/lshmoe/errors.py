@@ -15,6 +15,7 @@ EXIT_USER = 2  # a mistake in the input, reported in one line (UserError)
 EXIT_DIST = 3  # a peer rank died, stalled or disagreed (DistError, the watchdog's verdict)
 EXIT_NUMERIC = 4  # a non-finite step under fault.nan_policy=stop (NumericalError)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_STOPPED = 143  # stopped on SIGTERM (128 + SIGTERM) after saving the step (Stopped)
 
 
 class UserError(Exception):
@@ -41,4 +42,4 @@ class Stopped(Exception):
     """The job was asked to stop (SIGTERM, as a scheduler preempting it) and stopped after a step,
     saving a checkpoint of it when the run saves checkpoints (train/stop.py)."""
 
-    exit_status = 143  # 128 + SIGTERM, as a process killed by it; launchers do not restart it
+    exit_status = EXIT_STOPPED  # as a process killed by SIGTERM reports; launchers do not restart it

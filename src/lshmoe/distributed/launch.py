@@ -28,10 +28,10 @@ import sys
 import time
 from collections.abc import Callable
 
-from lshmoe.errors import EXIT_INTERRUPTED, EXIT_NUMERIC, EXIT_USER, Stopped
+from lshmoe.errors import EXIT_INTERRUPTED, EXIT_NUMERIC, EXIT_STOPPED, EXIT_USER
 
 # A job that ended with one of these is not restarted: a restart would fail the same way, or was not wanted.
-FINAL_STATUSES = (0, EXIT_USER, EXIT_NUMERIC, EXIT_INTERRUPTED, Stopped.exit_status)
+FINAL_STATUSES = (0, EXIT_USER, EXIT_NUMERIC, EXIT_INTERRUPTED, EXIT_STOPPED)
 PR_SET_PDEATHSIG = 1
 
 
@@ -177,7 +177,7 @@ def _watch(procs: list[subprocess.Popen], forwarder: _Forwarder, grace_s: float,
     if forwarder.signal == signal.SIGINT:
         return EXIT_INTERRUPTED
     if forwarder.signal:
-        return Stopped.exit_status
+        return EXIT_STOPPED
     if first_fail is not None:
         rank, code = first_fail
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
