@@ -304,7 +304,10 @@ class TrainConfig:
     """Optimisation, evaluation and logging."""
 
     steps: int = _f(200, "optimizer steps", ge=1)
-    batch_size: int = _f(8, "sequences per rank per step", ge=1)
+    batch_size: int = _f(8, "sequences per rank per optimizer step (split into grad_accum micro-batches)", ge=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step: batch_size / N sequences each, every one with its own "
+                         "(compressed) dispatch; the step's data and gradient are those of the whole batch", ge=1,
+                         flag="grad-accum")
     lr: float = _f(3e-3, "peak learning rate", gt=0)
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine floor)", ge=0, le=1)
     warmup_steps: int = _f(20, "linear warmup steps", ge=0)
@@ -317,7 +320,16 @@ class TrainConfig:
     eval_batches: int = _f(8, "validation batches per rank", ge=1)
     log_every: int = _f(10, "write a metrics line every n steps", ge=1)
     out_dir: str = _f("runs/latest", "metrics.jsonl and the run summary go here")
-    dtype: str = _f("float32", "parameter and activation dtype", choices=tuple(DTYPES), flag="dtype")
+    dtype: str = _f("float32", "parameter (master weight) and AdamW-state dtype; bfloat16 here with no compute_dtype "
+                    "is pure bf16 (no fp32 master weights: small updates round away), prefer compute_dtype",
+                    choices=tuple(DTYPES), flag="dtype")
+    compute_dtype: str | None = _f(None, "mixed precision: forward/backward and the all-to-all payload in this dtype, "
+                                   "master weights, AdamW state and the gradient reduction in train.dtype (fp32); "
+                                   "routing stays fp32; none = train.dtype", choices=("bfloat16",),
+                                   flag="compute-dtype")
+    ac: str = _f("none", "activation checkpointing: experts = recompute each expert FFN in backward; blocks = also the "
+                 "attention sub-block; never a region with a collective, the router or the LSH hashing",
+                 choices=("none", "experts", "blocks"), flag="ac")
     progress: bool = _f(True, "progress bar on rank 0")
     save_every: int = _f(0, "save a checkpoint every n steps (and at the end); 0 = no checkpoints", ge=0)
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
@@ -333,6 +345,9 @@ class DistConfig:
     """Processes and communication."""
 
     nproc: int = _f(1, "ranks to spawn locally (ignored under torchrun)", ge=1)
+    fsdp: bool = _f(False, "shard parameters, gradients and AdamW state with FSDP2: dense weights per block over the "
+                    "world, each MoE layer's local experts over the ranks holding the same experts (world / EP)",
+                    flag="fsdp")
     backend: str = _f("auto", "process-group backend; auto = nccl on CUDA, gloo on CPU",
                       choices=("auto", "gloo", "nccl"))
     device: str = _f("auto", "compute device; auto = cuda when every rank can have a GPU",

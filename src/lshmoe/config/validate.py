@@ -84,6 +84,26 @@ def _validate_auto(cfg: Config) -> None:
     cfg.auto.candidate_names()
 
 
+def _validate_scale(cfg: Config) -> None:
+    """FSDP, mixed precision, activation checkpointing and micro-batches (docs/design.md, the mesh)."""
+    t = cfg.train
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size} (the step's sequences "
+            "are split into equal micro-batches)"
+        )
+    if t.compute_dtype is not None and t.dtype != "float32":
+        raise ConfigError(
+            f"train.compute_dtype={t.compute_dtype} keeps float32 master weights: leave train.dtype=float32 "
+            f"(got {t.dtype})"
+        )
+    if cfg.dist.fsdp and cfg.lina.grad_sync != "sync":
+        raise ConfigError(
+            f"lina.grad_sync={cfg.lina.grad_sync} with dist.fsdp: FSDP2 reduce-scatters the gradients itself; "
+            "Lina's scheduler would reduce them a second time (use lina.grad_sync=sync with --fsdp)"
+        )
+
+
 def _validate_routing(e: MoEConfig) -> None:
     if e.n_group > 1:
         if e.num_experts % e.n_group:
@@ -151,6 +171,7 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
             f"all-to-all (moe.a2a={e.a2a} has no pipelined form)"
         )
     cfg.fault.faults()
+    _validate_scale(cfg)
     if cfg.train.tensorboard:
         import importlib.util
 

@@ -144,6 +144,11 @@ class HFTask(TaskBase):
     def moe_layers(self, model: nn.Module) -> list[nn.Module]:
         return [b.moe for _, b in moe_blocks(model)]
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The decoder layers (an MoE family) or the encoder layers (an upcycled BERT)."""
+        body = model.bert.encoder if hasattr(model, "bert") else model.model
+        return list(body.layer if hasattr(body, "layer") else body.layers)
+
     def signature(self) -> dict[str, Any]:
         return {"hf.model_type": self.hf_config.model_type, "hf.config": config_digest(self.hf_config)}
 

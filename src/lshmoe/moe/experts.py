@@ -35,7 +35,8 @@ def _affine(x_NX: torch.Tensor, w_GXY: torch.Tensor, b_GY: torch.Tensor | None, 
     out_NY = grouped_mm(x_NX, w_GXY, counts_G)
     if b_GY is None:
         return out_NY
-    return out_NY + torch.repeat_interleave(b_GY, torch.tensor(counts_G, device=b_GY.device), dim=0)
+    b_NY = torch.repeat_interleave(b_GY, torch.tensor(counts_G, device=b_GY.device), dim=0)
+    return out_NY + b_NY.to(out_NY.dtype)  # (under autocast the rows stay in the compute dtype)
 
 
 class GroupedExperts(nn.Module):

@@ -36,6 +36,10 @@ def _fast_path_ok(x_ND: torch.Tensor, w_GDF: torch.Tensor) -> bool:
 def grouped_mm(x_ND: torch.Tensor, w_GDF: torch.Tensor, counts_G: list[int]) -> torch.Tensor:
     """Multiply each group's rows by its own matrix; `counts_G` gives rows per group in order."""
     assert len(counts_G) == w_GDF.shape[0], (len(counts_G), tuple(w_GDF.shape))
+    kind = x_ND.device.type
+    if torch.is_autocast_enabled(kind):  # the grouped kernel is not autocast's: cast as autocast would
+        dtype = torch.get_autocast_dtype(kind)
+        x_ND, w_GDF = x_ND.to(dtype), w_GDF.to(dtype)
     if _fast_path_ok(x_ND, w_GDF):
         # NOTE: from pinned memory, non-blocking: a pageable host-to-device copy would be a host sync
         offs_G = torch.tensor(counts_G, dtype=torch.int32, pin_memory=True).to(x_ND.device, non_blocking=True)

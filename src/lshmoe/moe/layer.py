@@ -202,6 +202,9 @@ class MoELayer(nn.Module):
         call's, instead of the layer's own when active)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
+        kind = x_TD.device.type
+        if torch.is_autocast_enabled(kind):  # mixed precision: the payload travels in the compute dtype
+            x_TD = x_TD.to(torch.get_autocast_dtype(kind))
         if compressor is None:
             lossy = not self.exact and self.compressor.active(self.training)
             compressor = self.compressor if lossy else self.identity

@@ -173,10 +173,12 @@ class TopKRouter(nn.Module):
         return self.grap.weight if hasattr(self, "grap") else self.weight.detach()
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """fp32 (float64 in float64 runs) whatever the compute dtype: bf16 logits flip top-k choices."""
         math_dtype = router_math_dtype(x_TD)
-        if hasattr(self, "grap"):
-            return self.grap(x_TD.to(math_dtype))
-        return x_TD.to(math_dtype) @ self.weight.to(math_dtype).t()
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if hasattr(self, "grap"):
+                return self.grap(x_TD.to(math_dtype))
+            return x_TD.to(math_dtype) @ self.weight.to(math_dtype).t()
 
     def forward(
         self, x_TD: torch.Tensor, exclude_T: torch.Tensor | None = None, seq_len: int | None = None

@@ -51,6 +51,7 @@ class GradScheduler:
         self._error: BaseException | None = None
         self._stop = False
         self._seq = 0
+        self.armed = True  # False while micro-batches before a step's last accumulate (train/loop.py)
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._on_grad)
         self._thread = threading.Thread(target=self._loop, name="lshmoe-grad-scheduler", daemon=True)
@@ -60,7 +61,7 @@ class GradScheduler:
     # ---------------------------------------------------------------------------- events (main thread)
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        if id(p) in self._ready:
+        if not self.armed or id(p) in self._ready:
             return
         self._ready.add(id(p))
         flat = p.grad.view(-1)

@@ -50,6 +50,9 @@ class GPTTask(TaskBase):
     def moe_layers(self, model: nn.Module) -> list[nn.Module]:
         return model.moe_layers
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
     def signature(self) -> dict[str, Any]:
         return model_signature(self.cfg, self.data.vocab_size)
 

@@ -38,12 +38,20 @@ def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Para
 
 
 class GradSync:
-    def __init__(self, model: nn.Module, comm: Comm, bucket_bytes: int = BUCKET_BYTES):
+    """`params` restricts it to those parameters (under FSDP: the ones FSDP leaves alone)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: Comm,
+        bucket_bytes: int = BUCKET_BYTES,
+        params: list[nn.Parameter] | None = None,
+    ):
         self.comm = comm
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.dense = [p for _, p in named if not is_expert_param(p) and not is_node_param(p)]
-        self.expert = [p for _, p in named if is_expert_param(p)]
-        self.node = [p for _, p in named if is_node_param(p)]
+        named = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        self.dense = [p for p in named if not is_expert_param(p) and not is_node_param(p)]
+        self.expert = [p for p in named if is_expert_param(p)]
+        self.node = [p for p in named if is_node_param(p)]
         self.dense_buckets = _buckets(self.dense, bucket_bytes)
         self.expert_buckets = _buckets(self.expert, bucket_bytes)
         self.node_buckets = _buckets(self.node, bucket_bytes)

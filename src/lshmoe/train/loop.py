@@ -1,8 +1,14 @@
 """The training loop, one for every model: a `Task` (train/task.py) supplies what differs per model.
 
 One step on every rank:
-    batch(step, rank) -> forward (phase forward) -> backward (phase backward)
+    batch(step, rank) -> per micro-batch: forward (phase forward) -> backward (phase backward)
     -> gradient sync + global-norm clip + AdamW (phase optimizer) -> ledger.end_step()
+
+Scale (docs/design.md, "The parallel mesh"): `dist.fsdp` shards parameters, gradients and AdamW state
+with FSDP2 (train/fsdp.py); `train.compute_dtype` computes in bf16 over fp32 master weights (FSDP's
+mixed-precision policy, or autocast without FSDP); `train.ac` recomputes pure regions in backward
+(train/recompute.py); `train.grad_accum` splits the step's batch into micro-batches, each with its
+own dispatch, gradients reduced once per step (FSDP: reduce-scattered per micro-batch).
 Every `log_every` steps the ranks reduce their interval metrics and rank 0 writes a JSONL line (and
 TensorBoard events, and a console line when there is no progress bar); every `eval_every` steps (and
 at the end) all ranks compute the validation loss together, with exact experts (`val_loss`, the model
@@ -23,6 +29,7 @@ named points.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import statistics
@@ -36,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lshmoe.config import Config
+from lshmoe.config import DTYPES, Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.distributed.syncs import HostSyncCounter
@@ -44,11 +51,13 @@ from lshmoe.errors import DataError, NumericalError, Stopped, UserError
 from lshmoe.moe.param_kinds import is_expert_param
 from lshmoe.sched.grad_scheduler import GradScheduler
 from lshmoe.train import checkpoint as ckpt
+from lshmoe.train import fsdp, recompute
 from lshmoe.train.allocator import HeapTrimmer
 from lshmoe.train.evaluate import exact_experts, validation_loss
 from lshmoe.train.faults import FaultInjector
 from lshmoe.train.grad_sync import GradSync
-from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress
+from lshmoe.train.memory import PeakMemory, state_bytes
+from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress, merge_micro_batches
 from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
 from lshmoe.train.stop import StopSignal
 from lshmoe.train.task import Batches, Task
@@ -90,8 +99,19 @@ class Trainer:
         self.model: nn.Module = task.build(cfg, comm, fresh=resume is None)
         self.moe = list(task.moe_layers(self.model))
         self.moe_ids = [layer.layer_id for layer in self.moe]
+        recompute.apply(self.model, tc.ac)
+        compute = DTYPES[tc.compute_dtype] if tc.compute_dtype else None
+        if cfg.dist.fsdp:
+            meshes = fsdp.build_meshes(comm, comm.group("ep").size)
+            reshard = cfg.lina.a2a_chunks == 1  # micro-op dispatch calls the experts several times a forward
+            replicated = fsdp.shard(self.model, self.moe, task.blocks(self.model), meshes, compute, reshard)
+            self.sync = fsdp.ShardedGradSync(self.model, comm, replicated)
+        else:
+            self.sync = GradSync(self.model, comm)
+        # without FSDP, mixed precision is autocast over the fp32 master weights
+        self.autocast = compute is not None and not cfg.dist.fsdp
         self.opt = build_optimizer(self.model, tc)
-        self.sync = GradSync(self.model, comm)
+        self.peak = PeakMemory(comm.device)
         self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
         self.syncs = HostSyncCounter(comm.device.type == "cuda")
         comm.timing = cfg.dist.comm_timing
@@ -132,14 +152,10 @@ class Trainer:
         for layer in self.moe:
             if hasattr(layer, "set_step"):  # a peer system's layer has none
                 layer.set_step(step)
-        with ledger.in_phase("forward"):
-            out = self.task.forward(self.model, x, y)
-        with ledger.in_phase("backward"):
-            out.loss.backward()
-            if self.sched is not None:
-                self.sched.finish()
+        outs = self._micro_batches(x, y)
         self.faults.after_backward(step, self._poison_a_gradient)
-        bad = self._first_bad(out.loss)
+        loss = sum(o.loss.detach() for o in outs) / len(outs)
+        bad = self._first_bad(loss)
         with ledger.in_phase("optimizer"):
             grad_norm = apply_gradients(self.opt, self.sync, self.model, self.comm, tc.grad_clip, self.sched is None)
             if not math.isfinite(grad_norm):
@@ -151,17 +167,43 @@ class Trainer:
         self.heap.step()  # inside the step time: its cost is the step's
         step_time = time.perf_counter() - t0
         values = {
-            "loss": float(out.loss.detach()),
-            "ce_loss": float(out.ce.detach()),
-            "aux_loss": float(out.aux.detach()),
+            "loss": float(loss),
+            "ce_loss": float(sum(o.ce.detach() for o in outs) / len(outs)),
+            "aux_loss": float(sum(o.aux.detach() for o in outs) / len(outs)),
             "step_time_s": step_time,
             "grad_norm": grad_norm,
             "host_syncs": syncs.count,
             "host_syncs_comm": self.comm.host_syncs - comm_syncs,
         }
         self.last_comm = ledger.end_step()
-        self.last_layer_stats = {i: o.stats for i, o in out.moe.items()}
-        return self.stats.add_step(values, self.last_comm, out.moe)
+        moe = merge_micro_batches([o.moe for o in outs])
+        self.last_layer_stats = {i: o.stats for i, o in moe.items()}
+        return self.stats.add_step(values, self.last_comm, moe)
+
+    def _micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list:
+        """Forward and backward of the step's batch in `train.grad_accum` micro-batches, each with its own
+        dispatch; each backpropagates its loss / N, so the gradient is that of the whole batch. Lina's
+        scheduler reduces only after the last (it would otherwise send partial gradients)."""
+        ledger, n = self.comm.ledger, self.cfg.train.grad_accum
+        outs = []
+        for m, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n), strict=True)):
+            last = m == n - 1
+            if self.sched is not None:
+                self.sched.armed = last
+            with ledger.in_phase("forward"), self._compute():
+                out = self.task.forward(self.model, xm, ym)
+            with ledger.in_phase("backward"):
+                (out.loss / n if n > 1 else out.loss).backward()
+                if last and self.sched is not None:
+                    self.sched.finish()
+            outs.append(out)
+        return outs
+
+    def _compute(self) -> contextlib.AbstractContextManager:
+        """Mixed precision without FSDP: autocast to the compute dtype (FSDP casts the parameters itself)."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.comm.device.type, dtype=DTYPES[self.cfg.train.compute_dtype])
 
     def _poison_a_gradient(self) -> None:
         """The `nan` fault: one expert gradient of the last MoE layer becomes NaN."""
@@ -172,7 +214,7 @@ class Trainer:
         """-1 for a non-finite loss, else the index of the first parameter with a non-finite gradient."""
         if not bool(torch.isfinite(loss.detach())):
             return -1
-        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
+        grads = [fsdp.local(p.grad) if p.grad is not None else None for p in self.model.parameters() if p.requires_grad]
         norms = torch.stack([g.norm() if g is not None else torch.zeros((), device=self.comm.device) for g in grads])
         bad = torch.nonzero(~torch.isfinite(norms))
         return int(bad[0]) if bad.numel() else NO_BAD_PARAM
@@ -231,7 +273,11 @@ class Trainer:
         """Mean validation cross-entropy over `eval_batches` batches per rank, agreed by all ranks:
         `val_loss` with exact experts (no compression: the model a user deploys) and, when some MoE
         layer compresses its rows lossily, `val_loss_compressed` as the model computes in training."""
-        ce = lambda x, y: self.task.forward(self.model, x, y).ce  # noqa: E731
+
+        def ce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with self._compute():
+                return self.task.forward(self.model, x, y).ce
+
         with exact_experts(self.moe):
             out = {"val_loss": validation_loss(self.model, ce, self.data, self.cfg, self.comm)}
         if any(_lossy(layer) for layer in self.moe):
@@ -248,6 +294,7 @@ class Trainer:
         step_times: collections.deque[float] = collections.deque(maxlen=10_000)
         self.progress = Progress(tc.steps, enabled=self.comm.rank == 0 and tc.progress, initial=self.state.step)
         stop = StopSignal()
+        self.peak.reset()
         try:
             for step in range(self.state.step, tc.steps):
                 values = self.train_step(step)
@@ -332,6 +379,7 @@ class Trainer:
             wall_time=time.time(),
         )
         self._name_choices(rec)
+        rec.update(self._memory())
         self.writer.write(rec)
         if self.tb is not None:
             self.tb.write(rec)
@@ -343,6 +391,14 @@ class Trainer:
             "tok/s": f"{rec['tokens_per_s']:.0f}",
             "comm": f"{100 * rec['comm_share']:.0f}%",
         }
+
+    def _memory(self) -> dict[str, int]:
+        """Per-rank memory (train/memory.py), the largest over the ranks; the peak is the interval's."""
+        mine = {**state_bytes(self.model, self.opt), "peak_rss_bytes": self.peak.read()}
+        t = torch.tensor(list(mine.values()), dtype=torch.int64, device=self.comm.device)
+        self.comm.all_reduce(t, self.comm.group("world"), "metrics.memory", op="max", phase="metrics")
+        self.peak.reset()
+        return dict(zip(mine, t.tolist(), strict=True))
 
     def _name_choices(self, rec: dict[str, Any]) -> None:
         """Per-layer compressor choices (`auto_choice`, an index) also by name."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,43 @@ def _layer_record(
                 rec["local_fraction"] = rec["rows_local"] / rec["rows_routed"]
         out[f"moe{layer}"] = rec
     return out
+
+
+@dataclass(kw_only=True, slots=True)
+class MergedMoE:
+    """One MoE layer's outputs of a step's micro-batches, as one (what `IntervalStats.add_step` reads)."""
+
+    rows_routed: int
+    rows_sent: int
+    dropped: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    stats: dict[str, float]
+    reduce: dict[str, Reduce]
+
+
+def merge_micro_batches(outs: list[dict[int, Any]]) -> dict[int, Any]:
+    """A step's per-layer MoE outputs from its micro-batches: rows, drops and loads add up; each stat
+    by its kind (amounts add, means average, a state keeps its last value)."""
+    if len(outs) == 1:
+        return outs[0]
+    merged = {}
+    for i in outs[0]:
+        parts = [o[i] for o in outs]
+        reduce = {k: v for p in parts for k, v in p.reduce.items()}
+        stats: dict[str, float] = {}
+        for k in parts[-1].stats:
+            values = [p.stats[k] for p in parts if k in p.stats]
+            kind = reduce.get(k, Reduce.SUM)
+            stats[k] = values[-1] if kind is Reduce.LAST else sum(values) / (len(values) if kind is Reduce.MEAN else 1)
+        merged[i] = MergedMoE(
+            rows_routed=sum(p.rows_routed for p in parts),
+            rows_sent=sum(p.rows_sent for p in parts),
+            dropped=sum(p.dropped for p in parts),
+            tokens_per_expert_E=sum(p.tokens_per_expert_E for p in parts),
+            stats=stats,
+            reduce=reduce,
+        )
+    return merged
 
 
 class MetricsWriter:

@@ -12,6 +12,7 @@ what differs:
     forward(model, x, y) -> StepOutput   loss to backpropagate, the cross-entropy alone, the unweighted
                                          router loss and every MoE layer's output (for the metrics)
     moe_layers(model)                    the MoE layers, in layer order (set_step, compressor state)
+    blocks(model)                        the transformer blocks, in order (one FSDP unit each)
     signature()                          what must match between a checkpoint and the run resuming it
     meta()                               extra meta.json fields (e.g. the source of an HF checkpoint)
     write_side_files(directory)          rank 0: files a checkpoint carries besides the tensors (an HF
@@ -80,6 +81,8 @@ class Task(Protocol):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput: ...
 
     def moe_layers(self, model: nn.Module) -> list[nn.Module]: ...
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]: ...
 
     def signature(self) -> dict[str, Any]: ...
 
