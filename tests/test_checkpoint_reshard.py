@@ -13,19 +13,21 @@ from lshmoe.train.gpt_task import GPTTask
 from lshmoe.train.loop import Trainer
 
 
-def _cfg(tmp, resume="none") -> dict:
+def _cfg(tmp, resume="none", ep=0, fsdp=False) -> dict:
     cfg = Config(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16),
-        moe=MoEConfig(num_experts=8, d_expert=16),
+        moe=MoEConfig(num_experts=8, d_expert=16, ep_size=ep),
         data=DataConfig(path=str(corpus(tmp)), vocab_size=300, cache_dir=str(tmp / "cache")),
         train=TrainConfig(batch_size=2, out_dir=str(tmp / "run"), progress=False, resume=resume),
     )
+    cfg.dist.fsdp = fsdp
     return cfg.to_dict()
 
 
 def _entries(tr: Trainer) -> dict[str, torch.Tensor]:
+    """Every model and optimizer entry as a whole tensor (FSDP's shards gathered)."""
     return {
-        k: v.detach().clone()
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
         for k, v in ckpt.state_entries(tr.model, tr.opt, tr.comm.rank, {}).items()
         if k.startswith(("model/", "optim/"))
     }
@@ -49,11 +51,21 @@ def _load_worker(comm, cfg_dict):
 
 
 @pytest.mark.slow
-def test_reshard_4_to_2(tmp_path):
-    saved = run_ranks(_save_worker, 4, _cfg(tmp_path), timeout_s=60)
+@pytest.mark.parametrize(
+    "save, load",
+    [
+        ((4, 0, False), (2, 0, False)),  # world 4 -> 2
+        ((4, 2, True), (2, 2, False)),  # FSDP (experts sharded over 2 ranks each) -> unsharded
+        ((2, 2, False), (4, 4, True)),  # unsharded EP 2 -> FSDP EP 4
+    ],
+    ids=["4-to-2", "fsdp-4-ep2-to-2", "2-to-fsdp-4-ep4"],
+)
+def test_reshard(tmp_path, save, load):
+    (w0, ep0, fsdp0), (w1, ep1, fsdp1) = save, load
+    saved = run_ranks(_save_worker, w0, _cfg(tmp_path, ep=ep0, fsdp=fsdp0), ep_size=ep0, timeout_s=60)
     path = saved[0]["path"]
     before = {k: v for res in saved for k, v in res["entries"].items()}
-    loaded = run_ranks(_load_worker, 2, _cfg(tmp_path, resume=path), timeout_s=60)
+    loaded = run_ranks(_load_worker, w1, _cfg(tmp_path, resume=path, ep=ep1, fsdp=fsdp1), ep_size=ep1, timeout_s=60)
     after = {k: v for res in loaded for k, v in res["entries"].items()}
     assert all(res["start"] == 3 for res in loaded)
     assert set(after) == set(before), "2 ranks together must hold every expert and every optimizer entry"

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lshmoe.config import ConfigError
 from lshmoe.distributed.comm import Comm
+from lshmoe.moe.param_kinds import kind_of, mark
 from lshmoe.moe.router import TopKRouter
 from lshmoe.train.grad_sync import GradSync
 
@@ -88,6 +89,7 @@ def shard(
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     ignored = set(replicated_params(model))
+    kinds = {n: kind_of(p) for n, p in model.named_parameters()}
     efsdp = meshes.efsdp.size()
     _check_expert_shards(layers, efsdp)
     for layer in layers:
@@ -106,6 +108,8 @@ def shard(
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+    for n, p in model.named_parameters():  # FSDP's parameters are new objects: carry the kinds over
+        mark(p, kinds[n])
     return [p for p in model.parameters() if p in ignored]
 
 
