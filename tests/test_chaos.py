@@ -26,9 +26,11 @@ def test_schedule_is_seeded_distinct_and_hits_saves():
     assert chaos.schedule(chaos.ChaosSpec(failures=10, steps=120, save_every=10, seed=1)) != a
 
 
-def test_short_chaos_run_survives_every_failure_bitwise(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_short_chaos_run_survives_every_failure_bitwise(tmp_path, fsdp):
     spec = chaos.ChaosSpec(failures=3, steps=16, save_every=4, timeout_s=30, emulate=check_emulation() is None)
     sets = [
+        f"dist.fsdp={str(fsdp).lower()}",
         f"data.path={corpus(tmp_path)}",
         "data.vocab_size=300",
         f"data.cache_dir={tmp_path / 'cache'}",

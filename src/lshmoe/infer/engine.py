@@ -135,7 +135,8 @@ class InferenceEngine:
 
     def load(self, path: Path) -> None:
         """Load the model weights of checkpoint `path` (every expert, on every rank)."""
-        ckpt.check_compatible(path, ckpt.read_meta(path), self.cfg, self.model.vocab_size)
+        want = ckpt.model_signature(self.cfg, self.model.vocab_size)
+        ckpt.check_compatible(path, ckpt.read_meta(path), want, self.cfg)
         scratch = torch.optim.AdamW(self.model.parameters())  # state_entries names optimizer entries too
         entries = ckpt.state_entries(self.model, scratch, self.comm.rank, {})
         ckpt.load(path, {k: v for k, v in entries.items() if k.startswith("model/")})
