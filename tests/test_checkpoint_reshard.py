@@ -7,9 +7,9 @@ import torch
 from cli_util import corpus
 
 from lshmoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
+from lshmoe.data import load_data
 from lshmoe.testing import run_ranks
 from lshmoe.train import checkpoint as ckpt
-from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
 

@@ -26,8 +26,8 @@ import torch
 
 from lshmoe.bench.progress import Progress
 from lshmoe.config import from_dict
+from lshmoe.data import load_data
 from lshmoe.distributed.setup import init_comm, shutdown
-from lshmoe.train.data import load_data
 from lshmoe.train.trainer import Trainer
 
 # per-step numbers and how the ranks' values are combined: the slowest rank's, the sum, or the mean
