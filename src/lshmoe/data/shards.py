@@ -91,6 +91,12 @@ class TokenData:
             self._eligible[key] = np.flatnonzero((first >= 1) & (first <= seq_len))
         return self._eligible[key]
 
+    def _drawable(self, split: str, seq_len: int) -> np.ndarray:
+        elig = self.eligible(split, seq_len)
+        if len(elig) == 0:
+            self.check_seq_len(seq_len)  # NOTE: a batch asked for without the check gets its one-line error
+        return elig
+
     # ------------------------------------------------------------------------------------ batches
 
     def train_batch(
@@ -99,7 +105,7 @@ class TokenData:
         """Random windows for (step, rank): inputs and targets, [batch, seq_len] int64."""
         g = generator(seed, "batch", step, rank)
         if self.kind == "sft":
-            elig = self.eligible("train", seq_len)
+            elig = self._drawable("train", seq_len)
             pick = torch.randint(0, len(elig), (batch,), generator=g).numpy()
             starts = self.splits["train"]["starts"][elig[pick]]
         else:
@@ -113,7 +119,7 @@ class TokenData:
         total = max(1, num_batches * world * batch)
         first = (index * world + rank) * batch
         if self.kind == "sft":
-            elig = self.eligible("val", seq_len)
+            elig = self._drawable("val", seq_len)
             pick = np.array([(i * len(elig)) // total for i in range(first, first + batch)], dtype=np.int64)
             starts = self.splits["val"]["starts"][elig[pick]]
         else:
