@@ -73,6 +73,16 @@ def test_shards_of_another_tokenizer_are_refused_in_one_line(tmp_path):
         hf_token_data(_minilm(), _cfg(out, tmp_path), 1000)
 
 
+def test_hf_path_holds_out_validation_for_a_file_without_blank_lines(tmp_path):
+    """Before: one line per sentence was one document, and validation was the training data."""
+    f = tmp_path / "lines.txt"
+    f.write_text("\n".join(ln.strip() for d in real_docs() for ln in d.split("\n") if ln.strip()) + "\n")
+    data = hf_token_data(_minilm(), _cfg(f, tmp_path), 30522)
+    tr, va = np.asarray(data.tokens("train")), np.asarray(data.tokens("val"))
+    assert data.meta["splits"]["val"]["documents"] >= 1 and data.meta["splits"]["train"]["documents"] >= 10
+    assert 0 < len(va) < len(tr) and va[:64].tobytes() not in tr.tobytes()
+
+
 def test_gpt_path_prepared_with_lshmoe_bpe(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(real_docs()))

@@ -70,13 +70,15 @@ def write_json_durably(path: Path, obj: object) -> None:
 
 
 def write_manifest(ckpt_dir: Path, files: dict[str, dict[str, object]], step: int | None = None) -> None:
-    """Record `files` (relative name -> entry); every other file in `ckpt_dir` is hashed here. `step`:
-    a checkpoint's training step (None for other directories: not recorded)."""
+    """Record `files` (relative name -> entry); every other file under `ckpt_dir`, subdirectories
+    included, is hashed here. `step`: a checkpoint's training step (None for other directories: not
+    recorded)."""
     entries = dict(files)
-    for p in sorted(ckpt_dir.iterdir()):
-        if p.is_file() and p.name not in entries and p.name != MANIFEST and not p.name.endswith(".part"):
+    for p in sorted(ckpt_dir.rglob("*")):
+        name = p.relative_to(ckpt_dir).as_posix()  # side files live in subdirectories (`hf/config.json`)
+        if p.is_file() and name not in entries and name != MANIFEST and not name.endswith(".part"):
             fsync_file(p)
-            entries[p.name] = describe(p)
+            entries[name] = describe(p)
     head = {"format": MANIFEST_FORMAT} if step is None else {"format": MANIFEST_FORMAT, "step": step}
     write_json_durably(ckpt_dir / MANIFEST, {**head, "files": entries})
 
