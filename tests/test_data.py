@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_util import corpus
+from cli_util import corpus, real_docs
 
 from lshmoe.config import DataConfig
 from lshmoe.data import load_data
@@ -32,15 +32,10 @@ def _load(path, tmp: Path, log=lambda m: None, **kw):
 
 
 def _sentences(n: int) -> list[str]:
-    """Real English sentences (the stdlib's docstrings, first lines), one per line."""
-    out = []
-    for d in embedded_corpus("stdlib"):
-        line = d.split("\n")[0].strip()
-        if len(line) > 30:
-            out.append(line)
-        if len(out) == n:
-            return out
-    raise AssertionError("corpus too small")
+    """Real English lines (stdlib docstrings), each once."""
+    out = list(dict.fromkeys(ln.strip() for d in real_docs() for ln in d.split("\n") if len(ln.strip()) > 30))
+    assert len(out) >= n, "corpus too small"
+    return out[:n]
 
 
 def test_user_corpus_dir_splits_documents_and_says_which_binary_files_it_skips(tmp_path):
