@@ -80,3 +80,21 @@ def losses(out_dir: Path) -> dict[int, float]:
         if rec.get("kind") == "train":
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def real_docs(min_chars: int = 200) -> list[str]:
+    """Real English documents in milliseconds: the docstrings (>= min_chars) of a few stdlib modules
+    (the embedded corpus itself takes seconds to parse)."""
+    import importlib
+    import inspect
+
+    mods = ["textwrap", "json", "inspect", "argparse", "collections", "pathlib", "subprocess", "functools"]
+    mods += ["logging", "decimal", "fractions", "statistics", "random", "shutil", "tarfile", "zipfile"]
+    mods += ["csv", "configparser", "difflib", "email.message", "http.client", "unittest.case"]
+    docs: list[str] = []
+    for m in mods:
+        for obj in vars(importlib.import_module(m)).values():
+            doc = inspect.getdoc(obj) if callable(obj) else None
+            if doc and len(doc) >= min_chars and doc not in docs:
+                docs.append(doc)
+    return docs

@@ -8,12 +8,12 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
-import torch
 from cli_util import TINY, corpus, run
 
 from lshmoe.config import DataConfig
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 
 def _cfg(tmp) -> DataConfig:
@@ -30,14 +30,19 @@ def _load(cfg):
     return data, said
 
 
+def _same(a, b) -> bool:
+    return all(np.array_equal(a.tokens(s), b.tokens(s)) for s in ("train", "val"))
+
+
 def test_truncated_token_ids_are_rebuilt_to_the_same_data(tmp_path):
     cfg = _cfg(tmp_path)
     first, _ = _load(cfg)
-    ids = _entry(tmp_path) / "ids.pt"
+    want = {s: np.array(first.tokens(s)) for s in ("train", "val")}
+    ids = _entry(tmp_path) / "train.tokens"
     ids.write_bytes(ids.read_bytes()[: ids.stat().st_size // 2])
     again, said = _load(cfg)
-    assert any("is damaged (ids.pt has" in m and "rebuilding it" in m for m in said), said
-    assert torch.equal(again.train_ids, first.train_ids) and torch.equal(again.val_ids, first.val_ids)
+    assert any("is damaged (train.tokens has" in m and "rebuilding it" in m for m in said), said
+    assert all(np.array_equal(again.tokens(s), want[s]) for s in want)
     _, said = _load(cfg)
     assert not said, "an intact cache is loaded without a word"
 
@@ -58,33 +63,29 @@ def test_a_tokenizer_file_of_the_wrong_format_is_rebuilt(tmp_path, content):
     tok.write_text(content)
     again, said = _load(cfg)
     assert any("is damaged (tokenizer.json" in m for m in said), said
-    assert tok.read_bytes() == good and torch.equal(again.train_ids, first.train_ids)
+    assert tok.read_bytes() == good and _same(again, first)
 
 
-def test_a_legacy_cache_entry_without_digests_is_checked_by_parsing(tmp_path):
+def test_an_entry_without_its_manifest_is_rebuilt(tmp_path):
+    """A build killed before its last file (the manifest) leaves an entry that is never used."""
     cfg = _cfg(tmp_path)
-    _load(cfg)
-    entry = _entry(tmp_path)
-    meta = json.loads((entry / "meta.json").read_text())
-    del meta["files"]
-    (entry / "meta.json").write_text(json.dumps(meta))
-    _, said = _load(cfg)
-    assert not said, "a legacy entry that parses is used as it is"
-    (entry / "tokenizer.json").write_text("hello 0\n")
-    _, said = _load(cfg)
-    assert any("tokenizer.json is not a tokenizer file" in m for m in said), said
+    first, _ = _load(cfg)
+    (_entry(tmp_path) / "manifest.json").unlink()
+    again, said = _load(cfg)
+    assert any("is damaged (it is incomplete)" in m for m in said), said
+    assert _same(again, first)
 
 
 @pytest.mark.slow
 def test_truncated_cache_through_the_cli_with_real_ranks(tmp_path):
     cfg = _cfg(tmp_path)
     _load(cfg)
-    ids = _entry(tmp_path) / "ids.pt"
+    ids = _entry(tmp_path) / "train.tokens"
     ids.write_bytes(ids.read_bytes()[:100])
     args = ["train", "--nproc", "2", *TINY, "--data", cfg.path, "--cache-dir", cfg.cache_dir]
     rc, err, _ = run([*args, "--num-experts", "4", "--steps", "2", "--out-dir", str(tmp_path / "out")])
     assert rc == 0, err
-    assert err.count("is damaged (ids.pt has 100 bytes") == 1, err  # rebuilt once, before the ranks start
+    assert err.count("is damaged (train.tokens has 100 bytes") == 1, err  # rebuilt once, before the ranks start
 
 
 @pytest.mark.slow

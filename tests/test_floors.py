@@ -16,9 +16,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lshmoe"
 # Lowest first. A unit is a top-level package or module of lshmoe; it may import its own floor and
 # those below, never one above.
 FLOORS = [
-    {"errors", "seeding"},
+    {"errors", "seeding", "integrity"},
     {"config"},
-    {"cliutil", "plan"},
+    {"cliutil", "plan", "data"},
     {"distributed"},
     {"compress", "kernels"},
     {"moe"},

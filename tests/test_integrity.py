@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cli_util import losses, run, train_args
 
+from lshmoe import integrity
 from lshmoe.train import checkpoint as ckpt
-from lshmoe.train import integrity
 
 
 def _fake_checkpoint(root: Path, step: int, sizes=(3000, 5000)) -> Path:

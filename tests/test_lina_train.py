@@ -7,6 +7,7 @@ import pytest
 from cli_util import corpus
 
 from lshmoe.config import Config, DataConfig, LinaConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
+from lshmoe.data import load_data
 from lshmoe.moe.param_kinds import is_expert_param
 from lshmoe.sched.timeline import (
     Event,
@@ -17,7 +18,6 @@ from lshmoe.sched.timeline import (
     timeline,
 )
 from lshmoe.testing import run_ranks
-from lshmoe.train.data import load_data
 from lshmoe.train.gpt_task import GPTTask
 from lshmoe.train.loop import Trainer
 

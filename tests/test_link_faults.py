@@ -17,7 +17,7 @@ from cli_util import TINY, corpus
 
 from lshmoe.bench.netns import EmulatedCluster, check_emulation
 from lshmoe.config import DataConfig
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 REASON = check_emulation()
 pytestmark = [

@@ -21,10 +21,10 @@ from cli_util import corpus
 from conftest import EXACT
 
 from lshmoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
+from lshmoe.data import load_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
 from lshmoe.testing import run_ranks
-from lshmoe.train.data import load_data
 from lshmoe.train.gpt_task import GPTTask
 from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.loop import Trainer

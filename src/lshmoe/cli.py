@@ -42,6 +42,7 @@ VERBS = {
     "simulate": ("lshmoe.bench.simulate", "project LSH-MoE speedups on real clusters (analytic model)"),
     "demo": ("lshmoe.bench.demo", "side-by-side baseline vs LSH-MoE on an emulated 2-node cluster"),
     "plan": ("lshmoe.plan.command", "per-rank memory of a model for each parallel setting, and which fit"),
+    "data": ("lshmoe.commands.data", "prepare token shards once (prepare), check them (verify)"),
 }
 
 

@@ -26,8 +26,8 @@ import torch
 
 from lshmoe.bench.progress import Progress
 from lshmoe.config import from_dict
+from lshmoe.data import load_data
 from lshmoe.distributed.setup import init_comm, shutdown
-from lshmoe.train.data import load_data
 from lshmoe.train.gpt_task import GPTTask
 from lshmoe.train.loop import Trainer
 

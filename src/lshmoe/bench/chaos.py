@@ -39,8 +39,8 @@ from lshmoe.bench.harness import bench_parser, cluster_from
 from lshmoe.bench.netns import EmulatedCluster
 from lshmoe.bench.report import md_table, write_section
 from lshmoe.config import Config, Fault, apply_sets, set_value, validate
+from lshmoe.data import load_data
 from lshmoe.distributed.launch import loopback_envs, restart_envs, supervise, with_restarts
-from lshmoe.train.data import load_data
 from lshmoe.train.faults import read_fired
 
 # A small model, so that a run of a hundred steps costs seconds, not minutes, and the time goes to

@@ -23,7 +23,7 @@ from lshmoe.bench.netns import rate_bits
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.simulate import amdahl_bound
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 
 def summarise(result: dict, tokens_per_step: int, baseline: str = "baseline") -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from lshmoe.bench.cluster import summarise, table
 from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, run_ab
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 
 def _plot(rows: list[dict], result: dict, path: Path) -> None:

@@ -33,12 +33,12 @@ import torch
 from lshmoe.bench.harness import Cluster, base_config, bench_parser, cluster_from, recorded_args, run_spec, run_training
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, DistConfig, validate
+from lshmoe.data import default_cache_dir, load_data
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.infer.engine import InferConfig, InferenceEngine
 from lshmoe.infer.metrics import BatchMetrics, summarise
 from lshmoe.infer.profile import build_profile
 from lshmoe.train import checkpoint as ckpt
-from lshmoe.train.data import default_cache_dir, load_data
 
 # The skewed model: every block MoE, no load-balance loss, trained on 2 local ranks.
 TRAIN_OVERRIDES = {

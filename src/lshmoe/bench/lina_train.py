@@ -24,7 +24,7 @@ from lshmoe.bench.cluster import summarise
 from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, recorded_args, run_ab
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 DENSE_HEAVY = ["model.d_model=256", "model.n_heads=8", "moe.d_expert=256", "train.batch_size=8"]
 

@@ -31,12 +31,12 @@ from lshmoe.bench.harness import base_config, bench_parser, cluster_from, record
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.bench.variants import apply
 from lshmoe.config import Config
+from lshmoe.data import load_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.locality import capacity_lower_bound, measured_delta
 from lshmoe.train import checkpoint as ckpt
-from lshmoe.train.data import load_data
 
 
 def _tail_mean(recs: list[dict], key: str) -> float:

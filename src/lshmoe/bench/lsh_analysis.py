@@ -37,11 +37,11 @@ from lshmoe.bench.report import md_table, median, print_table, save_plot, write_
 from lshmoe.compress.protocol import Compressor
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import Config, LSHConfig
+from lshmoe.data import default_cache_dir, load_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE
 from lshmoe.moe.layer import MoELayer
 from lshmoe.moe.permute import permute_rows, sort_by_expert
-from lshmoe.train.data import default_cache_dir, load_data
 from lshmoe.train.gpt_task import GPTTask
 from lshmoe.train.loop import Trainer
 

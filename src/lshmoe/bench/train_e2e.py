@@ -19,7 +19,7 @@ from lshmoe.bench.deepspeed_moe import have_deepspeed
 from lshmoe.bench.harness import ABSpec, Cluster, add_ab_args, bench_parser, run_ab
 from lshmoe.bench.report import bar_groups, md_table, print_table, save_plot, write_section
 from lshmoe.config import Config
-from lshmoe.train.data import load_data
+from lshmoe.data import load_data
 
 
 def _config(capacity_factor: float | None) -> dict:

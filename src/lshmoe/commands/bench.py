@@ -28,6 +28,7 @@ BENCHES = {
     "lina-infer": ("lshmoe.bench.lina_infer", "inference MoE-layer latency: Lina's popularity placement vs uniform"),
     "chaos": ("lshmoe.bench.chaos", "ranks killed again and again, restarts, final state bitwise vs uninterrupted"),
     "hf": ("lshmoe.bench.hf_bench", "fine-tuning tokens/s and memory: lshmoe on a Qwen3-MoE shape vs transformers"),
+    "data": ("lshmoe.bench.data_bench", "token data: prepare time, start-up and RSS per rank, shards vs text"),
     "gpu": ("lshmoe.bench.gpu", "fused LSH kernel times and MoE layer vs transformers: one bounded GPU run"),
 }
 

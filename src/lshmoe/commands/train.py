@@ -62,8 +62,8 @@ def prepare(cfg: C.Config) -> None:
             raise C.ConfigError(f"{what} but no CUDA device is visible; use --device cpu / --backend gloo")
     if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
         raise C.ConfigError("dist.backend=nccl needs dist.device=cuda (or auto); use --backend gloo on the CPU")
+    from lshmoe.data import load_data
     from lshmoe.train.checkpoint import preflight
-    from lshmoe.train.data import load_data
 
     preflight(cfg)
     data = load_data(cfg.data, lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True))

@@ -291,12 +291,19 @@ class UpcycleConfig:
 class DataConfig:
     """Training text and tokenizer."""
 
-    path: str | None = _f(None, "text file or directory of text files; none = embedded docstring corpus", flag="data")
+    path: str | None = _f(None, "UTF-8 text file or directory (hidden entries inside it are skipped), JSONL / "
+                          "parquet / Arrow file, a saved HF dataset, or token shards from lshmoe data prepare; "
+                          "none = embedded docstring corpus", flag="data")
     corpus: str = _f("stdlib", "embedded corpus: docstrings of the stdlib, or of stdlib + site-packages",
                      choices=("stdlib", "installed"))
     vocab_size: int = _f(4096, "BPE vocabulary size (byte-level, trained offline)", ge=260, le=65535)
     val_fraction: float = _f(0.05, "fraction of documents held out for validation", gt=0, lt=1)
     cache_dir: str | None = _f(None, "corpus/tokenizer cache; none = $XDG_CACHE_HOME/lshmoe")
+    field: str = _f("text", "the text column of JSONL / parquet / Arrow / saved-dataset data", flag="data-field")
+    format: str = _f("auto", "text: language modelling on every token; sft: prompt/response or chat messages "
+                     "examples, loss on the responses only (chat template of the tokenizer); auto: sft for a "
+                     "table without the data.field column but with messages or prompt + response columns",
+                     choices=("auto", "text", "sft"), flag="data-format")
 
 
 @dataclass(kw_only=True)

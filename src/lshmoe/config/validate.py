@@ -10,12 +10,13 @@ here, on first use (fields.py's `Registered`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 from lshmoe.config.io import leaf_fields
-from lshmoe.config.schema import Config, MoEConfig
+from lshmoe.config.schema import Config, DataConfig, MoEConfig
 from lshmoe.errors import ConfigError
 
 
@@ -177,8 +178,7 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
-    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
-        raise ConfigError(f"--data {cfg.data.path}: no such file or directory")
+    validate_data(cfg.data)
     if world_size is not None:
         ep = e.ep_size or world_size
         if world_size % ep:
@@ -201,6 +201,17 @@ def validate(cfg: Config, world_size: int | None = None, nodes: int | None = Non
                 f"than moe.top_k={e.top_k}; raise node_limit to >= {-(-e.top_k // per_node)}"
             )
     return cfg
+
+
+def validate_data(dc: DataConfig) -> DataConfig:
+    """The data section's rules alone (`lshmoe data prepare` has no other section)."""
+    for f in dataclasses.fields(DataConfig):
+        _check_leaf(f"data.{f.name}", getattr(dc, f.name), dict(f.metadata), f.type)
+    if dc.path is not None and not Path(dc.path).expanduser().exists():
+        raise ConfigError(f"--data {dc.path}: no such file or directory")
+    if not dc.field.strip():
+        raise ConfigError("data.field='' is not valid; name the text column (default: text)")
+    return dc
 
 
 def validate_inference(cfg: Config) -> Config:

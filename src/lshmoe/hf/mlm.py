@@ -1,4 +1,4 @@
-"""Masked-LM batches, BERT's recipe, from the token windows of train/data.py.
+"""Masked-LM batches, BERT's recipe, from the token windows of data/shards.py.
 
     each non-special position is picked with probability p (15%): its label is the token, else -100
     of the picked positions: 80% become [MASK], 10% a uniformly random token, 10% stay as they are
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from lshmoe.data import TokenData
 from lshmoe.hf.family import HFError
 from lshmoe.seeding import generator
-from lshmoe.train.data import TokenData
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from lshmoe.config import DTYPES, Config, ConfigError, MoEConfig, validate
+from lshmoe.data import TokenData, hf_token_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.hf.capture import capture_ffn_inputs
 from lshmoe.hf.export import SIDE_FILES
-from lshmoe.hf.family import HFError
 from lshmoe.hf.load import load_weights
 from lshmoe.hf.loss import lm_loss
 from lshmoe.hf.mlm import MaskedData, mask_spec
@@ -36,8 +36,6 @@ from lshmoe.hf.model import build_model, moe_blocks
 from lshmoe.hf.packaged import checkpoint_dir
 from lshmoe.hf.read import model_type_of, read_config
 from lshmoe.hf.upcycle import read_bert_config, upcycle_bert
-from lshmoe.train.corpus import embedded_corpus, user_corpus
-from lshmoe.train.data import TokenData, is_val
 from lshmoe.train.task import Log, StepOutput, TaskBase, params_line
 
 # Set by an MoE checkpoint: a fine-tuning run cannot change them.
@@ -61,52 +59,6 @@ def config_digest(config: Any) -> str:
     """A short digest of a transformers config (the fields that define the model)."""
     d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ("transformers_version",)}
     return hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
-
-
-def hf_token_data(path: Path, cfg: Config, vocab_size: int, log: Log) -> TokenData:
-    """The run's text tokenised by the checkpoint's tokenizer.json, split like train/data.py."""
-    from tokenizers import Tokenizer
-
-    tok_file = path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise HFError(f"{path}: no tokenizer.json; train --hf tokenises --data with the checkpoint's own tokenizer")
-    tok = Tokenizer.from_file(str(tok_file))
-    tok.no_padding()  # NOTE: a sentence-embedding tokenizer pads / truncates every text to 128 tokens
-    tok.no_truncation()
-    dc = cfg.data
-    docs = user_corpus(dc.path) if dc.path else embedded_corpus(dc.corpus)
-    train_docs = [d for d in docs if not is_val(d, dc.val_fraction)]
-    val_docs = [d for d in docs if is_val(d, dc.val_fraction)]
-    if not val_docs or not train_docs:
-        cut = max(1, int(len(docs) * (1 - dc.val_fraction)))
-        train_docs, val_docs = docs[:cut], docs[cut:] or docs[-1:]
-    eos = _eos_id(path, tok)
-
-    def encode(batch: list[str]) -> torch.Tensor:
-        ids: list[int] = []
-        for enc in tok.encode_batch(batch):
-            ids.extend(enc.ids)
-            if eos is not None:
-                ids.append(eos)
-        return torch.tensor(ids, dtype=torch.int32)
-
-    train_ids, val_ids = encode(train_docs), encode(val_docs)
-    top = int(max(train_ids.max(), val_ids.max()))
-    if top >= vocab_size:
-        raise HFError(f"{tok_file}: token id {top} is outside the model's vocab_size={vocab_size}")
-    source = dc.path or f"embedded:{dc.corpus}"
-    log(f"tokenised {source} with {tok_file}: {train_ids.numel()} training, {val_ids.numel()} validation tokens")
-    return TokenData(
-        train_ids=train_ids, val_ids=val_ids, vocab_size=vocab_size, tokenizer_path=tok_file, source=source
-    )
-
-
-def _eos_id(path: Path, tok) -> int | None:
-    conf = path / "tokenizer_config.json"
-    name = json.loads(conf.read_text()).get("eos_token") if conf.is_file() else None
-    if isinstance(name, dict):
-        name = name.get("content")
-    return tok.token_to_id(name) if name else None
 
 
 class HFTask(TaskBase):
@@ -224,4 +176,4 @@ def task_for(path: str | Path) -> HFTask:
     return Upcycle(src) if model_type_of(src) == "bert" else FineTune(src)
 
 
-__all__ = ["FineTune", "HFTask", "Upcycle", "config_digest", "hf_token_data", "moe_overrides", "task_for"]
+__all__ = ["FineTune", "HFTask", "Upcycle", "config_digest", "moe_overrides", "task_for"]

@@ -75,10 +75,10 @@ def main(argv: list[str]) -> int:
 
 def run_rank(a: argparse.Namespace, icfg: C.InferConfig, path: Path) -> None:
     from lshmoe.config import DistConfig
+    from lshmoe.data import load_data
     from lshmoe.distributed.setup import init_comm, shutdown
     from lshmoe.infer.engine import InferenceEngine
     from lshmoe.infer.metrics import summarise
-    from lshmoe.train.data import load_data
 
     comm = init_comm(DistConfig(threads=a.threads))
     say = (lambda m: print(f"[lshmoe] {m}", file=sys.stderr, flush=True)) if comm.rank == 0 else (lambda m: None)

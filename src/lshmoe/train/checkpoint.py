@@ -50,11 +50,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from lshmoe import integrity
 from lshmoe.config import Config
 from lshmoe.distributed.comm import Comm
 from lshmoe.errors import UserError
 from lshmoe.moe.param_kinds import is_expert_param, is_node_param
-from lshmoe.train import integrity
 
 FORMAT = 2  # 2: with manifest.json
 # Model config fields that change parameter shapes or their meaning; a checkpoint only loads into the same.

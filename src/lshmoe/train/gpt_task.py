@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from lshmoe.config import DTYPES, Config, validate
+from lshmoe.data import TokenData, load_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE, MoEFactory
 from lshmoe.moe.layer import MoELayer
 from lshmoe.train.checkpoint import model_signature
-from lshmoe.train.data import TokenData, load_data
 from lshmoe.train.task import Log, StepOutput, TaskBase, params_line
 
 

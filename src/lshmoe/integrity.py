@@ -1,7 +1,8 @@
-"""Checkpoint integrity: a manifest of every file's size and SHA-256, written last, checked on resume.
+"""File integrity: a manifest of every file's size and SHA-256, written last, checked before use.
 
-A save is complete when `manifest.json` exists: it is the last file written into the checkpoint
-(after the shards, DCP's `.metadata` and `meta.json`) and is itself written to a temporary name,
+Checkpoints (train/checkpoint.py) and token stores (data/store.py) both use it. A save is complete
+when `manifest.json` exists: it is the last file written into the directory (for a checkpoint after
+the shards, DCP's `.metadata` and `meta.json`) and is itself written to a temporary name,
 flushed to disk and renamed. Verification re-hashes the files the manifest lists; a missing file,
 a different size (a truncated copy) or a different digest (a flipped bit) is reported in one line
 that names the file. Verification can be split over ranks: rank r checks every W-th file and the
@@ -68,16 +69,18 @@ def write_json_durably(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(ckpt_dir: Path, files: dict[str, dict[str, object]], step: int) -> None:
+def write_manifest(ckpt_dir: Path, files: dict[str, dict[str, object]], step: int | None = None) -> None:
     """Record `files` (relative name -> entry); every other file under `ckpt_dir`, subdirectories
-    included, is hashed here."""
+    included, is hashed here. `step`: a checkpoint's training step (None for other directories: not
+    recorded)."""
     entries = dict(files)
     for p in sorted(ckpt_dir.rglob("*")):
         name = p.relative_to(ckpt_dir).as_posix()  # side files live in subdirectories (`hf/config.json`)
         if p.is_file() and name not in entries and name != MANIFEST and not name.endswith(".part"):
             fsync_file(p)
             entries[name] = describe(p)
-    write_json_durably(ckpt_dir / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": entries})
+    head = {"format": MANIFEST_FORMAT} if step is None else {"format": MANIFEST_FORMAT, "step": step}
+    write_json_durably(ckpt_dir / MANIFEST, {**head, "files": entries})
 
 
 def read_manifest(ckpt_dir: Path) -> dict[str, dict] | str:
