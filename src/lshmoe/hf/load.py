@@ -12,6 +12,11 @@ when asked, so the other ranks' experts are never read. Two on-disk layouts of t
 
 lshmoe keeps experts as w1_GDF / w3_GDF (gate / up, transposed) and w2_GFD (down, transposed).
 A missing or mis-shaped tensor is a one-line error naming it.
+
+Under FSDP (a model sharded before its weights are loaded: `hf.model.materialize_model`) a dense
+parameter is a DTensor sharded on its first dimension, and a rank reads only its own rows of it; an
+expert bank is sharded over the ranks holding the same experts, and each of them reads its E / EP
+experts and keeps its slice.
 """
 
 from __future__ import annotations
@@ -25,6 +30,38 @@ from torch import nn
 
 from lshmoe.hf.family import Family, HFError
 from lshmoe.hf.model import HFMoEBlock, moe_blocks
+
+
+def _local_box(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(local shape, global offset) of a DTensor's shard, None for a plain tensor."""
+    if not hasattr(p, "device_mesh"):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+
+
+def assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole tensor `full` into `p`, or its shard's part into a DTensor's local shard."""
+    box = _local_box(p)
+    if box is None:
+        p.copy_(full)
+        return
+    shape, offset = box
+    p.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))])
+
+
+def fill(p: torch.Tensor, store: SafetensorsDir, key: str) -> None:
+    """`p` from the checkpoint tensor `key`; a DTensor sharded on dim 0 reads only its own rows."""
+    box = _local_box(p)
+    shape = tuple(p.shape)
+    if box is None:
+        p.copy_(store.read(key, shape))
+    elif all(o == 0 for o in box[1][1:]) and tuple(box[0][1:]) == shape[1:]:
+        rows = (box[1][0], box[1][0] + box[0][0])
+        p.to_local().copy_(store.read(key, shape, rows=rows))
+    else:
+        assign(p, store.read(key, shape))
 
 
 class SafetensorsDir:
@@ -95,16 +132,22 @@ def _load_experts(store: SafetensorsDir, prefixes: list[str], block: HFMoEBlock,
         if fused is not None:
             gu = store.read(f"{fused}.experts.gate_up_proj", (E, 2 * F_, D), rows=(lo, lo + G))
             dn = store.read(f"{fused}.experts.down_proj", (E, D, F_), rows=(lo, lo + G))
-            ex.w1_GDF.copy_(gu[:, :F_].transpose(1, 2))
-            ex.w3_GDF.copy_(gu[:, F_:].transpose(1, 2))
-            ex.w2_GFD.copy_(dn.transpose(1, 2))
+            assign(ex.w1_GDF, gu[:, :F_].transpose(1, 2))
+            assign(ex.w3_GDF, gu[:, F_:].transpose(1, 2))
+            assign(ex.w2_GFD, dn.transpose(1, 2))
             return
+        banks = {
+            n: torch.empty(tuple(getattr(ex, n).shape), dtype=getattr(ex, n).dtype)
+            for n in ("w1_GDF", "w3_GDF", "w2_GFD")
+        }
         for g in range(G):
             e = lo + g
             p = _first(store, [f"{q}.experts.{e}.{gate}.weight" for q in prefixes]).rsplit(f".experts.{e}.", 1)[0]
-            ex.w1_GDF[g].copy_(store.read(f"{p}.experts.{e}.{gate}.weight", (F_, D)).t())
-            ex.w3_GDF[g].copy_(store.read(f"{p}.experts.{e}.{up}.weight", (F_, D)).t())
-            ex.w2_GFD[g].copy_(store.read(f"{p}.experts.{e}.{down}.weight", (D, F_)).t())
+            banks["w1_GDF"][g].copy_(store.read(f"{p}.experts.{e}.{gate}.weight", (F_, D)).t())
+            banks["w3_GDF"][g].copy_(store.read(f"{p}.experts.{e}.{up}.weight", (F_, D)).t())
+            banks["w2_GFD"][g].copy_(store.read(f"{p}.experts.{e}.{down}.weight", (D, F_)).t())
+        for n, full in banks.items():
+            assign(getattr(ex, n), full)
 
 
 def block_tensor_names(family: Family, prefix: str, block: HFMoEBlock) -> dict[str, str]:
@@ -138,7 +181,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
                 if rel.endswith("e_score_correction_bias") and key not in store:
                     p.zero_()  # a bias this run added (moe.correction_bias) starts at zero
                 else:
-                    p.copy_(store.read(key, tuple(p.shape)))
+                    fill(p, store, key)
                 done.add(f"{here}.{rel}")
             _load_experts(store, prefixes, block, family)
             read_experts += block.moe.experts.num_local
@@ -149,7 +192,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
                 continue
             if tied and name == "lm_head.weight":
                 continue
-            p.copy_(store.read(name, tuple(p.shape)))
+            fill(p, store, name)
         for name, b in model.named_buffers():
             if name in store:
                 b.copy_(store.read(name, tuple(b.shape)))

@@ -23,6 +23,7 @@ from lshmoe.config import Config, ConfigError, MoEConfig, validate
 from lshmoe.distributed.comm import Comm
 from lshmoe.hf.family import Family, HFError, family_for
 from lshmoe.moe.layer import MoELayer
+from lshmoe.moe.param_kinds import kinds_kept
 from lshmoe.moe.router import RouterOutput
 
 
@@ -96,10 +97,12 @@ def build_model(
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
     settings: Config | None = None,
+    materialize: bool = True,
 ) -> tuple[nn.Module, MoEConfig]:
     """The family's causal LM with expert-parallel MoE blocks, uninitialised, on `comm.device`.
     `settings` (the run's `Config`; None = defaults) gives the MoE layers their compressor / LocMoE /
-    Lina sections."""
+    Lina sections. `materialize=False` leaves every parameter on the meta device (no memory), to be
+    sharded first and then given storage by `materialize_model` (FSDP's deferred initialisation)."""
     from transformers import AutoModelForCausalLM
 
     family = family_for(getattr(config, "model_type", None))
@@ -113,12 +116,18 @@ def build_model(
     sparse = [i for i, layer in enumerate(model.model.layers) if is_sparse_block(getattr(layer, "mlp", None))]
     for i in sparse:
         model.model.layers[i].mlp = nn.Identity()
-    model.to_empty(device=comm.device)
+    if materialize:
+        model.to_empty(device=comm.device)
+        _fresh_rotary(model, config, comm.device)
     model.to(dtype)
-    _fresh_rotary(model, config, comm.device)
     for i in sparse:
         moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings)
-        model.model.layers[i].mlp = HFMoEBlock(moe).to(device=comm.device, dtype=dtype)
+        block = HFMoEBlock(moe).to(device=comm.device, dtype=dtype)
+        if not materialize:  # its buffers (the routers' load counters) are restored by materialize_model
+            block.buffers_at_init = {n: b.clone() for n, b in block.named_buffers()}
+            with kinds_kept(block):  # new parameter objects
+                block.to("meta")
+        model.model.layers[i].mlp = block
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     # The swapped blocks record their routing for hf/loss.py; transformers' own aux loss would find
@@ -130,10 +139,24 @@ def build_model(
     return model, mcfg
 
 
+def materialize_model(model: nn.Module, device: torch.device) -> None:
+    """Give a model built with `materialize=False` (and possibly sharded since) storage on `device`:
+    uninitialised parameters (load them: hf.load.load_weights, or a checkpoint), the MoE blocks' buffers
+    as they were built, fresh rotary frequencies."""
+    with kinds_kept(model):  # new parameter objects
+        model.to_empty(device=device)
+    _fresh_rotary(model, model.config, device)
+    for m in model.modules():
+        if isinstance(m, HFMoEBlock) and hasattr(m, "buffers_at_init"):
+            with torch.no_grad():
+                for n, b in m.named_buffers():
+                    b.copy_(m.buffers_at_init[n])
+
+
 def moe_blocks(model: nn.Module) -> list[tuple[int, HFMoEBlock]]:
     """(layer index, block) of every swapped block, in layer order (decoder layers, or the encoder
     layers of an upcycled BERT)."""
     return [(m.moe.layer_id, m) for m in model.modules() if isinstance(m, HFMoEBlock)]
 
 
-__all__ = ["HFError", "HFMoEBlock", "build_model", "check_ep", "moe_blocks", "moe_config"]
+__all__ = ["HFError", "HFMoEBlock", "build_model", "check_ep", "materialize_model", "moe_blocks", "moe_config"]

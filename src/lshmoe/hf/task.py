@@ -32,7 +32,7 @@ from lshmoe.hf.export import SIDE_FILES
 from lshmoe.hf.load import load_weights
 from lshmoe.hf.loss import lm_loss
 from lshmoe.hf.mlm import MaskedData, mask_spec
-from lshmoe.hf.model import build_model, moe_blocks
+from lshmoe.hf.model import build_model, materialize_model, moe_blocks
 from lshmoe.hf.packaged import checkpoint_dir
 from lshmoe.hf.read import model_type_of, read_config
 from lshmoe.hf.upcycle import read_bert_config, upcycle_bert
@@ -132,12 +132,24 @@ class FineTune(HFTask):
         return read_config(path)
 
     def build(self, cfg: Config, comm: Comm, fresh: bool) -> nn.Module:
+        """Under FSDP the model stays on the meta device until the loop has sharded it."""
         model, _ = build_model(
-            self.hf_config, comm, dtype=DTYPES[cfg.train.dtype], overrides=moe_overrides(cfg.moe), settings=cfg
+            self.hf_config,
+            comm,
+            dtype=DTYPES[cfg.train.dtype],
+            overrides=moe_overrides(cfg.moe),
+            settings=cfg,
+            materialize=not cfg.dist.fsdp,
         )
-        if fresh:  # a resumed run takes its weights from the checkpoint
-            load_weights(model, self.src)
         return model
+
+    def init_weights(self, model: nn.Module, comm: Comm, fresh: bool) -> None:
+        """Storage for a deferred (FSDP) model, then the checkpoint's weights, each rank reading its
+        shards (a resumed run takes its weights from the training checkpoint instead)."""
+        if self.cfg.dist.fsdp:
+            materialize_model(model, comm.device)
+        if fresh:
+            self.load_stats = load_weights(model, self.src)
 
 
 class Upcycle(HFTask):

@@ -6,14 +6,19 @@
 
 Gradient sync, Lina's scheduler, checkpoints and initialisation read the mark with `kind_of`. The
 mark is a plain attribute of the Parameter object; `Module.to()`/`.double()` keep the object, so
-the mark survives dtype and device moves.
+the mark survives dtype moves. A move between device types (to or from the meta device) and FSDP's
+sharding create new Parameter objects: do those inside `kinds_kept(module)`, which marks the new
+parameters as the old ones were, by name.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from enum import Enum
 
 import torch
+from torch import nn
 
 _ATTR = "_lshmoe_kind"
 
@@ -31,6 +36,16 @@ def mark(p: torch.Tensor, kind: ParamKind) -> torch.Tensor:
 
 def kind_of(p: torch.Tensor) -> ParamKind:
     return getattr(p, _ATTR, ParamKind.DENSE)
+
+
+@contextlib.contextmanager
+def kinds_kept(module: nn.Module) -> Iterator[None]:
+    """Re-mark `module`'s parameters after the block, by name (see the module docstring)."""
+    kinds = {n: kind_of(p) for n, p in module.named_parameters()}
+    yield
+    for n, p in module.named_parameters():
+        if n in kinds:
+            mark(p, kinds[n])
 
 
 def is_expert_param(p: torch.Tensor) -> bool:

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lshmoe.config import ConfigError
 from lshmoe.distributed.comm import Comm
-from lshmoe.moe.param_kinds import kind_of, mark
+from lshmoe.moe.param_kinds import kinds_kept
 from lshmoe.moe.router import TopKRouter
 from lshmoe.train.grad_sync import GradSync
 
@@ -80,8 +80,8 @@ def shard(
     meshes: Meshes,
     compute_dtype: torch.dtype | None,
     reshard_experts: bool = True,
-) -> list[nn.Parameter]:
-    """`fully_shard` the experts, the blocks and the root; return the parameters left replicated.
+) -> None:
+    """`fully_shard` the experts, the blocks and the root (the routers left replicated).
     `reshard_experts=False` keeps a bank unsharded from its forward to its backward (for dispatchers that
     call the experts several times a forward, e.g. Lina's micro-ops)."""
     # NOTE: a model's output carries its MoE layers' outputs (for the metrics), views among them; FSDP warns
@@ -89,9 +89,13 @@ def shard(
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     ignored = set(replicated_params(model))
-    kinds = {n: kind_of(p) for n, p in model.named_parameters()}
     efsdp = meshes.efsdp.size()
     _check_expert_shards(layers, efsdp)
+    with kinds_kept(model):  # FSDP's parameters are new objects
+        _shard(model, layers, blocks, meshes, mp, ignored, reshard_experts)
+
+
+def _shard(model, layers, blocks, meshes, mp, ignored, reshard_experts) -> None:
     for layer in layers:
         if any(True for _ in layer.experts.parameters()):
             fully_shard(
@@ -108,9 +112,6 @@ def shard(
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-    for n, p in model.named_parameters():  # FSDP's parameters are new objects: carry the kinds over
-        mark(p, kinds[n])
-    return [p for p in model.parameters() if p in ignored]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

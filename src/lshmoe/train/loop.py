@@ -104,8 +104,11 @@ class Trainer:
         if cfg.dist.fsdp:
             meshes = fsdp.build_meshes(comm, comm.group("ep").size)
             reshard = cfg.lina.a2a_chunks == 1  # micro-op dispatch calls the experts several times a forward
-            replicated = fsdp.shard(self.model, self.moe, task.blocks(self.model), meshes, compute, reshard)
-            self.sync = fsdp.ShardedGradSync(self.model, comm, replicated)
+            fsdp.shard(self.model, self.moe, task.blocks(self.model), meshes, compute, reshard)
+        # NOTE: before anything holds the parameters: giving a deferred model storage replaces FSDP's
+        task.init_weights(self.model, comm, fresh=resume is None)
+        if cfg.dist.fsdp:
+            self.sync = fsdp.ShardedGradSync(self.model, comm, fsdp.replicated_params(self.model))
         else:
             self.sync = GradSync(self.model, comm)
         # without FSDP, mixed precision is autocast over the fp32 master weights

@@ -8,7 +8,10 @@ what differs:
     setup(cfg, comm, log) -> Batches     read the model's configs, validate the run for this world,
                                          open the token data (every rank calls it, in the same order)
     build(cfg, comm, fresh) -> model     the model on `comm.device`; `fresh` = give it its starting
-                                         weights (False when a checkpoint will supply them)
+                                         weights (False when a checkpoint will supply them); under
+                                         FSDP it may leave parameters on the meta device ...
+    init_weights(model, comm, fresh)     ... and give them storage and weights here, once the loop
+                                         has sharded the model (so a rank reads only its shards)
     forward(model, x, y) -> StepOutput   loss to backpropagate, the cross-entropy alone, the unweighted
                                          router loss and every MoE layer's output (for the metrics)
     moe_layers(model)                    the MoE layers, in layer order (set_step, compressor state)
@@ -78,6 +81,8 @@ class Task(Protocol):
 
     def build(self, cfg: Config, comm: Comm, fresh: bool) -> nn.Module: ...
 
+    def init_weights(self, model: nn.Module, comm: Comm, fresh: bool) -> None: ...
+
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput: ...
 
     def moe_layers(self, model: nn.Module) -> list[nn.Module]: ...
@@ -99,6 +104,9 @@ class TaskBase:
     """Defaults: no extra meta, no side files, a plain start-up line, nothing after training."""
 
     name = "task"
+
+    def init_weights(self, model: nn.Module, comm: Comm, fresh: bool) -> None:
+        return None  # built complete
 
     def meta(self) -> dict[str, Any]:
         return {}
