@@ -214,3 +214,91 @@ def test_lina_with_fsdp_and_uneven_micro_batches_are_refused_in_one_line():
     cfg.lina.grad_sync, cfg.train.grad_accum, cfg.train.batch_size = "sync", 3, 8
     with pytest.raises(ConfigError, match="train.grad_accum=3 must divide train.batch_size=8"):
         validate(cfg)
+
+
+@pytest.mark.slow
+def test_fsdp_composes_with_the_dispatchers_systems_and_auto(tmp_path):
+    """FSDP equals the unsharded run (world 4 = 2 nodes x 2, EP 4) with the dedup and hierarchical
+    dispatchers, ScMoE's overlapped shortcut, LocMoE's per-node router bias with the correction-bias
+    update, and `--compress auto` (which leaves identity at step 1 on a link it is told is slow)."""
+    auto = {"moe.compress": "auto", "auto.start": 1, "auto.every": 0, "auto.link_gbit": 1e-4, "auto.verify": False}
+    variants = {
+        "dedup": {"moe.a2a": "dedup"},
+        "hier": {"moe.a2a": "hierarchical"},
+        "scmoe": {"model.arch": "scmoe", "moe.top_k": 1, "model.moe_every": 2, "scmoe.slot_warmup": 1},
+        "locmoe": {"locmoe.node_bias": True, "moe.correction_bias": True, "moe.bias_update_rate": 0.01},
+        "auto": {**auto, "auto.margin": 0.0},
+    }
+    runs = {}
+    for name, over in variants.items():
+        runs[name] = _cfg(tmp_path, **over)
+        runs[f"{name}-fsdp"] = _cfg(tmp_path, **over, **{"dist.fsdp": True})
+    load_data(from_dict(runs["dedup"]).data)
+    for res in run_ranks(_worker, 4, runs, ep_size=4, ranks_per_node=2, timeout_s=180):
+        for name in variants:
+            plain, sharded = res[name], res[f"{name}-fsdp"]
+            assert sharded["losses"] == pytest.approx(plain["losses"], abs=EXACT), name
+            _assert_same(sharded["params"], plain["params"], plain["firsts"], name)
+            assert sharded["calls"] != [] and any(c[0] == "all_to_all" for c in sharded["calls"]), name
+
+
+def _tracked_step(comm, cfg_dict: dict) -> dict:
+    """One step under torch's memory tracker (FSDPMemTracker with FSDP): the bytes by category after
+    the forward (the saved activations) and after the gradient sync; and what `lshmoe plan`'s formula
+    says for this model and setting."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from lshmoe.plan import Setting, Workload, count_gpt, memory_per_rank
+
+    cfg = from_dict(cfg_dict)
+    tr = Trainer(cfg, comm, GPTTask())
+    tr.train_step(0)  # AdamW's state exists from here
+    if cfg.dist.fsdp:
+        tracker = FSDPMemTracker(tr.model, tr.opt)
+    else:
+        tracker = MemTracker()
+        tracker.track_external(tr.model, tr.opt)
+    x, y = tr.data.train_batch(1, comm.rank, cfg.train.batch_size, cfg.model.seq_len, 0, comm.device)
+    with tracker:
+        out = tr.task.forward(tr.model, x, y)
+        after_forward = tracker.get_tracker_snapshot()
+        out.loss.backward()
+        tr.sync.sync()
+        after_sync = tracker.get_tracker_snapshot()
+    [dev] = list(after_forward)
+    cat = lambda snap: {str(k).rsplit(".", 1)[-1]: v for k, v in snap[dev].items()}  # noqa: E731
+    setting = Setting(world=comm.world_size, ep=comm.group("ep").size, fsdp=cfg.dist.fsdp, dtype="float32")
+    plan = memory_per_rank(
+        count_gpt(cfg, tr.data.vocab_size),
+        setting,
+        Workload(seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size),
+    )
+    steps = 4 * len(tr.opt.state)  # AdamW's step counters, which the plan leaves out
+    return {"fwd": cat(after_forward), "sync": cat(after_sync), "plan": plan, "steps": steps}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated-ep2", "fsdp-ep1"])
+def test_memory_categories_match_the_plan(tmp_path, fsdp):
+    """torch's MemTracker / FSDPMemTracker over one step against lshmoe plan's formula: parameters,
+    gradients and AdamW state to the byte without FSDP (to FSDP's padding with it), the saved
+    activations within 15% (the formula counts what autograd keeps on a GPU's kernels)."""
+    over = {
+        "dist.fsdp": fsdp,
+        "train.dtype": "float32",
+        "model.d_model": 64,
+        "moe.d_expert": 128,
+        "train.batch_size": 4,
+    }
+    cfg = _cfg(tmp_path, **over)
+    load_data(from_dict(cfg).data)
+    for res in run_ranks(_tracked_step, 2, cfg, ep_size=1 if fsdp else 2, timeout_s=120):
+        terms, fwd, sync = res["plan"].state.terms, res["fwd"], res["sync"]
+        params, grads = ("SHARDED_PARAM", "SHARDED_GRAD") if fsdp else ("PARAM", "GRAD")
+        tol = 0.01 if fsdp else 0.0
+        assert abs(sync[params] - terms["params.master"]) <= tol * terms["params.master"], (sync, terms)
+        assert abs(sync[grads] - terms["grads.local"]) <= tol * terms["grads.local"], (sync, terms)
+        assert abs(sync["OPT"] - res["steps"] - terms["optim.adamw"]) <= tol * terms["optim.adamw"], (sync, terms)
+        saved = sum(res["plan"].activations.saved.values())
+        assert 0.85 * saved <= fwd["ACT"] <= 1.15 * saved, (fwd, saved)
