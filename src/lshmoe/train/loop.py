@@ -56,7 +56,7 @@ from lshmoe.train.allocator import HeapTrimmer
 from lshmoe.train.evaluate import exact_experts, validation_loss
 from lshmoe.train.faults import FaultInjector
 from lshmoe.train.grad_sync import GradSync
-from lshmoe.train.memory import PeakMemory, state_bytes
+from lshmoe.train.memory import PeakMemory, grad_bytes, state_bytes
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress, merge_micro_batches
 from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
 from lshmoe.train.stop import StopSignal
@@ -115,6 +115,7 @@ class Trainer:
         self.autocast = compute is not None and not cfg.dist.fsdp
         self.opt = build_optimizer(self.model, tc)
         self.peak = PeakMemory(comm.device)
+        self.grads_bytes = 0
         self.heap = HeapTrimmer(cfg.dist.malloc_trim_every)
         self.syncs = HostSyncCounter(comm.device.type == "cuda")
         comm.timing = cfg.dist.comm_timing
@@ -163,6 +164,7 @@ class Trainer:
             grad_norm = apply_gradients(self.opt, self.sync, self.model, self.comm, tc.grad_clip, self.sched is None)
             if not math.isfinite(grad_norm):
                 self._non_finite(step, bad)
+            self.grads_bytes = grad_bytes(self.model)  # the memory metrics' gradients, before they are freed
             self.opt.zero_grad(set_to_none=True)
         syncs.stop()
         if self.comm.device.type == "cuda":
@@ -397,7 +399,7 @@ class Trainer:
 
     def _memory(self) -> dict[str, int]:
         """Per-rank memory (train/memory.py), the largest over the ranks; the peak is the interval's."""
-        mine = {**state_bytes(self.model, self.opt), "peak_rss_bytes": self.peak.read()}
+        mine = {**state_bytes(self.model, self.opt, self.grads_bytes), "peak_rss_bytes": self.peak.read()}
         t = torch.tensor(list(mine.values()), dtype=torch.int64, device=self.comm.device)
         self.comm.all_reduce(t, self.comm.group("world"), "metrics.memory", op="max", phase="metrics")
         self.peak.reset()

@@ -1,7 +1,8 @@
 """Per-rank memory in the metrics: model state from the local shards, and the process's peak.
 
     mem_params_bytes   this rank's parameters (under FSDP its shards: the fp32 master weights)
-    mem_grads_bytes    its gradients (FSDP: the reduced shards)
+    mem_grads_bytes    its gradients (FSDP: the reduced shards), as they are before the optimizer
+                       step frees them
     mem_optim_bytes    its AdamW state (exp_avg, exp_avg_sq, step)
     peak_rss_bytes     on the CPU the highest resident set (VmHWM) since the previous log line, measured
                        from a trimmed heap: glibc's free pages go back (malloc_trim) and the kernel's
@@ -31,13 +32,17 @@ def _local_bytes(t: torch.Tensor | None) -> int:
     return t.numel() * t.element_size()
 
 
-def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """This rank's parameter, gradient and optimizer-state bytes."""
-    params = list(model.parameters())
+def grad_bytes(model: nn.Module) -> int:
+    """This rank's gradient bytes now (call it after the sync, before `zero_grad` frees them)."""
+    return sum(_local_bytes(p.grad) for p in model.parameters())
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, grads: int | None = None) -> dict[str, int]:
+    """This rank's parameter, gradient (`grads`, measured earlier, or now) and optimizer-state bytes."""
     optim = sum(_local_bytes(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
     return {
-        "mem_params_bytes": sum(_local_bytes(p) for p in params),
-        "mem_grads_bytes": sum(_local_bytes(p.grad) for p in params),
+        "mem_params_bytes": sum(_local_bytes(p) for p in model.parameters()),
+        "mem_grads_bytes": grad_bytes(model) if grads is None else grads,
         "mem_optim_bytes": optim,
     }
 
@@ -73,4 +78,4 @@ class PeakMemory:
         return 0
 
 
-__all__ = ["PeakMemory", "state_bytes"]
+__all__ = ["PeakMemory", "grad_bytes", "state_bytes"]
