@@ -128,6 +128,12 @@ def test_the_loop_trains_checkpoints_and_resumes_any_task_bitwise(tmp_path, caps
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert train[-1]["loss"] < train[0]["loss"]
     assert all(0 < r["compression_rate"] <= 1 for r in train)
+    # per-rank memory: every parameter trains, in fp32, with two AdamW moments and a 4-byte step counter
+    # per tensor (embedding, router, two expert banks, head weight and bias)
+    mem = train[-1]
+    assert mem["mem_grads_bytes"] == mem["mem_params_bytes"] > 0
+    assert mem["mem_optim_bytes"] == 2 * mem["mem_params_bytes"] + 4 * 6
+    assert mem["peak_rss_bytes"] > mem["mem_params_bytes"]
     evals = _records(tmp_path / "full", "eval")
     # evaluated with exact experts and, since the layer compresses with LSH, as trained
     assert [r["step"] for r in evals] == [3, 6] and all("val_loss_compressed" in r for r in evals)
