@@ -1,7 +1,7 @@
 """Fused Triton LSH kernels against the PyTorch reference (lshmoe.compress).
 
 Without a GPU the kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before a
-kernel is defined, so it is set here, before lshmoe.kernels.lsh is imported (no other test module
+kernel is defined, so it is set here, before lshmoe.compress.kernels.lsh is imported (no other test module
 imports Triton). With a GPU the same tests run natively on CUDA and the CPU cases are skipped.
 
 Bitwise comparisons of bucket ids use dyadic rows and projections (few mantissa bits), so every
@@ -23,11 +23,11 @@ pytest.importorskip("triton")
 
 from lshmoe.compress import ops  # noqa: E402
 from lshmoe.compress.hashing import codes_from_projections, combine_codes, draw_projections  # noqa: E402
+from lshmoe.compress.kernels import lsh as K  # noqa: E402
+from lshmoe.compress.kernels import use_triton  # noqa: E402
 from lshmoe.compress.lsh import LSHCompressor  # noqa: E402
 from lshmoe.config import LSHConfig  # noqa: E402
 from lshmoe.errors import UserError  # noqa: E402
-from lshmoe.kernels import lsh as K  # noqa: E402
-from lshmoe.kernels import use_triton  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run is for CPU-only")),

@@ -46,13 +46,13 @@ from lshmoe.compress.hashing import (
     pca_projections,
     projections_per_hash,
 )
+from lshmoe.compress.kernels import use_triton
 from lshmoe.compress.ops import restore_compensated, segment_mean
 from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext
 from lshmoe.compress.target import HashCountController
 from lshmoe.config import LSHConfig
-from lshmoe.kernels import use_triton
-from lshmoe.moe.permute import inverse_permutation
+from lshmoe.indexing import inverse_permutation
 from lshmoe.seeding import generator
 
 # How each number of `stats` reduces in the metrics (the others are per-step means over ranks).
@@ -276,7 +276,7 @@ class LSHCompressor(CompressorBase):
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
         t0 = time.perf_counter()
         if not self.torch_only and use_triton(self.cfg.kernels, out_MD.device):
-            from lshmoe.kernels import lsh as fused
+            from lshmoe.compress.kernels import lsh as fused
 
             out_ND = fused.restore_compensated(
                 out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha, self.grad_alpha
@@ -293,8 +293,8 @@ class LSHCompressor(CompressorBase):
     def _compress_fused(
         self, rows_ND: torch.Tensor, counts_E: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
-        """`compress` with the Triton kernels (lshmoe.kernels.lsh): same ids, payload order and meta."""
-        from lshmoe.kernels import lsh as fused
+        """`compress` with the Triton kernels (lshmoe.compress.kernels.lsh): same ids, payload order and meta."""
+        from lshmoe.compress.kernels import lsh as fused
 
         t0 = time.perf_counter()
         dev, E, cfg = rows_ND.device, self.num_experts, self.cfg
