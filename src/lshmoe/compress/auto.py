@@ -65,7 +65,7 @@ def parse_candidates(text: str) -> tuple[str, ...]:
 
 
 def build(ctx: CompressorContext) -> AutoCompressor:
-    cfg = getattr(ctx.settings, "auto", None) or AutoConfig()
+    cfg = ctx.config().auto
     names = cfg.candidate_names()
     parts = {n: build_compressor(n, ctx) for n in names if n in ("identity", "fp8", "int8", "lsh")}
     if "lsh+fp8" in names:  # shares the LSH part (projections, controller) with `lsh`

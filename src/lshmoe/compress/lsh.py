@@ -70,7 +70,7 @@ class LSHMeta:
 
 def build(ctx: CompressorContext) -> LSHCompressor | None:
     """The registry's entry: an LSH compressor for the layers `lsh.layers` selects (None elsewhere)."""
-    cfg = getattr(ctx.settings, "lsh", None) or LSHConfig()
+    cfg = ctx.config().lsh
     ids = cfg.layer_ids()
     if ids is not None and ctx.layer_id not in ids:
         return None
@@ -119,16 +119,23 @@ class LSHCompressor(CompressorBase):
     # ------------------------------------------------------------------------------ checkpointed state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The L controller's running averages (the projections are a function of the step)."""
-        if self.controller is None:
-            return {}
-        st = self.controller.state_dict()
-        return {"controller": torch.tensor([st["rate"], st["error"]], dtype=torch.float64)}
+        """The running state a resumed run needs to continue exactly: the L controller's averages and
+        the calibrated compensation's fitted scale (the projections are a function of the step)."""
+        out = {}
+        if self.controller is not None:
+            st = self.controller.state_dict()
+            out["controller"] = torch.tensor([st["rate"], st["error"]], dtype=torch.float64)
+        if self.cfg.compensation == "calibrated":
+            out["alpha"] = torch.tensor([self.alpha, float(self._fitted)], dtype=torch.float64)
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "controller" in state and self.controller is not None:
             rate, err = state["controller"].tolist()
             self.controller.load_state_dict({"rate": rate, "error": err})
+        if "alpha" in state and self.cfg.compensation == "calibrated":
+            alpha, fitted = state["alpha"].tolist()
+            self.alpha, self._fitted = alpha, bool(fitted)
 
     # ------------------------------------------------------------------------------ projections
 

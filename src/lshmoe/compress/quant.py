@@ -144,9 +144,7 @@ class QuantCompressor(CompressorBase):
 
 
 def _build(kind: str, ctx: CompressorContext) -> QuantCompressor:
-    from lshmoe.config import QuantConfig
-
-    cfg = getattr(ctx.settings, "quant", None) or QuantConfig()
+    cfg = ctx.config().quant
     return QuantCompressor(CODECS[kind](), cfg.directions, cfg.eval_quantize)
 
 
