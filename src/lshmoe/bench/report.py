@@ -27,6 +27,7 @@ ORDER = [
     "hf",
     "lsh_compression",
     "lsh_real",
+    "lsh_causal",
     "lsh_overhead",
     "lsh_choices",
     "lsh_choices2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lshmoe.compress.protocol import CompressorBase, Stat
+from lshmoe.compress.protocol import CompressorBase, Positions, Stat
 
 
 class IdentityCompressor(CompressorBase):
@@ -15,7 +15,9 @@ class IdentityCompressor(CompressorBase):
     def stats(self) -> dict[str, Stat]:
         return {}
 
-    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def compress(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         return rows_ND, counts_E, None
 
     def restore(self, out_MD: torch.Tensor, meta: None) -> torch.Tensor:

@@ -4,7 +4,7 @@ Autograd's generic backward of `index_add / size` and `E(c)[inv] + (x - c[inv])`
 dozen passes over the N routed rows; these functions make the minimum, and they are the reference
 any faster implementation of the same steps is tested against:
 
-    segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m
+    segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m                   (0 for an empty bucket)
                    backward: g_x = (g_c / size)[inv]                       one gather over N
     restore:       y_ND = (out_MD - a c_MD)[inv] + a x_ND     (= E(c) + a (x - c), a a constant)
                    backward: g_out = scatter_sum(g_y by inv), g_c = -b g_out, g_x = b g_y   one scatter over N
@@ -22,12 +22,12 @@ class _SegmentMean(torch.autograd.Function):
     def forward(ctx, x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse_N, size_M)
         c = x_ND.new_zeros((size_M.numel(), x_ND.shape[1])).index_add_(0, inverse_N, x_ND)
-        return c.div_(size_M.to(c.dtype)[:, None])
+        return c.div_(size_M.clamp(min=1).to(c.dtype)[:, None])  # an empty bucket's mean is 0
 
     @staticmethod
     def backward(ctx, g_MD: torch.Tensor):
         inverse_N, size_M = ctx.saved_tensors
-        return (g_MD / size_M.to(g_MD.dtype)[:, None]).index_select(0, inverse_N), None, None
+        return (g_MD / size_M.clamp(min=1).to(g_MD.dtype)[:, None]).index_select(0, inverse_N), None, None
 
 
 class _Restore(torch.autograd.Function):

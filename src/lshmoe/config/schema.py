@@ -139,6 +139,14 @@ class LSHConfig:
     ema: float = _f(0.9, "smoothing of the running statistics the target modes choose L from", ge=0, lt=1)
     layers: str = _f("all", "MoE blocks that compress: all, or comma-separated block indices")
     eval_compress: bool = _f(True, "compress in evaluation too (false: exact experts at eval)")
+    causal: bool | None = _f(None, "no bucket holds two rows of one sequence, so a token's output never depends on a "
+                             "later token of its sequence; none = on in a causal LM (GPT-MoE, HF causal families), "
+                             "off in the upcycled BERT encoder", flag="lsh-causal")
+    causal_mode: str = _f("earliest", "how lsh.causal holds: earliest = each bucket sends the mean of its rows at its "
+                          "earliest position (strict through any number of layers; the rows sent are unchanged); "
+                          "split = no bucket holds two rows of one sequence (bucket means, more rows sent; a "
+                          "second-order path through other sequences remains when two or more layers compress)",
+                          choices=("earliest", "split"), flag="lsh-causal-mode")
     split: str = _f("none", "analysis: forward = the compressed path's values with the exact path's gradients, "
                     "backward = exact values with the compressed path's gradients (both paths run: twice the "
                     "all-to-alls); pins a quality gap on one direction", choices=("none", "forward", "backward"))

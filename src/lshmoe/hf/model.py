@@ -116,7 +116,7 @@ def build_model(
     model.to(dtype)
     _fresh_rotary(model, config, comm.device)
     for i in sparse:
-        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings)
+        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings, causal=True)  # a causal LM
         model.model.layers[i].mlp = HFMoEBlock(moe).to(device=comm.device, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
