@@ -10,6 +10,8 @@ any faster implementation of the same steps is tested against:
                    backward: g_out = scatter_sum(g_y by inv), g_c = -b g_out, g_x = b g_y   one scatter over N
                    with b = a, or another scale of the residual's gradient (b != a: a residual the
                    forward does not add, or adds at another scale, still routes each row's own gradient)
+    grad_path:     y_ND = out_ND                                 (exact rows: E(x) + b (x - stopgrad x))
+                   backward: g_out = g_y, g_x = b g_y
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ def restore_grads(g_MD: torch.Tensor, g_ND: torch.Tensor, alpha: float) -> tuple
     if alpha == 1.0:
         return g_MD, -g_MD, g_ND, None, None
     return g_MD, -alpha * g_MD, alpha * g_ND, None, None
+
+
+class _GradPath(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_ND: torch.Tensor, x_ND: torch.Tensor, b: float) -> torch.Tensor:
+        ctx.b = b
+        return out_ND.clone()
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):
+        return g_ND, ctx.b * g_ND, None
+
+
+def grad_path(out_ND: torch.Tensor, x_ND: torch.Tensor, b: float) -> torch.Tensor:
+    """out + b (x - stopgrad(x)): the values of `out` unchanged, each row's gradient also sent to x, times b."""
+    return _GradPath.apply(out_ND, x_ND, float(b))
 
 
 def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:

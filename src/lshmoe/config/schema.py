@@ -76,6 +76,9 @@ class MoEConfig:
                        "on the wire (quant section), lsh+fp8 = FP8 centroids, auto = chosen per layer by "
                        "measurement (auto section); see compress/registry.py",
                        choices=COMPRESSORS)
+    grad_path: float = _f(0.0, "exact rows get a gradient-only identity path: y = E(x) + b (x - stopgrad x), the "
+                          "forward exact, each row's input gradient + b g (what lsh.grad_compensation gives a "
+                          "compressed model); 0 = off", ge=0, le=1, flag="grad-path")
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
     router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
