@@ -66,6 +66,56 @@ def test_quality_summary_on_recorded_curves():
     assert fast["ttt_reached"] == "2/2" and fast["ttt_speedup"] > 2.0  # twice the speed and a lower curve
 
 
+def test_quality_quotes_the_exact_loss_and_the_rate():
+    def run(exact, compressed, sent):
+        ev = {"kind": "eval", "step": 10, "val_loss": exact, "train_time_s": 1.0}
+        if compressed is not None:
+            ev["val_loss_compressed"] = compressed
+        train = [{"kind": "train", "rows_routed": 100, "rows_sent": sent} for _ in range(3)]
+        return [*train, ev, {"kind": "summary", "median_tokens_per_s": 1.0}]
+
+    runs = {
+        "baseline": {0: run(5.0, None, 100), 1: run(5.2, None, 100)},
+        "lsh": {0: run(5.1, 4.9, 25), 1: run(5.3, 5.0, 35)},
+    }
+    exact = {r["variant"]: r for r in quality.summarise(runs, mode="exact")[0]}
+    assert exact["lsh"]["val_mean"] == pytest.approx(5.2) and exact["lsh"]["rate"] == pytest.approx(0.30)
+    assert exact["lsh"]["val_compressed_mean"] == pytest.approx(4.95) and exact["baseline"]["rate"] == 1.0
+    assert "val_compressed_mean" not in exact["baseline"]
+    comp = {r["variant"]: r for r in quality.summarise(runs, mode="compressed")[0]}
+    assert comp["lsh"]["val_mean"] == pytest.approx(4.95), "compressed reads val_loss_compressed"
+    assert comp["baseline"]["val_mean"] == pytest.approx(5.1), "and val_loss where a run has no such field"
+
+
+def test_quality_presets_are_valid_and_report(tmp_path):
+    from lshmoe.bench.harness import base_config
+    from lshmoe.bench.quality_presets import PAPER, PRESETS
+    from lshmoe.bench.variants import apply, parse_variant
+
+    base = base_config([])
+    for preset in PRESETS.values():
+        names = []
+        for spec in preset.variants(base.train.lr):
+            name, overrides = parse_variant(spec)
+            apply(base, overrides, 4)
+            names.append(name)
+        rows = [
+            {
+                "variant": n,
+                "val_mean": 5 + i / 100,
+                "val_std": 0.01,
+                "val_per_seed": [5 + i / 100],
+                "rate": 0.1 + i / 50,
+            }
+            for i, n in enumerate(names)
+        ]
+        md = preset.report(rows, tmp_path, preset.name)
+        assert "| baseline |" in md
+    assert PAPER in md and (tmp_path / "lsh_ablation_ablation.png").exists()
+    lrs = [parse_variant(v)[1].get("train.lr") for v in PRESETS["grad-path"].variants(0.004)]
+    assert {"0.002", "0.008"} <= set(lrs)
+
+
 def test_report_sections_and_index(tmp_path):
     out = tmp_path / "bench"
     report.write_section(out, "moe_layer", "Title A", "body a", {"x": 1}, command="lshmoe bench layer")
