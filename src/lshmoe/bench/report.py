@@ -27,6 +27,7 @@ ORDER = [
     "hf",
     "lsh_compression",
     "lsh_real",
+    "lsh_real_scale",
     "lsh_causal",
     "lsh_overhead",
     "lsh_choices",
