@@ -258,3 +258,26 @@ def test_upcycle_summary_reads_the_trainer_records():
     assert auto["auto_choice"] == "moe1 lsh; moe1 lsh+fp8" and base["auto_choice"] == ""
     md = upcycle_bench.table(list(rows.values()))
     assert "| auto | 2.00 | 25.0% | 40.0% | 20% | 1.15 | 1.87x | 1.60x |" in md
+
+
+def test_upcycle_quotes_the_exact_loss_and_the_time_to_the_baselines():
+    from lshmoe.bench import upcycle_bench
+
+    def run(finals, compressed=None, step_s=1.0):
+        train = [{"kind": "train", "step_time_s": step_s, "a2a_bytes": 1e6, "compression_rate": 1.0, "a2a_share": 0.5}]
+        evals = [{"kind": "eval", "step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(finals)]
+        if compressed is not None:
+            evals[-1]["val_loss_compressed"] = compressed
+        return [*train * 2, *evals, {"kind": "summary", "final_val_loss": finals[-1]}]
+
+    runs = {
+        "baseline": {0: run([6.0, 5.0]), 1: run([6.0, 5.2])},
+        "lsh": {0: run([5.6, 4.8], 4.5), 1: run([5.4, 4.9], 4.6)},
+    }
+    rows = {r["variant"]: r for r in upcycle_bench.summarise(runs)}
+    assert rows["lsh"]["val_mean"] == pytest.approx(4.85), "exact: val_loss of the last eval record"
+    # the target is the worst baseline seed's final loss, 5.2: reached at 18 and 20 s (1 s a step)
+    assert rows["baseline"]["time_to_target_s"] == pytest.approx((18 + 20) / 2)
+    assert rows["lsh"]["ttt_speedup"] > 1.0
+    comp = {r["variant"]: r for r in upcycle_bench.summarise(runs, "compressed")}
+    assert comp["lsh"]["val_mean"] == pytest.approx(4.55) and comp["baseline"]["val_mean"] == pytest.approx(5.1)
