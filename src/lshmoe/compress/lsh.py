@@ -285,10 +285,18 @@ class LSHCompressor(CompressorBase):
         if self.controller is None:
             return
         if self.causal:
-            self.num_hashes = self.controller.choose()
+            self._choose_from_history()
         if self.cfg.target == "rate":
             self.controller.observe_rates(rates())
         if not self.causal:
+            self.num_hashes = self.controller.choose()
+
+    def _choose_from_history(self) -> None:
+        """L from earlier steps' measurements only; before the first rate is seen, the most hashes (the
+        fewest merges) rather than the controller's empty-history choice of one."""
+        if self.cfg.target == "rate" and not self.controller.has_rates():
+            self.num_hashes = self.cfg.num_hashes
+        else:
             self.num_hashes = self.controller.choose()
 
     def _positions(self, at: Positions | None) -> Positions | None:
@@ -390,7 +398,7 @@ class LSHCompressor(CompressorBase):
             torch.arange(E, device=dev), counts_E.to(dev), output_size=rows_ND.shape[0]
         )  # output_size: no host sync
         if self.controller is not None and (cfg.target == "error" or self.causal):
-            self.num_hashes = self.controller.choose()  # from earlier steps' measurements only
+            self._choose_from_history()
         with torch.no_grad():
             full_N, keys_N, hist = fused.hash_rows(
                 rows_ND.detach(),
