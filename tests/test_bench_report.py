@@ -281,3 +281,23 @@ def test_upcycle_quotes_the_exact_loss_and_the_time_to_the_baselines():
     assert rows["lsh"]["ttt_speedup"] > 1.0
     comp = {r["variant"]: r for r in upcycle_bench.summarise(runs, "compressed")}
     assert comp["lsh"]["val_mean"] == pytest.approx(4.55) and comp["baseline"]["val_mean"] == pytest.approx(5.1)
+
+
+def test_lsh_real_scale_reads_the_rate_off_the_curve():
+    from lshmoe.bench.lsh_real_scale import GPU_SETTINGS, expected_rate, gpu_table
+
+    curve = [(256, 0.64), (1024, 0.44), (4096, 0.30)]
+    assert expected_rate(curve, 512) == (pytest.approx(0.54), "")  # halfway in log2(n)
+    assert expected_rate(curve, 1024) == (pytest.approx(0.44), "")
+    assert expected_rate(curve, 32)[1].startswith("fewer rows than measured")
+    assert expected_rate(curve, 8192) == (0.30, "more rows than measured: the rate at 4096")
+    results = [
+        {"setting": s, "router": r, "rows_per_group": n, "rate": rate}
+        for s in ("defaults (random b=4, L=6)", "recommended (pca b=2, L=8, exact 0.5)")
+        for r in ("random", "trained")
+        for n, rate in curve
+    ]
+    cols, rows = gpu_table(results)
+    assert len(rows) == len(GPU_SETTINGS) and len(cols) == len(rows[0])
+    mixtral = next(r for r in rows if r[1] == 8192 and r[3] == 8)
+    assert mixtral[5] == "2,048" and mixtral[6] == "88%"  # 8192 x 2 / 8 rows per group; 7/8 leave the rank
