@@ -66,6 +66,56 @@ def test_quality_summary_on_recorded_curves():
     assert fast["ttt_reached"] == "2/2" and fast["ttt_speedup"] > 2.0  # twice the speed and a lower curve
 
 
+def test_quality_quotes_the_exact_loss_and_the_rate():
+    def run(exact, compressed, sent):
+        ev = {"kind": "eval", "step": 10, "val_loss": exact, "train_time_s": 1.0}
+        if compressed is not None:
+            ev["val_loss_compressed"] = compressed
+        train = [{"kind": "train", "rows_routed": 100, "rows_sent": sent} for _ in range(3)]
+        return [*train, ev, {"kind": "summary", "median_tokens_per_s": 1.0}]
+
+    runs = {
+        "baseline": {0: run(5.0, None, 100), 1: run(5.2, None, 100)},
+        "lsh": {0: run(5.1, 4.9, 25), 1: run(5.3, 5.0, 35)},
+    }
+    exact = {r["variant"]: r for r in quality.summarise(runs, mode="exact")[0]}
+    assert exact["lsh"]["val_mean"] == pytest.approx(5.2) and exact["lsh"]["rate"] == pytest.approx(0.30)
+    assert exact["lsh"]["val_compressed_mean"] == pytest.approx(4.95) and exact["baseline"]["rate"] == 1.0
+    assert "val_compressed_mean" not in exact["baseline"]
+    comp = {r["variant"]: r for r in quality.summarise(runs, mode="compressed")[0]}
+    assert comp["lsh"]["val_mean"] == pytest.approx(4.95), "compressed reads val_loss_compressed"
+    assert comp["baseline"]["val_mean"] == pytest.approx(5.1), "and val_loss where a run has no such field"
+
+
+def test_quality_presets_are_valid_and_report(tmp_path):
+    from lshmoe.bench.harness import base_config
+    from lshmoe.bench.quality_presets import PAPER, PRESETS
+    from lshmoe.bench.variants import apply, parse_variant
+
+    base = base_config([])
+    for preset in PRESETS.values():
+        names = []
+        for spec in preset.variants(base.train.lr):
+            name, overrides = parse_variant(spec)
+            apply(base, overrides, 4)
+            names.append(name)
+        rows = [
+            {
+                "variant": n,
+                "val_mean": 5 + i / 100,
+                "val_std": 0.01,
+                "val_per_seed": [5 + i / 100],
+                "rate": 0.1 + i / 50,
+            }
+            for i, n in enumerate(names)
+        ]
+        md = preset.report(rows, tmp_path, preset.name)
+        assert "| baseline |" in md
+    assert PAPER in md and (tmp_path / "lsh_ablation_ablation.png").exists()
+    lrs = [parse_variant(v)[1].get("train.lr") for v in PRESETS["grad-path"].variants(0.004)]
+    assert {"0.002", "0.008"} <= set(lrs)
+
+
 def test_report_sections_and_index(tmp_path):
     out = tmp_path / "bench"
     report.write_section(out, "moe_layer", "Title A", "body a", {"x": 1}, command="lshmoe bench layer")
@@ -208,3 +258,46 @@ def test_upcycle_summary_reads_the_trainer_records():
     assert auto["auto_choice"] == "moe1 lsh; moe1 lsh+fp8" and base["auto_choice"] == ""
     md = upcycle_bench.table(list(rows.values()))
     assert "| auto | 2.00 | 25.0% | 40.0% | 20% | 1.15 | 1.87x | 1.60x |" in md
+
+
+def test_upcycle_quotes_the_exact_loss_and_the_time_to_the_baselines():
+    from lshmoe.bench import upcycle_bench
+
+    def run(finals, compressed=None, step_s=1.0):
+        train = [{"kind": "train", "step_time_s": step_s, "a2a_bytes": 1e6, "compression_rate": 1.0, "a2a_share": 0.5}]
+        evals = [{"kind": "eval", "step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(finals)]
+        if compressed is not None:
+            evals[-1]["val_loss_compressed"] = compressed
+        return [*train * 2, *evals, {"kind": "summary", "final_val_loss": finals[-1]}]
+
+    runs = {
+        "baseline": {0: run([6.0, 5.0]), 1: run([6.0, 5.2])},
+        "lsh": {0: run([5.6, 4.8], 4.5), 1: run([5.4, 4.9], 4.6)},
+    }
+    rows = {r["variant"]: r for r in upcycle_bench.summarise(runs)}
+    assert rows["lsh"]["val_mean"] == pytest.approx(4.85), "exact: val_loss of the last eval record"
+    # the target is the worst baseline seed's final loss, 5.2: reached at 18 and 20 s (1 s a step)
+    assert rows["baseline"]["time_to_target_s"] == pytest.approx((18 + 20) / 2)
+    assert rows["lsh"]["ttt_speedup"] > 1.0
+    comp = {r["variant"]: r for r in upcycle_bench.summarise(runs, "compressed")}
+    assert comp["lsh"]["val_mean"] == pytest.approx(4.55) and comp["baseline"]["val_mean"] == pytest.approx(5.1)
+
+
+def test_lsh_real_scale_reads_the_rate_off_the_curve():
+    from lshmoe.bench.lsh_real_scale import GPU_SETTINGS, expected_rate, gpu_table
+
+    curve = [(256, 0.64), (1024, 0.44), (4096, 0.30)]
+    assert expected_rate(curve, 512) == (pytest.approx(0.54), "")  # halfway in log2(n)
+    assert expected_rate(curve, 1024) == (pytest.approx(0.44), "")
+    assert expected_rate(curve, 32)[1].startswith("fewer rows than measured")
+    assert expected_rate(curve, 8192) == (0.30, "more rows than measured: the rate at 4096")
+    results = [
+        {"setting": s, "router": r, "rows_per_group": n, "rate": rate}
+        for s in ("defaults (random b=4, L=6)", "recommended (pca b=2, L=8, exact 0.5)")
+        for r in ("random", "trained")
+        for n, rate in curve
+    ]
+    cols, rows = gpu_table(results)
+    assert len(rows) == len(GPU_SETTINGS) and len(cols) == len(rows[0])
+    mixtral = next(r for r in rows if r[1] == 8192 and r[3] == 8)
+    assert mixtral[5] == "2,048" and mixtral[6] == "88%"  # 8192 x 2 / 8 rows per group; 7/8 leave the rank

@@ -247,7 +247,7 @@ def kernel_point(ctx: Ctx, T: int, D: int, L: int, kernels: str) -> dict[str, An
 
 
 def stage_kernels(ctx: Ctx) -> dict[str, Any]:
-    from lshmoe.kernels import triton_available
+    from lshmoe.compress.kernels import triton_available
 
     s, dev = ctx.sizes, ctx.device
     bw = copy_bandwidth(dev, s.copy_bytes, s.reps)
@@ -289,8 +289,8 @@ ROW_BLOCK_CANDIDATES = ((16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (
 
 def row_block_tuning(ctx: Ctx) -> list[dict[str, Any]]:
     """Times of the row kernels (gather from and segment means into N/5 buckets, N x D bf16 rows) per
-    program shape, at the middle grid size, for choosing `lshmoe.kernels.lsh.ROW_BLOCKS`."""
-    from lshmoe.kernels import lsh as K
+    program shape, at the middle grid size, for choosing `lshmoe.compress.kernels.lsh.ROW_BLOCKS`."""
+    from lshmoe.compress.kernels import lsh as K
 
     s, dev = ctx.sizes, ctx.device
     T, D = s.tokens[len(s.tokens) // 2], s.widths[-1]
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("lshmoe bench gpu: no CUDA device; --dry-run runs every stage on the CPU at tiny sizes")
     device = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")
     if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined (lshmoe.kernels.lsh)
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined (lshmoe.compress.kernels.lsh)
     sizes = DRY if a.dry_run else Sizes()
     t_end = time.monotonic() + a.budget_s
     results: dict[str, Any] = {"dry_run": a.dry_run, "device": str(device), "sizes": asdict(sizes), "stages": {}}

@@ -16,8 +16,11 @@ LSH overhead against the all-to-all time it saves.
    by the all-to-all time its byte saving is worth on a link of `--link-gbit` Gbit/s (dispatch and
    combine, forward and backward, the (W-1)/W share of rows that leaves the rank). The emulated
    cluster benchmark measures the same saving on real throttled links.
+5. Causal safety (`lsh.causal`, section `lsh_causal`): the same rows with causal off, `causal_mode=split`
+   (more rows sent) and `earliest` (the same rows, each bucket sent as the mean of its rows at its
+   earliest position): rate and errors side by side.
 
-Run: `lshmoe bench lsh`.
+Run: `lshmoe bench lsh` (`--causal-only`: step 5 alone).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 from lshmoe.bench.harness import bench_parser, recorded_args
 from lshmoe.bench.report import md_table, median, print_table, save_plot, write_section
-from lshmoe.compress.protocol import Compressor
+from lshmoe.compress.protocol import Compressor, Positions
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import Config, LSHConfig
 from lshmoe.data import default_cache_dir, load_data
@@ -87,23 +90,28 @@ def capture(model: GPTMoE, data, cfg: Config, batches: int) -> dict[int, list[to
 
 
 def lsh_compressor(layer: MoELayer, lsh: LSHConfig, d_model: int) -> Compressor:
-    """The compressor that `moe.compress=lsh` with these hash settings builds for `layer`."""
+    """The compressor that `moe.compress=lsh` with these hash settings builds for `layer` (`lsh.causal`
+    none: off, as in a model that is not a causal LM)."""
     ctx = CompressorContext(layer.num_experts, d_model, layer.layer_id, seed=0, settings=replace(Config(), lsh=lsh))
     return build_compressor("lsh", ctx)
 
 
 @torch.no_grad()
-def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig) -> dict[str, float]:
+def analyse(layer: MoELayer, chunks: list[torch.Tensor], lsh: LSHConfig, seq_len: int = 0) -> dict[str, float]:
+    """Rate and errors over the rank batches; `seq_len` (a chunk is [B * seq_len, D]) gives the rows'
+    positions, which `lsh.causal` needs."""
     sq_exact = sq_err = sq_nocomp = cross = sq_dx = 0.0
     routed = sent = 0
     for step, x in enumerate(chunks):
         route = layer.router(x)
         perm, counts = sort_by_expert(route.topk_ids_TK, layer.num_experts)
         rows = permute_rows(x, perm, layer.top_k)
+        token = perm // layer.top_k
+        at = Positions(token // seq_len, token % seq_len) if seq_len else None
         # restored without compensation, every row gets its bucket's row: E(c) and c per row
         comp = lsh_compressor(layer, replace(lsh, compensation="none"), x.shape[-1])
         comp.set_step(step)
-        payload, sent_E, meta = comp.compress(rows, counts)
+        payload, sent_E, meta = comp.compress(rows, counts, at)
         exact = layer.experts(rows, counts.tolist()).double()
         e_c = comp.restore(layer.experts(payload, sent_E.tolist()), meta).double()
         dx = (rows - comp.restore(payload, meta)).double()
@@ -150,7 +158,62 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="rank batches of captured activations")
     p.add_argument("--world", type=int, default=2, help="ranks the wire share (W-1)/W assumes")
     p.add_argument("--link-gbit", type=float, default=1.0)
+    p.add_argument("--causal-only", action="store_true", help="only the causal-safety table (section lsh_causal)")
     return p
+
+
+CAUSAL = (("off", False, "earliest"), ("split", True, "split"), ("earliest", True, "earliest"))
+
+
+def causal_cost(a, cfg: Config, layers: dict[int, MoELayer], acts: dict[int, list[torch.Tensor]]) -> list[dict]:
+    """Rate and errors of cross-polytope settings with `lsh.causal` off, split and earliest."""
+    rows = []
+    for b, L in ((4, 2), (4, 4), (4, 6), (4, 8), (4, 10), (2, 6), (2, 10)):
+        for name, causal, mode in CAUSAL:
+            lsh = LSHConfig(buckets_per_hash=b, num_hashes=L, causal=causal, causal_mode=mode)
+            res = [analyse(layers[i], acts[i], lsh, cfg.model.seq_len) for i in sorted(layers)]
+            rows.append({"b": b, "L": L, "causal": name, **{k: sum(r[k] for r in res) / len(res) for k in res[0]}})
+        print_table(
+            ["b", "L", "causal", "rate", "err none", "err identity"],
+            [[r["b"], r["L"], r["causal"], r["rate"], r["err_nocomp"], r["err"]] for r in rows[-3:]],
+        )
+    body_rows = []
+    for r in rows:
+        off = next(o for o in rows if (o["b"], o["L"], o["causal"]) == (r["b"], r["L"], "off"))
+        body_rows.append(
+            [
+                r["b"],
+                r["L"],
+                r["causal"],
+                f"{100 * r['rate']:.1f}%",
+                f"{r['rate'] / off['rate']:.2f}x",
+                r["err_nocomp"],
+                r["err"],
+            ]
+        )
+    table = md_table(
+        ["b", "L", "lsh.causal", "rate", "rate vs off", "out err, none", "out err, identity (paper)"], body_rows
+    )
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    body = (
+        f"Default GPT-MoE (D={cfg.model.d_model}, {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}) trained "
+        f"{a.train_steps} steps without compression; MoE-layer inputs of {a.batches} validation rank batches "
+        f"of {cfg.train.batch_size} sequences x {cfg.model.seq_len} tokens ({tokens * cfg.moe.top_k} routed rows "
+        f"a batch, {tokens * cfg.moe.top_k // cfg.moe.num_experts} per (rank, expert) group on average), "
+        "cross-polytope hashes, no compensation in the forward. `split`: no bucket holds two rows of one "
+        "sequence (the occurrence split); `earliest`: the same buckets as `off`, each sent as the mean of its "
+        "rows at its earliest position. Errors are relative, root of summed squares over all rows, mean over "
+        "the MoE layers: `none` = |E(x) - E(c)|, `identity` = with the paper's E(c) + x - c.\n\n"
+        f"{table}\n"
+    )
+    write_section(
+        a.out,
+        "lsh_causal",
+        "LSH-MoE causal safety: what it costs in rate and error",
+        body,
+        {"rows": rows, "args": recorded_args(a)},
+    )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     model, data = trained_model(cfg, a.train_steps)
     acts = capture(model, data, cfg, a.batches)
     layers = {layer.layer_id: layer for layer in model.moe_layers}
+    if a.causal_only:
+        causal_cost(a, cfg, layers, acts)
+        return 0
 
     sweep = []
     for family, b, center in itertools.product(("cross_polytope", "hyperplane"), (2, 4), (False, True)):

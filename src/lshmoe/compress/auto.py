@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from lshmoe.compress.compose import compose
-from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
+from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Positions, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import AutoConfig
 from lshmoe.distributed.wire import Wires
@@ -65,9 +65,10 @@ def parse_candidates(text: str) -> tuple[str, ...]:
 
 
 def build(ctx: CompressorContext) -> AutoCompressor:
-    cfg = getattr(ctx.settings, "auto", None) or AutoConfig()
+    cfg = ctx.config().auto
     names = cfg.candidate_names()
-    parts = {n: build_compressor(n, ctx) for n in names if n in ("identity", "fp8", "int8", "lsh")}
+    # the names were checked against config.AUTO_CHOICES, the one list; the composite is built below
+    parts = {n: build_compressor(n, ctx) for n in names if n != "lsh+fp8"}
     if "lsh+fp8" in names:  # shares the LSH part (projections, controller) with `lsh`
         lsh = parts.get("lsh") or build_compressor("lsh", ctx)
         parts["lsh+fp8"] = compose(lsh, parts.get("fp8") or build_compressor("fp8", ctx))
@@ -88,6 +89,8 @@ class AutoCompressor(CompressorBase):
         self.ep_size, self.ep_index, self.num_experts = ctx.ep_size, ctx.ep_index, ctx.num_experts
         self.layer_id, self._link, self._log = ctx.layer_id, ctx.link, ctx.log
         self.choice = "identity"
+        # causal-safe LSH candidates need the rows' positions, whichever candidate runs now
+        self.needs_positions = any(c.needs_positions for c in options.values())
         # the one candidate whose state is checkpointed: lsh and lsh+fp8 share one LSH part
         self._lsh = next((n for n in ("lsh", "lsh+fp8") if n in options), None)
         self.step = 0
@@ -142,15 +145,17 @@ class AutoCompressor(CompressorBase):
             return self.step == self.cfg.start
         return (self.step - self.cfg.start) % self.cfg.every == 0
 
-    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def compress(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         if self.decision_due(self._training):
-            self._trial = self._try_all(rows_ND, counts_E)
+            self._trial = self._try_all(rows_ND, counts_E, positions)
         self._t0 = None
         if self._training and self._span_due():
             sync(rows_ND)
             self._t0 = time.perf_counter()
         cur = self.current
-        payload, sent_E, meta = cur.compress(rows_ND, counts_E)
+        payload, sent_E, meta = cur.compress(rows_ND, counts_E, positions)
         return payload, sent_E, (cur, meta)
 
     def restore(self, out_MD: torch.Tensor, meta: Any) -> torch.Tensor:
@@ -188,7 +193,7 @@ class AutoCompressor(CompressorBase):
         return float(per_rank.sum() - per_rank[self.ep_index])
 
     @torch.no_grad()
-    def _try_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _try_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None) -> torch.Tensor:
         """[candidates, 3]: wire bytes, overhead seconds, centroid error (0 for candidates without
         centroids) on this rank."""
         width, dtype_bytes = rows_ND.shape[-1], rows_ND.element_size()
@@ -200,7 +205,7 @@ class AutoCompressor(CompressorBase):
             for _ in range(REPEATS if name != "identity" else 1):
                 sync(rows_ND)
                 t0 = time.perf_counter()
-                payload, sent_E, meta = c.compress(rows_ND, counts_E)
+                payload, sent_E, meta = c.compress(rows_ND, counts_E, positions)
                 back = c.restore(payload, meta)  # an identity "expert": the rows the receiver would restore
                 wires = c.wires()
                 for codec in {wires.dispatch.fwd, wires.combine.bwd, wires.dispatch.bwd, wires.combine.fwd} - {None}:

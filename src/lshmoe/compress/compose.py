@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Stat
+from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Positions, Stat
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.distributed.wire import NO_WIRES, Wires
 
@@ -26,6 +26,7 @@ class ComposedCompressor(CompressorBase):
         self.parts = (first, second)
         self.name = f"{first.name}+{second.name}"
         self.rows_are_tokens = first.rows_are_tokens and second.rows_are_tokens
+        self.needs_positions = first.needs_positions or (first.rows_are_tokens and second.needs_positions)
         self._used = self.parts
 
     @property
@@ -46,11 +47,15 @@ class ComposedCompressor(CompressorBase):
                 return p.wires()
         return NO_WIRES
 
-    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def compress(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         metas = []
         for p in self._used:
-            rows_ND, counts_E, m = p.compress(rows_ND, counts_E)
+            rows_ND, counts_E, m = p.compress(rows_ND, counts_E, positions)
             metas.append((p, m))
+            # NOTE: the next part's rows are the tokens' rows only when this part sent token copies
+            positions = positions if p.rows_are_tokens else None
         return rows_ND, counts_E, tuple(metas)
 
     def restore(self, out_MD: torch.Tensor, meta: Any) -> torch.Tensor:

@@ -23,6 +23,12 @@ Beyond the paper (options of the `lsh` section, PyTorch implementation only):
   |x - c| <= t |x| (t = 0: every row exact, the uncompressed layer).
 - `scope=inter_node` sends the rows bound for experts on this rank's node exactly (they cross no slow
   link) and compresses only the others.
+- `causal` (on by default in a causal LM; compress/causal.py): a token's output never depends on a
+  later token of its sequence, either because each bucket is represented by its rows at its earliest
+  position (`causal_mode=earliest`) or because no bucket holds two rows of one sequence (`split`).
+  Needs each row's sequence and position (`positions`); the statistics of centring and PCA mix every
+  row of a group, later positions included, so those options need `causal=false`, and a rate target
+  chooses L from the previous steps' rates only.
 Exact rows get their own payload row after the expert's buckets (key = expert * (M + N) + slot).
 
 Random projections come from a generator seeded by (seed, layer, step // redraw_every), so a
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lshmoe.compress.causal import earliest_inverse, split_keys
 from lshmoe.compress.hashing import (
     codes_from_projections,
     combine_codes,
@@ -46,13 +53,14 @@ from lshmoe.compress.hashing import (
     pca_projections,
     projections_per_hash,
 )
+from lshmoe.compress.kernels import use_triton
 from lshmoe.compress.ops import restore_compensated, segment_mean
-from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Reduce, Stat
+from lshmoe.compress.protocol import AllReduce, CompressorBase, Evaluate, Positions, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext
 from lshmoe.compress.target import HashCountController
-from lshmoe.config import LSHConfig
-from lshmoe.kernels import use_triton
-from lshmoe.moe.permute import inverse_permutation
+from lshmoe.config import ConfigError, LSHConfig
+from lshmoe.errors import UserError
+from lshmoe.indexing import inverse_permutation
 from lshmoe.seeding import generator
 
 # How each number of `stats` reduces in the metrics (the others are per-step means over ranks).
@@ -66,16 +74,30 @@ class LSHMeta:
     centroids_MD: torch.Tensor
     expert_N: torch.Tensor  # destination expert of each row
     full_codes_N: torch.Tensor  # L_max-hash ids, for the probe's per-L' centroids
+    positions: Positions | None = None  # each row's sequence and position (lsh.causal), for the probe
 
 
 def build(ctx: CompressorContext) -> LSHCompressor | None:
-    """The registry's entry: an LSH compressor for the layers `lsh.layers` selects (None elsewhere)."""
-    cfg = getattr(ctx.settings, "lsh", None) or LSHConfig()
+    """The registry's entry: an LSH compressor for the layers `lsh.layers` selects (None elsewhere);
+    `lsh.causal` none takes the model's word (`ctx.causal`)."""
+    cfg = ctx.config().lsh
     ids = cfg.layer_ids()
     if ids is not None and ctx.layer_id not in ids:
         return None
+    causal = ctx.causal if cfg.causal is None else cfg.causal
+    mixing = [f"center={cfg.center}"] if cfg.center else []
+    mixing += [f"projection={cfg.projection}"] if cfg.projection != "random" else []
+    if cfg.causal_mode == "earliest" and cfg.exact_spread is not None:
+        # NOTE: its second round sends a whole bucket exactly when any member is far: a later row decides
+        mixing.append(f"exact_spread={cfg.exact_spread} (with causal_mode=earliest; causal_mode=split allows it)")
+    if causal and mixing:
+        why = "on by default in a causal LM" if cfg.causal is None else "set"
+        raise ConfigError(
+            f"lsh.causal ({why}) with lsh.{' and lsh.'.join(mixing)}: those statistics mix every row of a group, "
+            "later positions included; set lsh.causal=false to allow it (the model may then see later tokens)"
+        )
     local_E = tuple(n == ctx.my_node for n in ctx.node_of_E) or None
-    return LSHCompressor(cfg, ctx.num_experts, ctx.d_model, ctx.layer_id, ctx.seed, local_E=local_E)
+    return LSHCompressor(cfg, ctx.num_experts, ctx.d_model, ctx.layer_id, ctx.seed, local_E=local_E, causal=causal)
 
 
 class LSHCompressor(CompressorBase):
@@ -89,8 +111,13 @@ class LSHCompressor(CompressorBase):
         layer_id: int,
         seed: int = 0,
         local_E: tuple[bool, ...] | None = None,
+        causal: bool = False,
     ):
         self.cfg, self.num_experts, self.d_model = cfg, num_experts, d_model
+        # causal-safe buckets (compress/causal.py): the layer then hands `compress` each row's position
+        self.causal = self.needs_positions = causal
+        self.split = causal and cfg.causal_mode == "split"
+        self.earliest = causal and cfg.causal_mode == "earliest"
         # which experts live on this rank's node (None: all of them, a single-node run)
         self.local_E = torch.tensor(local_E if local_E is not None else (True,) * num_experts)
         self.torch_only = bool(cfg.torch_only())
@@ -119,16 +146,23 @@ class LSHCompressor(CompressorBase):
     # ------------------------------------------------------------------------------ checkpointed state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The L controller's running averages (the projections are a function of the step)."""
-        if self.controller is None:
-            return {}
-        st = self.controller.state_dict()
-        return {"controller": torch.tensor([st["rate"], st["error"]], dtype=torch.float64)}
+        """The running state a resumed run needs to continue exactly: the L controller's averages and
+        the calibrated compensation's fitted scale (the projections are a function of the step)."""
+        out = {}
+        if self.controller is not None:
+            st = self.controller.state_dict()
+            out["controller"] = torch.tensor([st["rate"], st["error"]], dtype=torch.float64)
+        if self.cfg.compensation == "calibrated":
+            out["alpha"] = torch.tensor([self.alpha, float(self._fitted)], dtype=torch.float64)
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "controller" in state and self.controller is not None:
             rate, err = state["controller"].tolist()
             self.controller.load_state_dict({"rate": rate, "error": err})
+        if "alpha" in state and self.cfg.compensation == "calibrated":
+            alpha, fitted = state["alpha"].tolist()
+            self.alpha, self._fitted = alpha, bool(fitted)
 
     # ------------------------------------------------------------------------------ projections
 
@@ -184,14 +218,25 @@ class LSHCompressor(CompressorBase):
         return combine_codes(codes_from_projections(z_NK.view(-1, L, P), self.cfg.family), b)
 
     def payload_keys(
-        self, full_N: torch.Tensor, expert_N: torch.Tensor, num_hashes: int, rows_ND: torch.Tensor
+        self,
+        full_N: torch.Tensor,
+        expert_N: torch.Tensor,
+        num_hashes: int,
+        rows_ND: torch.Tensor,
+        at: Positions | None = None,
     ) -> tuple[torch.Tensor, int, int]:
         """Sortable payload key of every row, the span of one expert's keys (expert = key // span) and
-        the number of rows sent exactly (scope and exact_spread)."""
+        the number of rows sent exactly (scope and exact_spread); with `causal_mode=split` a bucket is
+        split so that it holds at most one row of each sequence."""
         keys_N = self.keys(full_N, expert_N, num_hashes)
+        span = self.cfg.buckets_per_hash**num_hashes
+        if self.split and at is not None and keys_N.numel():
+            uniq, slot_N = torch.unique(keys_N, return_inverse=True)
+            span = uniq.numel() * keys_N.numel()
+            keys_N = expert_N * span + split_keys(slot_N, at)
         exact_N = self.exact_rows(keys_N, expert_N, rows_ND)
         if exact_N is None:
-            return keys_N, self.cfg.buckets_per_hash**num_hashes, 0
+            return keys_N, span, 0
         return (*split_exact(keys_N, expert_N, exact_N), int(exact_N.sum()))
 
     @torch.no_grad()
@@ -222,41 +267,92 @@ class LSHCompressor(CompressorBase):
         span = self.cfg.buckets_per_hash**num_hashes
         return expert_N * span + torch.remainder(full_N, span)
 
-    def _prefix_rates(self, full_N: torch.Tensor, expert_N: torch.Tensor, rows_ND: torch.Tensor) -> list[float]:
+    def _prefix_rates(
+        self, full_N: torch.Tensor, expert_N: torch.Tensor, rows_ND: torch.Tensor, at: Positions | None
+    ) -> list[float]:
         n = full_N.numel()
         if n == 0:
             return [float("nan")] * self.cfg.num_hashes
         return [
-            torch.unique(self.payload_keys(full_N, expert_N, L, rows_ND)[0]).numel() / n
+            torch.unique(self.payload_keys(full_N, expert_N, L, rows_ND, at)[0]).numel() / n
             for L in range(1, self.cfg.num_hashes + 1)
         ]
 
+    def _choose_hashes(self, rates) -> None:
+        """Feed this step's per-L' rates (a callable, run only in rate mode) to the controller and pick L.
+        Causal: L comes from the previous steps' rates, before this step's are seen (they depend on
+        every row of the step, later positions included)."""
+        if self.controller is None:
+            return
+        if self.causal:
+            self._choose_from_history()
+        if self.cfg.target == "rate":
+            self.controller.observe_rates(rates())
+        if not self.causal:
+            self.num_hashes = self.controller.choose()
+
+    def _choose_from_history(self) -> None:
+        """L from earlier steps' measurements only; before the first rate is seen, the most hashes (the
+        fewest merges) rather than the controller's empty-history choice of one."""
+        if self.cfg.target == "rate" and not self.controller.has_rates():
+            self.num_hashes = self.cfg.num_hashes
+        else:
+            self.num_hashes = self.controller.choose()
+
+    def _positions(self, at: Positions | None) -> Positions | None:
+        """The rows' positions when causal (a one-line error when the layer could not give them)."""
+        if not self.causal:
+            return None
+        if at is None:
+            raise UserError(
+                "lsh.causal needs each routed row's sequence and position: the MoE layer's input must be "
+                "[batch, seq, dim] (or set lsh.causal=false for a model that is not a causal LM)"
+            )
+        return at
+
+    def centroids(
+        self, rows_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor, at: Positions | None, mean=None
+    ) -> torch.Tensor:
+        """Each bucket's payload row: the mean of its rows, or with `causal_mode=earliest` of its rows at
+        its earliest position (`mean`: the segment-mean implementation, the reference's by default)."""
+        mean = mean or segment_mean
+        if not (self.earliest and at is not None):
+            return mean(rows_ND, inverse_N, size_M)
+        M = size_M.numel()
+        lead_inv, lead_size = earliest_inverse(inverse_N, at, M)
+        return mean(rows_ND, lead_inv, lead_size)[:M]
+
     # ------------------------------------------------------------------------------ seam
 
-    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
+    def compress(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
+        at = self._positions(positions)
         if not self.torch_only and use_triton(self.cfg.kernels, rows_ND.device):
-            return self._compress_fused(rows_ND, counts_E)
+            return self._compress_fused(rows_ND, counts_E, at)
         t0 = time.perf_counter()
         E = self.num_experts
         expert_N = torch.repeat_interleave(torch.arange(E, device=rows_ND.device), counts_E.to(rows_ND.device))
         with torch.no_grad():
             full_N = self.bucket_ids(rows_ND, expert_N, counts_E)
-            if self.controller is not None and self.cfg.target == "rate":
-                self.controller.observe_rates(self._prefix_rates(full_N, expert_N, rows_ND))
-            if self.controller is not None:
-                self.num_hashes = self.controller.choose()
-            keys_N, span, n_exact = self.payload_keys(full_N, expert_N, self.num_hashes, rows_ND)
+            self._choose_hashes(lambda: self._prefix_rates(full_N, expert_N, rows_ND, at))
+            keys_N, span, n_exact = self.payload_keys(full_N, expert_N, self.num_hashes, rows_ND, at)
         t1 = time.perf_counter()
         uniq_M, inverse_N, size_M = torch.unique(keys_N, sorted=True, return_inverse=True, return_counts=True)
         sent_counts_E = torch.bincount(uniq_M // span, minlength=E)
-        centroids_MD = segment_mean(rows_ND, inverse_N, size_M)
+        centroids_MD = self.centroids(rows_ND, inverse_N, size_M, at)
         t2 = time.perf_counter()
         self._set_stats(t1 - t0, t2 - t1)
         if self.torch_only:
             self._stats["lsh_exact_frac"] = n_exact / max(1, rows_ND.shape[0])
         # full_N is kept for the restore-error probe (a reference to a tensor that exists anyway)
         meta = LSHMeta(
-            rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
+            rows_ND=rows_ND,
+            inverse_N=inverse_N,
+            centroids_MD=centroids_MD,
+            expert_N=expert_N,
+            full_codes_N=full_N,
+            positions=at,
         )
         return centroids_MD, sent_counts_E, meta
 
@@ -276,7 +372,7 @@ class LSHCompressor(CompressorBase):
     def restore(self, out_MD: torch.Tensor, meta: LSHMeta) -> torch.Tensor:
         t0 = time.perf_counter()
         if not self.torch_only and use_triton(self.cfg.kernels, out_MD.device):
-            from lshmoe.kernels import lsh as fused
+            from lshmoe.compress.kernels import lsh as fused
 
             out_ND = fused.restore_compensated(
                 out_MD, meta.centroids_MD, meta.rows_ND, meta.inverse_N, self.alpha, self.grad_alpha
@@ -291,18 +387,18 @@ class LSHCompressor(CompressorBase):
         return out_ND
 
     def _compress_fused(
-        self, rows_ND: torch.Tensor, counts_E: torch.Tensor
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, at: Positions | None
     ) -> tuple[torch.Tensor, torch.Tensor, LSHMeta]:
-        """`compress` with the Triton kernels (lshmoe.kernels.lsh): same ids, payload order and meta."""
-        from lshmoe.kernels import lsh as fused
+        """`compress` with the Triton kernels (lshmoe.compress.kernels.lsh): same ids, payload order and meta."""
+        from lshmoe.compress.kernels import lsh as fused
 
         t0 = time.perf_counter()
         dev, E, cfg = rows_ND.device, self.num_experts, self.cfg
         expert_N = torch.repeat_interleave(
             torch.arange(E, device=dev), counts_E.to(dev), output_size=rows_ND.shape[0]
         )  # output_size: no host sync
-        if self.controller is not None and cfg.target == "error":
-            self.num_hashes = self.controller.choose()
+        if self.controller is not None and (cfg.target == "error" or self.causal):
+            self._choose_from_history()
         with torch.no_grad():
             full_N, keys_N, hist = fused.hash_rows(
                 rows_ND.detach(),
@@ -315,18 +411,27 @@ class LSHCompressor(CompressorBase):
                 center=cfg.center,
             )
             if self.controller is not None and cfg.target == "rate":
-                self.controller.observe_rates(self._prefix_rates(full_N, expert_N, rows_ND))
-                if self.controller.choose() != self.num_hashes:
+                self.controller.observe_rates(self._prefix_rates(full_N, expert_N, rows_ND, at))
+                if not self.causal and self.controller.choose() != self.num_hashes:
                     self.num_hashes = self.controller.choose()
                     keys_N = self.keys(full_N, expert_N, self.num_hashes)
                     hist = torch.bincount(keys_N, minlength=E * cfg.buckets_per_hash**self.num_hashes).int()
         t1 = time.perf_counter()
-        inverse_N, size_M, sent_counts_E = fused.compact(keys_N, hist, E)
-        centroids_MD = fused.segment_mean(rows_ND, inverse_N, size_M)
+        if self.split:
+            span = cfg.buckets_per_hash**self.num_hashes
+            inverse_N, size_M, sent_counts_E = fused.compact_split(keys_N, hist, at, E, span)
+        else:
+            inverse_N, size_M, sent_counts_E = fused.compact(keys_N, hist, E)
+        centroids_MD = self.centroids(rows_ND, inverse_N, size_M, at, fused.segment_mean)
         t2 = time.perf_counter()
         self._set_stats(t1 - t0, t2 - t1)
         meta = LSHMeta(
-            rows_ND=rows_ND, inverse_N=inverse_N, centroids_MD=centroids_MD, expert_N=expert_N, full_codes_N=full_N
+            rows_ND=rows_ND,
+            inverse_N=inverse_N,
+            centroids_MD=centroids_MD,
+            expert_N=expert_N,
+            full_codes_N=full_N,
+            positions=at,
         )
         return centroids_MD, sent_counts_E, meta
 
@@ -359,9 +464,10 @@ class LSHCompressor(CompressorBase):
         expert_S = meta.expert_N.index_select(0, idx_S)
         blocks, cands = [x.index_select(0, idx_S)], self.probe_candidates()
         for L in cands:
-            keys_N = self.payload_keys(meta.full_codes_N, meta.expert_N, L, x)[0]
+            keys_N = self.payload_keys(meta.full_codes_N, meta.expert_N, L, x, meta.positions)[0]
             _, inv, size = torch.unique(keys_N, return_inverse=True, return_counts=True)
-            blocks.append(segment_mean(x, inv, size).index_select(0, inv.index_select(0, idx_S)))
+            c = self.centroids(x, inv, size, meta.positions)
+            blocks.append(c.index_select(0, inv.index_select(0, idx_S)))
         rows = torch.cat(blocks)
         expert_P = expert_S.repeat(len(blocks))
         order = torch.sort(expert_P, stable=True).indices

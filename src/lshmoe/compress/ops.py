@@ -4,12 +4,14 @@ Autograd's generic backward of `index_add / size` and `E(c)[inv] + (x - c[inv])`
 dozen passes over the N routed rows; these functions make the minimum, and they are the reference
 any faster implementation of the same steps is tested against:
 
-    segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m
+    segment_mean:  c_MD = (sum_{n: inv[n]=m} x_n) / size_m                   (0 for an empty bucket)
                    backward: g_x = (g_c / size)[inv]                       one gather over N
     restore:       y_ND = (out_MD - a c_MD)[inv] + a x_ND     (= E(c) + a (x - c), a a constant)
                    backward: g_out = scatter_sum(g_y by inv), g_c = -b g_out, g_x = b g_y   one scatter over N
                    with b = a, or another scale of the residual's gradient (b != a: a residual the
                    forward does not add, or adds at another scale, still routes each row's own gradient)
+    grad_path:     y_ND = out_ND                                 (exact rows: E(x) + b (x - stopgrad x))
+                   backward: g_out = g_y, g_x = b g_y
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ class _SegmentMean(torch.autograd.Function):
     def forward(ctx, x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse_N, size_M)
         c = x_ND.new_zeros((size_M.numel(), x_ND.shape[1])).index_add_(0, inverse_N, x_ND)
-        return c.div_(size_M.to(c.dtype)[:, None])
+        return c.div_(size_M.clamp(min=1).to(c.dtype)[:, None])  # an empty bucket's mean is 0
 
     @staticmethod
     def backward(ctx, g_MD: torch.Tensor):
         inverse_N, size_M = ctx.saved_tensors
-        return (g_MD / size_M.to(g_MD.dtype)[:, None]).index_select(0, inverse_N), None, None
+        return (g_MD / size_M.clamp(min=1).to(g_MD.dtype)[:, None]).index_select(0, inverse_N), None, None
 
 
 class _Restore(torch.autograd.Function):
@@ -64,6 +66,22 @@ def restore_grads(g_MD: torch.Tensor, g_ND: torch.Tensor, alpha: float) -> tuple
     if alpha == 1.0:
         return g_MD, -g_MD, g_ND, None, None
     return g_MD, -alpha * g_MD, alpha * g_ND, None, None
+
+
+class _GradPath(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_ND: torch.Tensor, x_ND: torch.Tensor, b: float) -> torch.Tensor:
+        ctx.b = b
+        return out_ND.clone()
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):
+        return g_ND, ctx.b * g_ND, None
+
+
+def grad_path(out_ND: torch.Tensor, x_ND: torch.Tensor, b: float) -> torch.Tensor:
+    """out + b (x - stopgrad(x)): the values of `out` unchanged, each row's gradient also sent to x, times b."""
+    return _GradPath.apply(out_ND, x_ND, float(b))
 
 
 def segment_mean(x_ND: torch.Tensor, inverse_N: torch.Tensor, size_M: torch.Tensor) -> torch.Tensor:

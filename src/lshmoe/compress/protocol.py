@@ -6,8 +6,14 @@ rows from the M returned ones. Because it sits before the dispatch, every all-to
 (forward dispatch and combine, and their backward exchanges) moves M rows instead of N.
 
 Contract of `Compressor` (the layer relies on nothing else):
-- `compress(rows_ND, counts_E) -> (payload_MD, payload_counts_E, meta)`: payload grouped by expert
-  like the input; `meta` is whatever `restore` needs, frozen, never stored on the compressor.
+- `compress(rows_ND, counts_E, positions=None) -> (payload_MD, payload_counts_E, meta)`: payload
+  grouped by expert like the input; `meta` is whatever `restore` needs, frozen, never stored on the
+  compressor. `positions` (`Positions`: the sequence and the position of each routed row's token) is
+  given when the compressor asks for it (`needs_positions`) and the layer's input has them
+  ([batch, seq, dim]); otherwise None.
+- `needs_positions`: True when `compress` needs `positions` (a causal-safe compressor, which must
+  never let a token's output depend on a later token of its sequence); default False, and the layer
+  then does not compute them.
 - `restore(out_MD, meta) -> out_ND`: one output row per routed row, in the order given to compress.
   Both directions are differentiable, so the backward exchanges move M rows too.
 - `set_step(step)`: the training step (seeds random projections, schedules probes). Every rank is
@@ -45,6 +51,14 @@ import torch
 from lshmoe.distributed.wire import NO_WIRES, Wires
 
 
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """Where each routed row comes from in the layer's [batch, seq, dim] input (x_BSD, token t = b S + s)."""
+
+    seq_N: torch.Tensor  # int64 [N]: the sequence (batch row) of the row's token
+    pos_N: torch.Tensor  # int64 [N]: the token's position in its sequence
+
+
 class Reduce(str, Enum):
     """How a per-call number becomes the interval's value in the metrics (over steps and ranks)."""
 
@@ -71,13 +85,16 @@ class Compressor(Protocol):
 
     name: str
     rows_are_tokens: bool
+    needs_positions: bool
 
     @property
     def stats(self) -> dict[str, Stat]: ...
 
     def wires(self) -> Wires: ...
 
-    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+    def compress(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
     def restore(self, out_MD: torch.Tensor, meta: Any) -> torch.Tensor: ...
 
@@ -96,10 +113,11 @@ class Compressor(Protocol):
 
 class CompressorBase:
     """Defaults for the optional parts of the protocol: always active, no probe, no state, payload
-    rows in the model dtype and not token copies."""
+    rows in the model dtype and not token copies, no use for the rows' positions."""
 
     name = "base"
     rows_are_tokens = False
+    needs_positions = False
 
     def wires(self) -> Wires:
         return NO_WIRES

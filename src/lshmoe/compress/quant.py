@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from lshmoe.compress.protocol import CompressorBase, Stat
+from lshmoe.compress.protocol import CompressorBase, Positions, Stat
 from lshmoe.compress.registry import CompressorContext
 from lshmoe.distributed.wire import Wire, WireCodec, Wires
 
@@ -136,7 +136,9 @@ class QuantCompressor(CompressorBase):
     def wires(self) -> Wires:
         return self._wires
 
-    def compress(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def compress(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, positions: Positions | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         return rows_ND, counts_E, None
 
     def restore(self, out_MD: torch.Tensor, meta: None) -> torch.Tensor:
@@ -144,9 +146,7 @@ class QuantCompressor(CompressorBase):
 
 
 def _build(kind: str, ctx: CompressorContext) -> QuantCompressor:
-    from lshmoe.config import QuantConfig
-
-    cfg = getattr(ctx.settings, "quant", None) or QuantConfig()
+    cfg = ctx.config().quant
     return QuantCompressor(CODECS[kind](), cfg.directions, cfg.eval_quantize)
 
 

@@ -36,6 +36,9 @@ class HashCountController:
     def observe_errors(self, errors: list[float]) -> None:
         self._update(self.error, errors, self.ema)
 
+    def has_rates(self) -> bool:
+        return any(math.isfinite(r) for r in self.rate)
+
     def choose(self) -> int:
         if self.mode == "rate":
             ok = [i + 1 for i, r in enumerate(self.rate) if math.isfinite(r) and r <= self.value]

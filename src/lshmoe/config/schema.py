@@ -78,6 +78,9 @@ class MoEConfig:
     compress: str = _f("identity", "all-to-all payload compressor, by its name in compress/registry.py (e.g. lsh = "
                        "LSH-MoE centroids, fp8 = rows quantized on the wire, auto = chosen per layer by "
                        "measurement); its options are the section of its name", choices=COMPRESSORS)
+    grad_path: float = _f(0.0, "exact rows get a gradient-only identity path: y = E(x) + b (x - stopgrad x), the "
+                          "forward exact, each row's input gradient + b g (what lsh.grad_compensation gives a "
+                          "compressed model); 0 = off", ge=0, le=1, flag="grad-path")
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
     router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
@@ -145,6 +148,14 @@ class LSHConfig:
     ema: float = _f(0.9, "smoothing of the running statistics the target modes choose L from", ge=0, lt=1)
     layers: str = _f("all", "MoE blocks that compress: all, or comma-separated block indices")
     eval_compress: bool = _f(True, "compress in evaluation too (false: exact experts at eval)")
+    causal: bool | None = _f(None, "no bucket holds two rows of one sequence, so a token's output never depends on a "
+                             "later token of its sequence; none = on in a causal LM (GPT-MoE, HF causal families), "
+                             "off in the upcycled BERT encoder", flag="lsh-causal")
+    causal_mode: str = _f("earliest", "how lsh.causal holds: earliest = each bucket sends the mean of its rows at its "
+                          "earliest position (strict through any number of layers; the rows sent are unchanged); "
+                          "split = no bucket holds two rows of one sequence (bucket means, more rows sent; a "
+                          "second-order path through other sequences remains when two or more layers compress)",
+                          choices=("earliest", "split"), flag="lsh-causal-mode")
     kernels: str = _f("auto", "compress/restore implementation: auto = fused Triton kernels on CUDA (PyTorch "
                       "elsewhere), triton = always the kernels, torch = the PyTorch reference",
                       choices=("auto", "triton", "torch"), flag="kernels")

@@ -121,7 +121,7 @@ def build_model(
         _fresh_rotary(model, config, comm.device)
     model.to(dtype)
     for i in sparse:
-        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings)
+        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings, causal=True)  # a causal LM
         block = HFMoEBlock(moe).to(device=comm.device, dtype=dtype)
         if not materialize:  # its buffers (the routers' load counters) are restored by materialize_model
             block.buffers_at_init = {n: b.clone() for n, b in block.named_buffers()}

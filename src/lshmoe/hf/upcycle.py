@@ -178,7 +178,7 @@ def upcycle_bert(
     model.to(device=comm.device, dtype=dtype)
     for i in layers:
         layer = model.bert.encoder.layer[i]
-        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings, seed=seed)
+        moe = MoELayer(mcfg, config.hidden_size, comm, layer_id=i, settings=settings, seed=seed, causal=False)
         moe.reset_parameters(seed, std=uc.router_std)
         moe.to(device=comm.device, dtype=dtype)
         copy_ffn(moe.experts, layer.intermediate.dense, layer.output.dense, uc.noise, seed, i)

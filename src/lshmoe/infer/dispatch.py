@@ -36,10 +36,10 @@ from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.distributed.wire import NO_WIRES, Wires
+from lshmoe.indexing import inverse_permutation
 from lshmoe.infer.placement import SPLIT_ALIGN, Placement, send_table
 from lshmoe.moe.dispatch.flat import permuted_all_to_all, regroup_index, split_fields
 from lshmoe.moe.dispatch.protocol import DispatchMeta, SyncDispatcherBase, TokenRows
-from lshmoe.moe.permute import inverse_permutation
 
 PlacementPolicy = Callable[[torch.Tensor], Placement]  # counts_E of this rank -> the placement of this call
 

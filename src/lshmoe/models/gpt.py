@@ -77,7 +77,7 @@ def build_units(
             unit = Block(
                 D,
                 mcfg.n_heads,
-                moe_factory(ecfg, D, comm, i, settings=settings, seed=seed),
+                moe_factory(ecfg, D, comm, i, settings=settings, seed=seed, causal=True),
                 mcfg.norm,
                 mcfg.dropout,
                 is_moe=True,
@@ -87,7 +87,7 @@ def build_units(
     return units
 
 
-MoEFactory = Callable[..., nn.Module]  # (moe cfg, d_model, comm, layer_id, *, settings, seed) -> layer
+MoEFactory = Callable[..., nn.Module]  # (moe cfg, d_model, comm, layer_id, *, settings, seed, causal) -> layer
 
 
 class GPTMoE(nn.Module):

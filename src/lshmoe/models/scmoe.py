@@ -110,7 +110,7 @@ class SharedExpertBlock(nn.Module):
         self.is_moe, self.layer_id = True, layer_id
         self.norm1, self.attn = make_norm(mcfg.norm, D), CausalSelfAttention(D, mcfg.n_heads, mcfg.dropout)
         self.norm2, self.se = make_norm(mcfg.norm, D), MLP(D, int(round(mcfg.mlp_ratio * D)))
-        self.moe = MoELayer(ecfg, D, comm, layer_id, settings=settings, seed=seed)
+        self.moe = MoELayer(ecfg, D, comm, layer_id, settings=settings, seed=seed, causal=True)  # a decoder
         self.combine = Combiner(combine, D)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
@@ -156,7 +156,7 @@ class ShortcutPair(nn.Module):
         if arch == "scmoe":
             self.se = MLP(D, int(round(mcfg.mlp_ratio * D)))
             self.combine = Combiner(combine, D)
-        self.moe = MoELayer(ecfg, D, comm, layer_id, settings=settings, seed=seed)
+        self.moe = MoELayer(ecfg, D, comm, layer_id, settings=settings, seed=seed, causal=True)  # a decoder
         self.comm, self.layer_id = comm, layer_id
         self.slot, self.warmup = slot, warmup  # slot < 0: adaptive after `warmup` synchronous steps
         self._times: dict[str, float] = {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lshmoe.compress.protocol import Compressor, Reduce, Stat
+from lshmoe.compress.protocol import Compressor, Positions, Reduce, Stat
 from lshmoe.compress.registry import CompressorContext, build_compressor
 from lshmoe.config import Config, MoEConfig
 from lshmoe.distributed.comm import Comm
@@ -69,7 +69,9 @@ class MoELayer(nn.Module):
     `settings` is the run's config tree (None = defaults): the layer reads `locmoe` (locality
     routing) and `lina` (micro-op pipelining), and hands it to its compressor, which reads its own
     section (e.g. `lsh`). `dispatcher` replaces the one `moe.a2a` selects (Lina's inference engine
-    passes its replica dispatcher)."""
+    passes its replica dispatcher). `causal`: the layer sits in a causal LM (the model builder says
+    so), so its compressor must never let a token's output depend on a later token of its sequence
+    (`lsh.causal`)."""
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class MoELayer(nn.Module):
         settings: Config | None = None,
         seed: int = 0,
         dispatcher: Dispatcher | None = None,
+        causal: bool = False,
     ):
         super().__init__()
         group = comm.group("ep")
@@ -124,6 +127,7 @@ class MoELayer(nn.Module):
             ep_index=group.index,
             link=self._link_sample,
             log=self._log,
+            causal=causal,
         )
         self.compressor = build_compressor(cfg.compress, ctx)
         self.identity = build_compressor("identity", ctx)
@@ -210,7 +214,11 @@ class MoELayer(nn.Module):
             compressor = self.compressor if lossy else self.identity
         route = route if route is not None else self.router(x_TD, seq_len=shape[-2] if x.dim() == 3 else None)
         perm_N, counts_E, rows_ND = self.group_rows(x_TD, route)
-        payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E)
+        at = None
+        if compressor.needs_positions and x.dim() == 3:  # x is [batch, seq, dim]: where each row's token sits
+            token_N = perm_N // route.topk_ids_TK.shape[-1]
+            at = Positions(seq_N=token_N // shape[-2], pos_N=token_N % shape[-2])
+        payload_MD, sent_counts_E, cmeta = compressor.compress(rows_ND, counts_E, at)
         dmeta = self.dispatcher.plan(sent_counts_E, self._token_rows(compressor, route, perm_N), compressor.wires())
         st = MoEState(
             shape=shape,

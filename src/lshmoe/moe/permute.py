@@ -38,10 +38,3 @@ def unpermute_combine(
     w_N = weights_TK.reshape(-1).index_select(0, perm_N).to(y_ND.dtype)
     out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
     return out_TD.index_add(0, perm_N // top_k, y_ND * w_N[:, None])
-
-
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """inv with inv[perm[i]] = i: undoes `x.index_select(0, perm)`."""
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
-    return inv

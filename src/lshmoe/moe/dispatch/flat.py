@@ -23,8 +23,8 @@ from lshmoe.distributed.autograd import all_to_all
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.distributed.wire import NO_WIRES, PLAIN, Wire, Wires
+from lshmoe.indexing import inverse_permutation
 from lshmoe.moe.dispatch.protocol import DispatchMeta, Inflight, TokenRows
-from lshmoe.moe.permute import inverse_permutation
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,9 @@ import torch
 from lshmoe.distributed.comm import Comm, Group
 from lshmoe.distributed.tags import MoEOp, Tag
 from lshmoe.distributed.wire import NO_WIRES, Wires
+from lshmoe.indexing import inverse_permutation
 from lshmoe.moe.dispatch.flat import FlatMeta, permuted_all_to_all, regroup_index
 from lshmoe.moe.dispatch.protocol import SyncDispatcherBase, TokenRows
-from lshmoe.moe.permute import inverse_permutation
 
 
 @dataclass(frozen=True, slots=True)

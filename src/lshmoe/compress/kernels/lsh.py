@@ -11,7 +11,10 @@ compress, without a global sort of the keys (S buckets per expert are few, so a 
    combined into the mixed-radix id; key = expert * S + id mod S; histogram of the keys (atomics)
 3. compaction (PyTorch, over E * S integers): slot of a key = number of non-empty keys before it,
    which is the rank `torch.unique(sorted=True)` gives, so ids and payload order equal the reference;
-   the rows of each bucket are listed by a stable argsort of the N slot ids (integers, not rows)
+   the rows of each bucket are listed by a stable argsort of the N slot ids (integers, not rows).
+   With `lsh.causal_mode=split` a bucket is split by each row's occurrence index in its sequence
+   (`compact_split`, compress/causal.py: a few sorts of N int64 keys, still one host read); with
+   `earliest` the segment mean runs over the rows at each bucket's earliest position
 4. `segment_rows`: one program per (bucket, column block) sums its rows in float32 and writes the
    mean, rounded once                                                        (one pass over x)
 restore:   y_n = out[inv_n] - a c[inv_n] + a x_n                           (`gather_rows`)
@@ -31,11 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
+from lshmoe.compress.causal import split_keys
 from lshmoe.compress.ops import restore_grads
+from lshmoe.compress.protocol import Positions
 
 __all__ = [
     "bucket_ids",
     "compact",
+    "compact_split",
     "gather_rows",
     "hash_rows",
     "project",
@@ -307,6 +313,30 @@ def compact(
     return inverse_N, size_M, sent_E
 
 
+def compact_split(
+    key_N: torch.Tensor, hist: torch.Tensor, at: Positions, num_experts: int, span: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`compact` for `lsh.causal_mode=split`: no bucket holds two rows of one sequence (compress/causal.py). A row's
+    sub-bucket is (the slot of its key, as in `compact`, its occurrence index); the sub-buckets are
+    ranked by one sort of N int64 keys, which is the reference's `torch.unique` ranking (buckets in key
+    order, a bucket's sub-buckets in occurrence order). Reads M to the host once."""
+    N, dev = key_N.numel(), key_N.device
+    if N == 0:
+        return key_N.new_zeros(0), key_N.new_zeros(0), torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    slot_N = (torch.cumsum(hist > 0, 0, dtype=torch.int64) - 1).index_select(0, key_N)
+    sorted_N, order = torch.sort(split_keys(slot_N, at))
+    first = torch.ones(N, dtype=torch.bool, device=dev)
+    first[1:] = sorted_N[1:] != sorted_N[:-1]
+    rank_sorted = torch.cumsum(first, 0, dtype=torch.int64) - 1
+    M = int(rank_sorted[-1]) + 1  # the payload's size (host sync: the uneven split the count exchange needs)
+    inverse_N = torch.empty_like(key_N)
+    inverse_N[order] = rank_sorted
+    size_M = torch.zeros(M, dtype=torch.int64, device=dev).index_add_(0, rank_sorted, torch.ones_like(rank_sorted))
+    expert_sorted = key_N.index_select(0, order) // span
+    sent_E = torch.zeros(num_experts, dtype=torch.int64, device=dev).index_add_(0, expert_sorted, first.long())
+    return inverse_N, size_M, sent_E
+
+
 @dataclass(frozen=True, slots=True)
 class Segments:
     """The rows of each bucket: perm_N lists row ids bucket by bucket (in row order within a bucket),
@@ -402,7 +432,7 @@ class _SegmentMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_MD: torch.Tensor):
         inverse_N, size_M = ctx.saved_tensors
-        inv_size_M = 1.0 / size_M.to(_acc_dtype(g_MD.dtype))
+        inv_size_M = 1.0 / size_M.clamp(min=1).to(_acc_dtype(g_MD.dtype))
         return gather_rows(g_MD, inverse_N, scale_M=inv_size_M), None, None
 
 
