@@ -407,16 +407,16 @@ indicative only (one short run per setting, the last logged interval; no speed c
 
 {ac_line}
 
-**Model state per rank.** Parameters, gradients and AdamW moments (step counters excluded, 4 bytes a
-tensor) read from each rank's local shards before the last optimizer step, the largest rank{_loop_note(rows)}; the formula is
-`lshmoe.plan`'s `params.master + grads.local + optim.adamw` for the same world, EP, FSDP and dtype. bf16 mixed
-precision keeps fp32 masters and AdamW state, so its state equals float32's; the bf16 copies are working
-memory (the formula's `params.working`, in its peak column). "x of W=1" is the state against the same
-model's single-rank state (formula in brackets). "formula peak state + activations" is the plan's whole
-per-rank estimate (working copies, FSDP's unsharded units, gradient buckets, activations); peak RSS is the
-largest rank's VmHWM over the last logged interval and includes the interpreter, torch, the token data and
-allocator slack (hundreds of MB), so it shows trends, not the formula's bytes. a2a MB/step: all-to-all bytes on
-the wire per step, summed over the ranks (bf16 halves the payload; 0 at EP 1).
+**Model state per rank.** Parameters, gradients and AdamW moments (step counters excluded, 4 bytes a tensor)
+read from each rank's local shards before the last optimizer step, the largest rank{_loop_note(rows)}; the
+formula is `lshmoe.plan`'s `params.master + grads.local + optim.adamw` for the same world, EP, FSDP and dtype.
+bf16 mixed precision keeps fp32 masters and AdamW state, so its state equals float32's; the bf16 copies are
+working memory (the formula's `params.working`, in its peak column). "x of W=1" is the state against the same
+model's single-rank state (formula in brackets). "formula peak state + activations" is the plan's whole per-rank
+estimate (working copies, FSDP's unsharded units, gradient buckets, activations); peak RSS is the largest rank's
+VmHWM over the last logged interval and includes the interpreter, torch, the token data and allocator slack
+(hundreds of MB), so it shows trends, not the formula's bytes. a2a MB/step: all-to-all bytes on the wire per
+step, summed over the ranks (bf16 halves the payload; 0 at EP 1).
 
 {state_md}
 
