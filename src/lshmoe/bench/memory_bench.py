@@ -323,6 +323,7 @@ def _plot(rows: list[dict], out: Path, name: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
@@ -334,12 +335,19 @@ def _plot(rows: list[dict], out: Path, name: str) -> str:
             key = "FSDP, EP = W/2" if half else ("FSDP, EP = W" if r["fsdp"] else "no FSDP, EP = W")
             lines.setdefault(key, []).append(r)
         one = next((r for r in mine if r["world"] == 1), None)
+        marks = {"no FSDP, EP = W": ("o", 9), "FSDP, EP = W": ("s", 7), "FSDP, EP = W/2": ("x", 9)}
         for key, rs in lines.items():
             rs = ([one] if one and key.startswith("FSDP") else []) + rs
             ws = [r["world"] for r in rs]
-            (ln,) = ax.plot(ws, [r["measured"]["state_bytes"] / MB for r in rs], "o", label=f"{key}: measured")
+            marker, size = marks[key]
+            state = [r["measured"]["state_bytes"] / MB for r in rs]
+            (ln,) = ax.plot(ws, state, marker, ms=size, linestyle="none", label=f"{key}: measured")
             plan = [r["plan"]["state_bytes"] / MB for r in rs]
             ax.plot(ws, plan, "--", color=ln.get_color(), label=f"{key}: formula")
+        if one:
+            ws = sorted({r["world"] for r in mine})
+            ideal = [one["measured"]["state_bytes"] / MB / w for w in ws]
+            ax.plot(ws, ideal, ":", color="gray", label="1/W of the W = 1 state")
         ax.set(
             xlabel="ranks W",
             ylabel="model state per rank (MB)",
@@ -347,6 +355,7 @@ def _plot(rows: list[dict], out: Path, name: str) -> str:
             xticks=sorted({r["world"] for r in mine}),
         )
         ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.legend(fontsize=7)
     return save_plot(fig, out, name)
 
@@ -422,6 +431,8 @@ step, summed over the ranks (bf16 halves the payload; 0 at EP 1).
 
 {f"![bytes per rank vs W]({png})" if png else ""}
 
+{_rss_note(rows)}
+
 **Activation checkpointing, per MoE block** (torch's MemTracker, one rank, EP 1 so R = T·K exactly, one
 forward of {args["batch"]} x {args["seq_len"]} tokens through the loop's model, its AC wrapping and autocast):
 "saved after forward" is the whole model's ACT category after the forward (formula: the plan's saved
@@ -431,6 +442,8 @@ backward, plus its output); "removed" is that against AC none; the expert hidden
 activations + temporaries over forward and backward, where a recomputed region comes back one at a time.
 
 {ac_md}
+
+{AC_NOTES if ac_rows else ""}
 
 Median tokens/s over the settings of each (model, W): {
         ", ".join(f"{m} W={w}: {median(v):.0f}" for (m, w), v in tps.items())
@@ -443,12 +456,59 @@ Median tokens/s over the settings of each (model, W): {
     write_section(out, name, title, body, data, command=command, meta=meta)
 
 
+AC_NOTES = """Reading the AC table. In float32 `experts` removes exactly the formula's h·c·R·F per MoE block
+(removed / hidden = 1.00). Under bf16 mixed precision without FSDP (autocast) it removes more: the autocast
+bf16 copies of the block's expert weights (2 bytes per expert parameter of the layer), which autograd keeps for
+backward and a recomputed region does not; the formula books those copies as model state (`params.working`), and
+MemTracker counts them as activations, which is also why the measured bf16 "saved" bytes exceed the formula's.
+`blocks` in the loop (train/recompute.py) recomputes the attention modules and the expert FFNs only: the pre-norm
+in front of each attention module and the GPT-MoE's dense MLP layers stay saved, while the formula's `blocks`
+also removes the norm (keeping c·T·D) and the dense FFNs, so for the GPT-MoE (two dense layers) the measured
+bytes under `blocks` are above the formula's. The formula also counts the logits c·T·V as held after the forward
+(`head.logits`, "held by the loss's caller"); the loop's tasks drop them once the loss is computed, so with AC
+none or experts the measured bytes are about c·T·V below it."""
+
+
+def _rss_note(rows: list[dict]) -> str:
+    """Peak RSS of bf16 mixed precision against float32 in the same setting, and of AC blocks against none."""
+
+    def deltas(field: str, a: str, b: str) -> list[float]:
+        key = lambda r: tuple(r[k] for k in ("model", "world", "ep", "fsdp", "dtype", "ac") if k != field)  # noqa: E731
+        base = {key(r): r for r in rows if r[field] == a}
+        return [
+            (r["measured"]["peak_rss_bytes"] - base[key(r)]["measured"]["peak_rss_bytes"]) / MB
+            for r in rows
+            if r[field] == b and key(r) in base
+        ]
+
+    bf16, ac = deltas("dtype", "float32", "bf16-mp"), deltas("ac", "none", "blocks")
+    if not bf16 and not ac:
+        return ""
+    parts = []
+    if bf16:
+        parts.append(
+            f"bf16-mp against float32 in the same setting: peak RSS {median(bf16):+.0f} MB (median; "
+            f"{min(bf16):+.0f} to {max(bf16):+.0f})"
+        )
+    if ac:
+        parts.append(f"AC blocks against none: {median(ac):+.0f} MB (median; {min(ac):+.0f} to {max(ac):+.0f})")
+    return (
+        "Peak RSS, "
+        + "; ".join(parts)
+        + ". bf16 compute raises the CPU process's peak although the formula's bytes fall and MemTracker's "
+        "tensor peak changes by only a few MB (the AC table), so the difference is most likely memory outside torch's "
+        "tensors (the CPU kernels' bf16 packing and scratch space, allocator slack; not pinned down here), which "
+        "the formula, written for GPU tensors, does not model."
+    )
+
+
 def _loop_note(rows: list[dict]) -> str:
     """Say so when the loop's own gradient metric reads 0 (it is taken after `zero_grad(set_to_none=True)`)."""
     if rows and all(r["measured"]["loop_metrics"]["mem_grads_bytes"] == 0 for r in rows):
         return (
             " (the loop's own `mem_grads_bytes` metric reads 0 in every run: the loop logs after "
-            "`zero_grad(set_to_none=True)`; its `mem_params_bytes` and `mem_optim_bytes` equal the columns here)"
+            "`zero_grad(set_to_none=True)`; its `mem_params_bytes` equals the params column and its "
+            "`mem_optim_bytes` the AdamW column plus the step counters)"
         )
     return ""
 
