@@ -75,16 +75,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accums", default="1,2,4,8", help="micro-batches per step N [default: 1,2,4,8]")
     p.add_argument("--at", default="100,400", help="checkpoints (training steps) measured from [default: 100,400]")
     p.add_argument("--steps", type=int, default=10, help="steps measured from each checkpoint [default: 10]")
+    p.add_argument("--from-json", metavar="PATH", help="re-render the report of a recorded run (its JSON)")
     return p
+
+
+def _base(sets: list[str]) -> Config:
+    base = base_config(["moe.compress=lsh", *sets])
+    base.train.eval_batches, base.train.resume = 1, "none"
+    return base
 
 
 def main(argv: list[str] | None = None) -> int:
     from lshmoe.errors import UserError
 
     a = parser().parse_args(argv)
+    if a.from_json:
+        import json
+
+        rec = json.loads(Path(a.from_json).read_text())
+        args = rec["args"]
+        cluster = Cluster(nodes=1, ranks_per_node=args["nproc"])
+        report(a.out, a.name, rec["rows"], _base(args["set"]), cluster, args, rec["command"], rec["machine"])
+        return 0
     cluster = Cluster(nodes=1, ranks_per_node=a.nproc)
-    base = base_config(["moe.compress=lsh", *a.set])
-    base.train.eval_batches, base.train.resume = 1, "none"
+    base = _base(a.set)
     accums = [int(x) for x in a.accums.split(",") if x.strip()]
     at = sorted(int(x) for x in a.at.split(",") if x.strip())
     bad = [n for n in accums if n < 1 or base.train.batch_size % n]
@@ -103,7 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(out: Path, name: str, rows: list[dict], base: Config, cluster: Cluster, args: dict) -> None:
+def report(
+    out: Path,
+    name: str,
+    rows: list[dict],
+    base: Config,
+    cluster: Cluster,
+    args: dict,
+    command: str | None = None,
+    meta: dict | None = None,
+) -> None:
     layer_names = sorted({k for r in rows for k in r["layer_rates"]})
     headers = ["from step", "N", "seqs per micro-batch", "rows per (rank, expert) group", "rate (all layers)"]
     headers += [f"{k} rate" for k in layer_names] + ["a2a MB/step", "rate vs N=1"]
@@ -132,7 +155,10 @@ top-{e.top_k}) with `--compress lsh` (family {lsh.family}, b = {lsh.buckets_per_
 warm-up run trains in one micro-batch and saves checkpoints; from each, `--grad-accum N` trains {args["steps"]}
 more steps on the same batches, so only the micro-batch size changes. Rate = rows sent / rows routed over the
 ranks and MoE layers of those steps; rows per group = the mean rows one source rank routes to one expert in one
-micro-batch (T·K/E per micro-batch). Machine conditions: 2 shared cores (rows and rates do not depend on them).
+micro-batch (T·K/E per micro-batch); a2a MB/step: all-to-all bytes on the wire per step, summed over the ranks.
+Each measured run is `lshmoe train --compress lsh --batch-size {base.train.batch_size} --nproc {cluster.world}
+--resume <warm-up checkpoint at step S> --grad-accum N --steps S+{args["steps"]}` (the bench's config otherwise).
+Machine conditions: 2 cores shared with other jobs; rows and rates do not depend on them, and no time is reported.
 
 {tbl}
 
@@ -141,7 +167,7 @@ micro-batch (T·K/E per micro-batch). Machine conditions: 2 shared cores (rows a
 {_finding(rows)}
 """
     title = "LSH-MoE compression rate vs gradient accumulation (micro-batches)"
-    write_section(out, name, title, body, {"rows": rows, "args": args})
+    write_section(out, name, title, body, {"rows": rows, "args": args}, command=command, meta=meta)
 
 
 def _finding(rows: list[dict]) -> str:

@@ -14,7 +14,7 @@ bytes per step from the metrics. Activation checkpointing is measured separately
 with torch's MemTracker (bench/memory_ac.py): target, AC cuts a MoE block's saved activations by at
 least its expert hidden state h x c x R x F.
 
-Run: `lshmoe bench memory --out docs/bench` (about half an hour on 2 cores); `--quick` runs a tiny
+Run: `lshmoe bench memory --out docs/bench` (about 16 minutes on 2 shared cores); `--quick` runs a tiny
 model at W = 1, 2 on a few settings in a minute.
 """
 
