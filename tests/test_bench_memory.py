@@ -42,3 +42,42 @@ def test_memory_bench_quick(tmp_path):
         assert ac[mode]["target_met"] and ac[mode]["block_removed_bytes"] >= ac[mode]["expert_hidden_formula_bytes"]
     md = (out / "memory.md").read_text()
     assert "Target 1" in md and "Target 2" in md and "| gpt | 2 | 1 | on |" in md
+
+
+def test_memory_bench_refuses_bad_flags_in_one_line():
+    from lshmoe.bench import memory_bench
+    from lshmoe.errors import UserError
+
+    for argv, match in (
+        (["--dtypes", "float16"], "--dtypes float16: choose from float32, bf16-mp"),
+        (["--worlds", "3"], "each W must be 1 or even"),
+        (["--steps", "1"], "--steps 1: must be >= 2"),
+    ):
+        with pytest.raises(UserError, match=match):
+            memory_bench._parse(memory_bench.parser().parse_args(argv))
+
+
+def test_lsh_accum_report_says_how_the_rate_moves(tmp_path):
+    from lshmoe.bench import lsh_accum
+    from lshmoe.bench.harness import Cluster
+
+    rows = [
+        {
+            "from_step": 10,
+            "grad_accum": n,
+            "micro_batch": 16 // n,
+            "rate": rate,
+            "layer_rates": {"moe1": rate},
+            "rows_routed": 8192.0,
+            "rows_sent": 8192.0 * rate,
+            "rows_per_group": 512 / n,
+            "a2a_bytes": 2**20,
+            "tokens_per_s": 1.0,
+        }
+        for n, rate in ((1, 0.2), (2, 0.3), (4, 0.25))
+    ]
+    base = lsh_accum._base([])
+    lsh_accum.report(tmp_path, "lsh_accum", rows, base, Cluster(nodes=1, ranks_per_node=2), {"steps": 5})
+    md = (tmp_path / "lsh_accum.md").read_text()
+    assert "| 10 | 4 | 4 | 128 | 25.0% | 25.0% | 1.00 | 1.25x |" in md
+    assert "from 20.0% at N = 1 (512 rows per group) to 25.0% at N = 4 (128 rows per group), 1.25x, not monoton" in md
