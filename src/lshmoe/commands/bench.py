@@ -29,6 +29,8 @@ BENCHES = {
     "chaos": ("lshmoe.bench.chaos", "ranks killed again and again, restarts, final state bitwise vs uninterrupted"),
     "hf": ("lshmoe.bench.hf_bench", "fine-tuning tokens/s and memory: lshmoe on a Qwen3-MoE shape vs transformers"),
     "data": ("lshmoe.bench.data_bench", "token data: prepare time, start-up and RSS per rank, shards vs text"),
+    "memory": ("lshmoe.bench.memory_bench", "model state per rank vs the plan's formula: FSDP x EP, bf16 MP, AC"),
+    "lsh-accum": ("lshmoe.bench.lsh_accum", "LSH-MoE compression rate vs micro-batches per step (grad accum)"),
     "gpu": ("lshmoe.bench.gpu", "fused LSH kernel times and MoE layer vs transformers: one bounded GPU run"),
 }
 
