@@ -461,12 +461,8 @@ AC_NOTES = """Reading the AC table. In float32 `experts` removes exactly the for
 bf16 copies of the block's expert weights (2 bytes per expert parameter of the layer), which autograd keeps for
 backward and a recomputed region does not; the formula books those copies as model state (`params.working`), and
 MemTracker counts them as activations, which is also why the measured bf16 "saved" bytes exceed the formula's.
-`blocks` in the loop (train/recompute.py) recomputes the attention modules and the expert FFNs only: the pre-norm
-in front of each attention module and the GPT-MoE's dense MLP layers stay saved, while the formula's `blocks`
-also removes the norm (keeping c·T·D) and the dense FFNs, so for the GPT-MoE (two dense layers) the measured
-bytes under `blocks` are above the formula's. The formula also counts the logits c·T·V as held after the forward
-(`head.logits`, "held by the loss's caller"); the loop's tasks drop them once the loss is computed, so with AC
-none or experts the measured bytes are about c·T·V below it."""
+`blocks` in the loop (train/recompute.py) recomputes the attention modules, the dense FFNs and the expert FFNs;
+the norms in front of them stay saved (a norm's output is the region's input), as the formula counts them."""
 
 
 def _rss_note(rows: list[dict]) -> str:

@@ -58,16 +58,15 @@ received (the busiest rank; exactly N_r when EP = 1). Saved for backward, summed
                                        silu input, up, silu output, product); combine 2c N_r D (the
                                        restored rows and the weighted rows index_add keeps); shared
                                        experts 4c T F_s (+ c T D when gated)
-    head                               norm + c T V (the logits the loss returns) + 4 T V (fp32
-                                       log-probs)
+    head                               norm + 4 T V (fp32 log-probs)
 
 What each activation-checkpointing mode removes (the region's input stays saved; one region is
 recomputed at a time in backward):
 
     none      nothing
     experts   the expert hidden h c R F of every MoE layer (the received rows are the region's input)
-    blocks    also every attention sub-block's internals and its norm (c T D, its input, stays) and
-              every dense layer's FFN (c T D stays); the router, permutation, compression, dispatch,
+    blocks    also every attention sub-block's internals and every dense layer's FFN (the norms before
+              them stay: a norm's output is the region's input); the router, permutation, compression, dispatch,
               combine and restore stay outside any region, as do the shared experts
 
 Plus the largest transient, once (a layer's working set at its peak, or its gradients in backward):
@@ -325,16 +324,12 @@ def layer_saved(shape: ModelShape, layer: LayerShape, s: Setting, w: Workload, T
 
 def checkpointed(shape: ModelShape, layer: LayerShape, saved: dict[str, int], s: Setting, T: int) -> dict[str, int]:
     """`saved` with what the setting's AC mode recomputes taken out (the module docstring's table)."""
-    c, D = s.compute_bytes, shape.d_model
     out = dict(saved)
     if s.ac in ("experts", "blocks") and "moe.expert_hidden" in out:
         out["moe.expert_hidden"] = 0
-    if s.ac == "blocks":
-        out["attn.norm"] = layer.attn_blocks * c * T * D  # the sub-block's input
+    if s.ac == "blocks":  # train/recompute.py: the attention modules and the dense *MLP modules
         out["attn.internals"] = 0
-        if not layer.moe_passes and layer.mlp_widths:  # a dense layer's FFN: its input stays
-            out["ffn.norm"] = len(layer.mlp_widths) * c * T * D
-            out["ffn.mlp"] = 0
+        out["ffn.mlp"] = 0
     return out
 
 
@@ -352,8 +347,7 @@ def activation_bytes(shape: ModelShape, s: Setting, w: Workload) -> Activations:
             if v != kept[k]:
                 removed[k] = removed.get(k, 0) + v - kept[k]
     saved["head.norm"] = norm_saved(shape, c, T, D)
-    saved["head.logits"] = c * T * V  # held by the loss's caller, not by autograd
-    saved["head.logprobs"] = 4 * T * V
+    saved["head.logprobs"] = 4 * T * V  # (the logits themselves are dropped once the loss is computed)
     transient = {"head.backward": 4 * T * V + c * T * V, "attn.block": attention_internals(shape, c, T)}
     if shape.moe_layers:
         n, m, received = routed_rows(shape, s, w, T)

@@ -2,7 +2,9 @@
 
     experts   each MoE layer's expert FFN (`GroupedExperts`): its hidden state, R x F per projection
               (x2 GeLU, x3 SwiGLU), the largest activation of an MoE block, is recomputed in backward
-    blocks    also every attention sub-block (lshmoe's and transformers' attention modules)
+    blocks    also every attention sub-block (lshmoe's and transformers' attention modules) and every
+              dense FFN (`*MLP` modules outside the MoE layers); their norms stay outside (a norm's
+              output is the region's input, which is kept)
 
 Both regions are pure computation. Everything with a collective or a side effect stays outside and
 runs once: the router (its load counters), capacity, permute, the compressor (LSH hashing, its
@@ -41,6 +43,15 @@ def is_attention(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention")
 
 
+def is_dense_ffn(module: nn.Module) -> bool:
+    """lshmoe's MLP and transformers' *MLP modules (a dense layer's FFN)."""
+    return type(module).__name__.endswith("MLP")
+
+
+def _is_moe(module: nn.Module) -> bool:
+    return type(module).__name__ in ("MoELayer", "HFMoEBlock")
+
+
 def apply(model: nn.Module, mode: str) -> list[nn.Module]:
     """Checkpoint the regions of `mode`; return the modules wrapped."""
     assert mode in MODES, mode
@@ -48,9 +59,13 @@ def apply(model: nn.Module, mode: str) -> list[nn.Module]:
         return []
     regions = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     if mode == "blocks":
-        inner: set[int] = set()
+        inner: set[int] = set()  # modules inside a region already taken, or inside an MoE layer
         for m in model.modules():
-            if is_attention(m) and id(m) not in inner:
+            if id(m) in inner:
+                continue
+            if _is_moe(m):
+                inner |= {id(c) for c in m.modules()}
+            elif is_attention(m) or is_dense_ffn(m):
                 regions.append(m)
                 inner |= {id(c) for c in m.modules()}
     for m in regions:
@@ -58,4 +73,4 @@ def apply(model: nn.Module, mode: str) -> list[nn.Module]:
     return regions
 
 
-__all__ = ["MODES", "apply", "is_attention"]
+__all__ = ["MODES", "apply", "is_attention", "is_dense_ffn"]
