@@ -65,12 +65,23 @@ VARIANTS = {
     ],
     "lsh-gc1": ["--compress", "lsh", "--lsh-grad-compensation", "1"],
 }
-MODEL = ["--hf", "all-MiniLM-L6-v2", "--num-experts", "8", "--top-k", "2", "--upcycle-every", "2"]
+
+
+def model_args(a) -> list[str]:
+    """The upcycled model: `--experts` copies of every `--every`-th FFN, top-`--top-k`."""
+    return ["--hf", "all-MiniLM-L6-v2", "--num-experts", str(a.experts), "--top-k", str(a.top_k)] + [
+        "--upcycle-every",
+        str(a.every),
+    ]
+
+
+def rows_per_group(a) -> int:
+    """Routed rows one rank sends to one expert per step, on average."""
+    return a.batch_size * a.seq_len * a.top_k // a.experts
 
 
 def _train_args(steps: int, seed: int, out: Path, batch: int, seq: int, train: str, eval_every: int = 0) -> list[str]:
     return [
-        *MODEL,
         *("--upcycle-train", train),
         *("--steps", str(steps), "--batch-size", str(batch), "--seq-len", str(seq), "--lr", "3e-4"),
         *("--warmup-steps", "3", "--log-every", "5", "--eval-every", str(eval_every), "--eval-batches", "4"),
@@ -204,6 +215,9 @@ def parser():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token")
+    p.add_argument("--every", type=int, default=2, help="every n-th encoder layer becomes an MoE layer (6: the last)")
     p.add_argument(
         "--train",
         choices=("all", "moe"),
@@ -244,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     "-m",
                     "lshmoe.cli",
                     "train",
+                    *model_args(a),
                     *_train_args(a.steps, seed, out, a.batch_size, a.seq_len, a.train, a.eval_every),
                 ]
                 run_job(cmd + VARIANTS[v], cluster, f"{v} seed {seed}")
@@ -253,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = "; ".join(f"`{v}` = {' '.join(VARIANTS[v]) or '(none)'}" for v in names)
     chose = [r for r in rows if r["auto_choice"]]
     body = (
-        f"all-MiniLM-L6-v2 upcycled (every 2nd layer -> 8 experts, top-2; `docs/upcycle.md`), masked LM on the "
+        f"all-MiniLM-L6-v2 upcycled (every {a.every}. layer -> {a.experts} experts, top-{a.top_k}; "
+        "`docs/upcycle.md`), masked LM on the "
         f"embedded docstring corpus, {a.batch_size} x {a.seq_len} tokens per rank per step, {a.steps} steps from "
         f"the pretrained weights (early fine-tuning: most of the loss drop is the fresh MLM head), "
         + (
@@ -268,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         "(the order alternates by seed). Amdahl bound: 1/((1-f)+f*r) with the baseline's f and the variant's "
         "byte ratio r. Validation: MLM loss on the same masked positions for every run, "
         + ("with exact experts" if a.eval == "exact" else "with the experts as trained (compressed)")
-        + f"; rows per (rank, expert) group {a.batch_size * a.seq_len * 2 // 8} on average. Time to the baseline's "
+        + f"; rows per (rank, expert) group {rows_per_group(a)} on average. Time to the baseline's "
         "loss: training time to the worst baseline seed's final loss (from the validation curve, "
         "`--eval-every`), the baseline's over the variant's.\n\n"
         f"{table(rows)}\n\n"
         + "".join(f"`{r['variant']}` chose (last window, per seed): {r['auto_choice']}.\n" for r in chose)
-        + f"\nVariants: {flags}. Common flags: `{' '.join(MODEL)}`.\n"
+        + f"\nVariants: {flags}. Common flags: `{' '.join(model_args(a))}`.\n"
     )
     write_section(
         a.out,
