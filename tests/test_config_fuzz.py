@@ -95,6 +95,7 @@ def _names_a_field(line: str, files: tuple[str, ...] = ()) -> bool:
         or any(d in line for d in LEAVES)
         or any(f"{s}." in line for s in C.SECTIONS)
         or any(tok in line for tok in ("--config", "--set", "override", "unknown section", "--resume"))
+        or "unrecognized arguments" in line  # the line quotes the argument itself
     )
 
 
@@ -122,6 +123,7 @@ def base(tmp_path_factory):
 @example(case=([], "model:\n  hf: 0\n"))
 @example(case=(["--set", "model.hf=0"], None))
 @example(case=(["--hf", "nothere"], "train:\n  steps: 2\n"))
+@example(case=(["--moe.expert_bias", "-:"], None))  # a bool flag's value that starts with "-"
 def test_every_input_starts_or_fails_first_with_one_line(base, case, monkeypatch, capsys):
     tmp, base_argv = base
     extra, text = case

@@ -41,6 +41,8 @@ class Parser(argparse.ArgumentParser):
         self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):  # e.g. `--expert-bias -x`: the value read as a flag
+            message += " (a flag's value that starts with '-' is read as a flag: write --flag=VALUE)"
         raise UserError(f"{self.prog}: {message}")
 
     # ---------------------------------------------------------------- help in levels (add_config_flags)
