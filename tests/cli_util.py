@@ -47,8 +47,9 @@ def corpus(tmp: Path) -> Path:
     return path
 
 
-def train_args(tmp: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
-    """`lshmoe train` on TINY with 4 experts over `corpus(tmp)`, a metrics line per step, into `out`."""
+def train_args(tmp: Path, out: Path | None, *extra: str, steps: int = 8) -> list[str]:
+    """`lshmoe train` on TINY with 4 experts over `corpus(tmp)`, a metrics line per step, into `out` (None:
+    no --out-dir, the job's own new directory under runs/)."""
     data = ["--data", str(corpus(tmp)), "--cache-dir", str(tmp / "cache")]
     return [
         "train",
@@ -60,15 +61,16 @@ def train_args(tmp: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
         "1",
         "--steps",
         str(steps),
-        "--out-dir",
-        str(out),
+        *(["--out-dir", str(out)] if out is not None else []),
         *extra,
     ]
 
 
-def run(args: list[str], timeout: float = 240) -> tuple[int, str, float]:
+def run(args: list[str], timeout: float = 240, cwd: Path | None = None) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "lshmoe", *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lshmoe", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
     return proc.returncode, proc.stderr, time.monotonic() - t0
 
 

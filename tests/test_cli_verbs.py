@@ -75,3 +75,41 @@ def test_exit_statuses_are_defined_once():
     assert codes == (2, 3, 4, 130, 143) and errors.Stopped.exit_status == errors.EXIT_STOPPED
     final = (0, errors.EXIT_USER, errors.EXIT_NUMERIC, errors.EXIT_INTERRUPTED, errors.EXIT_STOPPED)
     assert launch.FINAL_STATUSES == final
+
+
+def test_lshmoe_help_says_it_fine_tunes_hf_moe_models(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fine-tune Hugging Face MoE models" in out and "lshmoe export" in out
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *argv])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_train_help_leads_with_what_a_fine_tuner_needs(capsys):
+    """`train --help` is the common flags (the --hf run first) and a table of the sections; every flag is
+    one `--help all` (or `--help SECTION`) away."""
+    short = _help(capsys, "--help")
+    assert len(short.splitlines()) < 130, len(short.splitlines())
+    assert "Hugging Face MoE" in short.split("common flags")[0]  # the description says what it is for
+    common = short[short.index("common flags") :]
+    first = ("--hf PATH", "--data PATH", "--steps N", "--lr X", "--dtype NAME", "--compute-dtype", "--save-every",
+             "--out-dir", "more flags, by section")  # fmt: skip
+    order = [common.index(f) for f in first]
+    assert order == sorted(order), order
+    assert "--lsh-target" not in short and "--placement" not in short  # strategy flags: by section
+    everything = _help(capsys, "--help", "all")
+    assert _help(capsys, "--help-all") == everything
+    flags = cliutil.flag_names()
+    assert all(flags[d][-1] in everything for d, _, _ in C.leaf_fields()), "every field's flag in --help all"
+    sections = [everything.index(f"\n{s}:\n") for s in ("model", "moe", "data", "train", "dist", "lsh", "infer")]
+    assert sections == sorted(sections) and everything.index("common flags") < sections[0]
+    moe = _help(capsys, "--help", "moe")
+    assert "--top-k N" in moe and "--lsh-target" not in moe
+    assert cli.main(["train", "--help", "nosuch"]) == EXIT_USER
+    assert "no such section" in capsys.readouterr().err

@@ -129,3 +129,38 @@ def test_heap_trim_is_validated_and_runs():
     for _ in range(4):
         t.step()
     assert t.count == (4 if t.active else 0)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: C.MoEConfig(top_k=9, num_experts=8), "moe.top_k=9 is out of range; must be in [1, moe.num_experts=8]"),
+        (lambda: C.MoEConfig(num_experts=0), "moe.num_experts=0 is out of range; must be >= 1"),
+        (lambda: C.MoEConfig(compress="fp9"), "moe.compress='fp9' is not valid; choose one of:"),
+        (lambda: C.MoEConfig(top_k="2"), "moe.top_k: expected int, got '2'"),
+        (lambda: C.MoEConfig(jitter=float("nan")), "moe.jitter: must be a finite number, got nan"),
+        (lambda: C.ModelConfig(d_model=30), "model.n_heads=4 must divide model.d_model=30"),
+        (lambda: C.TrainConfig(batch_size=6, grad_accum=4), "train.grad_accum=4 must divide train.batch_size=6"),
+        (lambda: C.LSHConfig(buckets_per_hash=3), "lsh.buckets_per_hash=3 must be even"),
+        (lambda: C.FaultConfig(inject="kill:1"), "fault.inject='kill:1': item 'kill:1' must be kind:rank:step"),
+        (lambda: C.DataConfig(field=" "), "data.field='' is not valid"),
+    ],
+)
+def test_config_classes_check_themselves_on_construction(make, message):
+    """A Python user's config fails where it is written, with the message the CLI gives for the same value."""
+    with pytest.raises(C.ConfigError) as e:
+        make()
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_construction_checks_leave_the_building_paths_alone(tmp_path):
+    """Configs built field by field (YAML, --set, flags, code that mutates) pass through invalid states; only
+    validate() judges the result, and a base config overlaid by YAML is copied, not rebuilt."""
+    cfg = C.Config(moe=C.MoEConfig(num_experts=4, top_k=4))
+    cfg.moe.top_k = 9  # mutated: not checked until validate()
+    with pytest.raises(C.ConfigError, match=r"moe.top_k=9 is out of range; must be in \[1, moe.num_experts=4\]"):
+        C.validate(cfg)
+    f = tmp_path / "c.yaml"
+    f.write_text("moe: {top_k: 6, num_experts: 8}\n")  # top_k=6 before num_experts=8 is set
+    assert C.validate(C.load_yaml(f, base=cfg)).moe.top_k == 6
+    assert C.MoEConfig(top_k=8, num_experts=8).top_k == 8

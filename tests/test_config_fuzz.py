@@ -1,16 +1,25 @@
 """Property-based fuzz of the configuration surface (YAML files, --set overrides, flag values): every
 generated input either runs, or fails before any rank starts with one line that names a field (or
-the file or override it came from): exit status 2, no traceback."""
+the file or override it came from): exit status 2, no traceback.
+
+In CI the search is deterministic (derandomized: the same 150 inputs on every run) and the inputs a
+wider search once found are kept as explicit examples. The wide random search is a separate, longer run:
+
+    LSHMOE_FUZZ_EXAMPLES=5000 python -m pytest -q tests/test_config_fuzz.py
+
+(new random inputs each time; a failure it finds becomes an `@example` here).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import string
 
 import pytest
 import yaml
 from cli_util import TINY, corpus
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lshmoe import cli, cliutil
@@ -22,6 +31,13 @@ FLAGS = cliutil.flag_names()
 # these are fixed by the base arguments instead.
 FIXED = {"data.cache_dir", "train.out_dir", "train.ckpt_dir", "data.corpus", "data.path", "fault.max_restarts"}
 FUZZED = sorted(set(LEAVES) - FIXED)
+# Deterministic in CI; LSHMOE_FUZZ_EXAMPLES=N: a wide random search of N inputs (module docstring).
+WIDE = int(os.environ.get("LSHMOE_FUZZ_EXAMPLES", "0") or 0)
+SEARCH = (
+    settings(max_examples=WIDE, derandomize=False, deadline=None)
+    if WIDE
+    else settings(max_examples=150, derandomize=True, database=None, deadline=None)
+)
 
 
 def _value(dotted: str) -> st.SearchStrategy:
@@ -79,6 +95,7 @@ def _names_a_field(line: str, files: tuple[str, ...] = ()) -> bool:
         or any(d in line for d in LEAVES)
         or any(f"{s}." in line for s in C.SECTIONS)
         or any(tok in line for tok in ("--config", "--set", "override", "unknown section", "--resume"))
+        or "unrecognized arguments" in line  # the line quotes the argument itself
     )
 
 
@@ -100,8 +117,13 @@ def base(tmp_path_factory):
     ]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(SEARCH, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=inputs())
+# found by the search: a YAML value of another type for model.hf named neither the field nor the file
+@example(case=([], "model:\n  hf: 0\n"))
+@example(case=(["--set", "model.hf=0"], None))
+@example(case=(["--hf", "nothere"], "train:\n  steps: 2\n"))
+@example(case=(["--moe.expert_bias", "-:"], None))  # a bool flag's value that starts with "-"
 def test_every_input_starts_or_fails_first_with_one_line(base, case, monkeypatch, capsys):
     tmp, base_argv = base
     extra, text = case
@@ -126,6 +148,15 @@ def test_every_input_starts_or_fails_first_with_one_line(base, case, monkeypatch
     assert not started, "it failed after a rank was started"
     assert len(errors) == 1 and "Traceback" not in err, err
     assert _names_a_field(errors[0], (str(tmp / "fuzz.yaml"),)), errors[0]
+
+
+def test_the_search_is_deterministic_unless_a_wide_one_is_asked_for():
+    """CI draws the same inputs every run (and keeps the found cases), so it passes or fails on the code."""
+    fuzz = test_every_input_starts_or_fails_first_with_one_line
+    used = fuzz._hypothesis_internal_use_settings
+    assert used.derandomize == (not WIDE) and (used.database is None or WIDE)
+    found = [ex.kwargs["case"] for ex in fuzz.hypothesis_explicit_examples]
+    assert ([], "model:\n  hf: 0\n") in found
 
 
 @st.composite

@@ -74,3 +74,30 @@ def test_ledger_bytes_match_fixed_routing():
         assert res["step"]["a2a_bytes_fwd"] == fwd
         assert res["step"]["a2a_bytes_bwd"] == fwd
         assert res["step"]["a2a_meta_bytes"] == 16
+
+
+def test_a_library_users_loop_keeps_the_ledger_bounded_without_end_step():
+    """The README's loop never calls `comm.ledger.end_step()`: over 10,000 forward/backward steps of a real
+    MoE layer the ledger holds at most `max_open` records, and the summary it gives when a step is at last
+    ended still counts every collective. One rank, with the flat dispatcher every expert-parallel layer
+    uses, over a group of one: its exchanges are local copies, recorded as on W ranks."""
+    from lshmoe.distributed import ledger
+    from lshmoe.distributed.comm import Comm
+    from lshmoe.moe.dispatch.flat import AllToAllDispatcher
+
+    MAX_OPEN = getattr(ledger, "MAX_OPEN", 8192)  # noqa: N806 - the ledger's bound
+
+    comm = Comm.local()
+    flat = AllToAllDispatcher(comm, comm.group("ep"), 2, 0)
+    layer = MoELayer(MoEConfig(num_experts=2, top_k=1, d_expert=2), 4, comm, layer_id=0, dispatcher=flat)
+    x = torch.randn(2, 4)
+    most = per_step = 0
+    for _ in range(10_000):
+        layer(x).y_TD.sum().backward()
+        per_step = per_step or len(comm.ledger.records)  # the exchanges of one step
+        most = max(most, len(comm.ledger.records))
+    assert per_step * 10_000 > MAX_OPEN >= most, "the loop opens more records than the ledger keeps"
+    summary = comm.ledger.end_step()
+    assert summary.a2a_calls == per_step * 10_000  # every exchange counted, folded or not
+    assert 0 < summary.comm_time_s <= summary.a2a_time_s + summary.other_time_s + summary.allreduce_time_s + 1e-9
+    assert comm.ledger.records == [] and comm.ledger.end_step().a2a_calls == 0

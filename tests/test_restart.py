@@ -1,6 +1,7 @@
 """A job that restarts itself: lshmoe's launcher with --max-restarts and torchrun's elastic agent with
 its --max-restarts both bring a killed job back from the latest checkpoint, and the losses equal an
-uninterrupted run bitwise."""
+uninterrupted run bitwise. Both run without --out-dir: the job's own new directory must be the same for
+every rank and every restart, or a restart would not find its checkpoints (or its fired faults)."""
 
 from __future__ import annotations
 
@@ -29,15 +30,25 @@ def uninterrupted(tmp_path_factory):
     return tmp, losses(tmp / "out")
 
 
+def _only_run(cwd):
+    """The one directory a job without --out-dir wrote to."""
+    (out,) = list((cwd / "runs").iterdir())
+    return out
+
+
 @pytest.mark.slow
 def test_max_restarts_survives_a_kill_and_a_kill_during_a_save(uninterrupted, tmp_path):
     tmp, clean = uninterrupted
-    out = tmp_path / "out"
     # kill rank 1 before step 5 (resume from 3), then rank 0 inside the save of step 6 (resume from 3 again)
     rc, err, _ = run(
-        [*_args(tmp, out), "--nproc", "2", "--max-restarts", "3", "--fault", "kill:1:5,killsave:0:6"], timeout=900
+        [*_args(tmp, None), "--nproc", "2", "--max-restarts", "3", "--fault", "kill:1:5,killsave:0:6"],
+        timeout=900,
+        cwd=tmp_path,
     )
     assert rc == 0, err
+    out = _only_run(tmp_path)
+    assert err.count("a new directory for this job") == 1, err  # named once, by the launcher
+    assert err.count(f"writing to runs/{out.name}") == 4, err  # and used by every attempt (3) after it
     assert err.count("lshmoe: restarting the job") == 2, err
     assert [r["fault"] for r in read_fired(out)] == ["kill:1:5", "killsave:0:6"]
     assert err.count("step_00000003 at step 3") == 2, err
@@ -74,8 +85,8 @@ def test_restart_policy(capsys, statuses, restarts, calls, final):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_max_restarts_resumes_from_the_latest_checkpoint(uninterrupted, tmp_path):
     tmp, clean = uninterrupted
-    out = tmp_path / "out"
-    # --resume none on the command line: the restarted workers resume anyway (TORCHELASTIC_RESTART_COUNT > 0)
+    # --resume none on the command line: the restarted workers resume anyway (TORCHELASTIC_RESTART_COUNT > 0);
+    # no --out-dir: the workers of both attempts agree on the job's directory through the agent's store
     cmd = [
         sys.executable,
         "-m",
@@ -89,10 +100,11 @@ def test_torchrun_max_restarts_resumes_from_the_latest_checkpoint(uninterrupted,
         "0.5",
         "-m",
         "lshmoe",
-        *_args(tmp, out, "--fault", "kill:1:5", "--resume", "none"),
+        *_args(tmp, None, "--fault", "kill:1:5", "--resume", "none"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _only_run(tmp_path)
     assert "step_00000003 at step 3" in proc.stderr, proc.stderr[-3000:]
     assert [r["fault"] for r in read_fired(out)] == ["kill:1:5"]
     assert losses(out) == clean, "bitwise equal to the uninterrupted run"

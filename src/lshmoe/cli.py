@@ -35,7 +35,7 @@ from lshmoe.errors import (
 
 # verb -> (module with main(argv) -> int, one line for `lshmoe --help`)
 VERBS = {
-    "train": ("lshmoe.commands.train", "train a GPT-MoE language model, or fine-tune a Hugging Face MoE (--hf)"),
+    "train": ("lshmoe.commands.train", "fine-tune a Hugging Face MoE (--hf DIR), or train a GPT-MoE from scratch"),
     "export": ("lshmoe.commands.export", "write a train --hf checkpoint as a Hugging Face checkpoint"),
     "infer": ("lshmoe.infer.run", "score a trained checkpoint with Lina's expert placement"),
     "bench": ("lshmoe.commands.bench", "run a benchmark (results in runs/bench/; --out docs/bench to commit)"),
@@ -52,7 +52,9 @@ def build_parser() -> Parser:
     verbs = "\n".join(f"  {name:<{width}}  {help}" for name, (_, help) in VERBS.items())
     p = Parser(
         prog="lshmoe",
-        description="Communication-efficient distributed MoE training.",
+        description="Communication-efficient distributed MoE training: fine-tune Hugging Face MoE models\n"
+        "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) expert-parallel on your data and export them\n"
+        "back (lshmoe train --hf DIR --data PATH; lshmoe export), or train lshmoe's GPT-MoE from scratch.",
         epilog=f"verbs:\n{verbs}\n\n`lshmoe VERB --help` lists a verb's flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,10 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     as_program = argv is None
     if as_program and under_launcher():
         faulthandler.enable(all_threads=True)  # a rank that dies on a signal prints every thread's stack
-    rc = _main(list(sys.argv[1:] if argv is None else argv))
+    try:
+        rc = _main(list(sys.argv[1:] if argv is None else argv))
+    except BaseException as e:  # a traceback follows; the launcher learns which rank failed first
+        _note(e)
+        raise
     if as_program and under_launcher():
         _end_rank(rc)
     return rc
+
+
+def _note(e: BaseException) -> None:
+    """Inside a rank of lshmoe's launcher: when and how this rank failed (distributed/launch.py)."""
+    if under_launcher():
+        from lshmoe.distributed.launch import note_failure
+
+        note_failure(e)
 
 
 def _end_rank(rc: int) -> NoReturn:
@@ -93,10 +107,12 @@ def _main(argv: list[str]) -> int:
         verb = build_parser().parse_args(argv[:1]).verb
         return importlib.import_module(VERBS[verb][0]).main(argv[1:])
     except UserError as e:
+        _note(e)
         if rank == 0:
             print(f"lshmoe: error: {e}", file=sys.stderr)
         return EXIT_USER
     except DistError as e:
+        _note(e)
         print(f"lshmoe: {e}", file=sys.stderr, flush=True)
         if under_launcher():
             # NOTE: a rank whose peers are gone exits at once: a thread still blocked on the dead peer or
@@ -105,6 +121,7 @@ def _main(argv: list[str]) -> int:
             os._exit(EXIT_DIST)
         return EXIT_DIST
     except NumericalError as e:
+        _note(e)
         if rank == 0:
             print(f"lshmoe: error: {e}", file=sys.stderr)
         return EXIT_NUMERIC

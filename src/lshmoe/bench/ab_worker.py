@@ -68,6 +68,8 @@ def _iface_tx() -> int:
 
 def run(spec: dict) -> None:
     variants = {name: from_dict(cfg) for name, cfg in spec["variants"].items()}
+    for name, cfg in variants.items():  # each variant's files beside the result, not a new run under runs/
+        cfg.train.out_dir = cfg.train.out_dir or str(Path(spec["out"]).parent / "variants" / name)
     first = next(iter(variants.values()))
     comm = init_comm(first.dist, first.moe.ep_size)
     data = load_data(first.data)

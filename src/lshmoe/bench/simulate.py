@@ -21,13 +21,51 @@ Everything printed is a PROJECTION from these inputs, not a measurement.
 
 from __future__ import annotations
 
-import argparse
+import math
 from dataclasses import asdict, dataclass, fields, replace
+
+from lshmoe.cliutil import Parser
+from lshmoe.errors import UserError
 
 
 def amdahl_bound(f: float, r: float) -> float:
     """The speedup if only the all-to-all changes: the fraction f of the step it takes, scaled by r."""
     return 1.0 / ((1.0 - f) + f * r)
+
+
+# Each input's valid range: (low, low is allowed, high or None); a value outside is one line naming the flag.
+RANGES = {
+    "nodes": (1, True, None),
+    "gpus_per_node": (1, True, None),
+    "inter_gbit_per_node": (0, False, None),
+    "gpu_tflops": (0, False, None),
+    "mfu": (0, False, 1),
+    "hidden": (1, True, None),
+    "layers": (1, True, None),
+    "moe_every": (1, True, None),
+    "tokens_per_gpu": (1, True, None),
+    "top_k": (1, True, None),
+    "bytes_per_elem": (1, True, None),
+    "rate": (0, False, 1),
+    "lsh_passes": (0, True, None),
+    "lsh_bw_eff": (0, False, 1),
+    "hbm_tbps": (0, False, None),
+}
+
+
+def check(m: ClusterModel) -> ClusterModel:
+    """Every input finite and in range (`RANGES`; and moe_every <= layers); a one-line UserError naming
+    the flag otherwise."""
+    for name, (low, closed, high) in RANGES.items():
+        v = getattr(m, name)
+        flag = f"--{name.replace('_', '-')}"
+        ok = math.isfinite(v) and (v >= low if closed else v > low) and (high is None or v <= high)
+        if not ok:
+            rng = f"{'>=' if closed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise UserError(f"lshmoe simulate: {flag} {v} is out of range; must be a finite number {rng}")
+    if m.moe_every > m.layers:
+        raise UserError(f"lshmoe simulate: --moe-every {m.moe_every} is out of range; must be <= --layers {m.layers}")
+    return m
 
 
 @dataclass(kw_only=True)
@@ -100,16 +138,18 @@ def project(m: ClusterModel) -> Projection:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lshmoe simulate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="lshmoe simulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a named cluster")
     for f in fields(ClusterModel):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     a = p.parse_args(argv)
     presets = [a.preset] if a.preset else sorted(PRESETS)
     for name in presets:
-        m = replace(
-            PRESETS[name],
-            **{f.name: getattr(a, f.name) for f in fields(ClusterModel) if getattr(a, f.name) is not None},
+        m = check(
+            replace(
+                PRESETS[name],
+                **{f.name: getattr(a, f.name) for f in fields(ClusterModel) if getattr(a, f.name) is not None},
+            )
         )
         r = project(m)
         print(f"PROJECTION (analytic model, not a measurement) - preset {name}")

@@ -20,6 +20,7 @@ from lshmoe.config.schema import (
     FAULT_KINDS,
     FLAG_PREFIX,
     PLACEMENTS,
+    SCRATCH_LR,
     SECTIONS,
     AutoConfig,
     Config,
@@ -35,10 +36,12 @@ from lshmoe.config.schema import (
     MoEConfig,
     QuantConfig,
     ScMoEConfig,
+    Section,
     TrainConfig,
     UpcycleConfig,
+    section_class,
 )
-from lshmoe.config.validate import validate, validate_inference
+from lshmoe.config.validate import validate, validate_ep, validate_inference
 from lshmoe.errors import ConfigError
 
 __all__ = [
@@ -48,7 +51,9 @@ __all__ = [
     "FAULT_KINDS",
     "FLAG_PREFIX",
     "PLACEMENTS",
+    "SCRATCH_LR",
     "SECTIONS",
+    "Section",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -75,7 +80,9 @@ __all__ = [
     "leaf_types",
     "load_yaml",
     "resolve",
+    "section_class",
     "set_value",
     "validate",
+    "validate_ep",
     "validate_inference",
 ]

@@ -130,3 +130,33 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
             return str(value)
         raise bad
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _range_text(meta: dict[str, Any], tp: Any = None) -> str:
+    parts = []
+    for op, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if meta.get(op) is not None:
+            bound = meta[op]
+            parts.append(f"{sym} {int(bound) if float(bound).is_integer() else bound}")
+    return " and ".join(parts)
+
+
+def check_leaf(path: str, value: Any, meta: dict[str, Any], tp: Any = None) -> None:
+    """One field's declared choices and range; a one-line ConfigError naming `path` (the dotted field)."""
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{path}={value!r} is not valid; choose one of: {', '.join(meta['choices'])}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    ok = all(
+        bound is None or cmp(value, bound)
+        for bound, cmp in (
+            (meta.get("ge"), lambda v, b: v >= b),
+            (meta.get("gt"), lambda v, b: v > b),
+            (meta.get("le"), lambda v, b: v <= b),
+            (meta.get("lt"), lambda v, b: v < b),
+        )
+    )
+    if not ok:
+        raise ConfigError(f"{path}={value} is out of range; must be {_range_text(meta, tp)}")

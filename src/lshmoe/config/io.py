@@ -7,6 +7,7 @@ wrong types fail with one line naming the field. A key that moved to a system's 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def _assign(cfg: Config, section: str, key: str, value: Any, unknown: str) -> No
 
 
 def _deepcopy(cfg: Config) -> Config:
-    return Config(**{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    # NOTE: copy.copy, not dataclasses.replace: a base mutated field by field is checked by validate(), not
+    # by a section's construction halfway through an overlay
+    return Config(**{s: copy.copy(getattr(cfg, s)) for s in SECTIONS})
 
 
 def load_yaml(path: str | Path, base: Config | None = None) -> Config:

@@ -24,6 +24,7 @@ COMPRESSORS = Registered("lshmoe.compress.registry:NAMES")
 DISPATCHERS = Registered("lshmoe.moe.dispatch.build:KINDS")
 PLACEMENTS = ("popularity", "uniform")  # Lina's inference placements
 FAULT_KINDS = ("kill", "stall", "nan", "killsave")
+SCRATCH_LR = 3e-3  # train.lr of a model trained from scratch (the GPT-MoE), when train.lr is none
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -31,11 +32,24 @@ DTYPES = {
 }
 
 
+class Section:
+    """A config section. Construction checks each field given a non-default value (its type, choices and
+    range) and the section's own rules, with the messages `validate()` gives, so `MoEConfig(top_k=9,
+    num_experts=8)` fails where it is written. Fields set after construction (`cfg.moe.top_k = 9`, as the
+    YAML, `--set` and flag paths do one field at a time) and the rules that span sections or need the
+    world size are `validate()`'s, which checks everything again (validate.py)."""
+
+    def __post_init__(self) -> None:
+        from lshmoe.config.validate import check_section  # NOTE: validate.py imports this module
+
+        check_section(self)
+
+
 # The field tables are laid out by hand, one declaration a line or two (a formatter would spread
 # each over five lines).
 # fmt: off
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(Section):
     """The GPT-MoE decoder."""
 
     arch: str = _f("gpt", "gpt: top-k MoE blocks; shared: + a shared dense expert; scmoe: shortcut-connected MoE "
@@ -60,7 +74,7 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class MoEConfig:
+class MoEConfig(Section):
     """The expert-parallel MoE layer: routing, capacity, experts, compressor and dispatcher choice."""
 
     num_experts: int = _f(8, "experts per MoE layer E", ge=1)
@@ -113,7 +127,7 @@ class MoEConfig:
 
 
 @dataclass(kw_only=True)
-class LSHConfig:
+class LSHConfig(Section):
     """LSH-MoE compression (used when moe.compress=lsh); see docs/lsh.md for how defaults were chosen."""
 
     family: str = _f("cross_polytope", "hash family: cross-polytope (argmax of [xR; -xR]) or hyperplane (signs)",
@@ -180,7 +194,7 @@ class LSHConfig:
 
 
 @dataclass(kw_only=True)
-class QuantConfig:
+class QuantConfig(Section):
     """Quantized payloads (moe.compress=fp8 | int8 | lsh+fp8); see compress/quant.py for the format."""
 
     directions: str = _f("deepseek", "exchanges sent quantized: deepseek = dispatch forward + combine backward (the "
@@ -195,7 +209,7 @@ AUTO_CHOICES = ("identity", "fp8", "int8", "lsh", "lsh+fp8")
 
 
 @dataclass(kw_only=True)
-class AutoConfig:
+class AutoConfig(Section):
     """`moe.compress=auto`: each MoE layer picks its compressor from measurements (compress/auto.py)."""
 
     candidates: str = _f("identity,fp8,lsh,lsh+fp8", "comma-separated compressors auto chooses from (identity "
@@ -227,7 +241,7 @@ class AutoConfig:
 
 
 @dataclass(kw_only=True)
-class ScMoEConfig:
+class ScMoEConfig(Section):
     """ScMoE / DGMoE block wiring (model.arch = shared | scmoe | dgmoe)."""
 
     overlap: bool = _f(True, "ScMoE/DGMoE: overlap the all-to-alls with the dense work of the window")
@@ -242,7 +256,7 @@ class ScMoEConfig:
 
 
 @dataclass(kw_only=True)
-class LocMoEConfig:
+class LocMoEConfig(Section):
     """LocMoE: locality-aware routing (moe.router=locmoe selects its GrAP gate)."""
 
     locality_weight: float = _f(0.0, "weight mu of the locality loss -log(router mass on node-local experts)",
@@ -254,7 +268,7 @@ class LocMoEConfig:
 
 
 @dataclass(kw_only=True)
-class LinaConfig:
+class LinaConfig(Section):
     """Lina in training: all-to-all micro-ops and the gradient all-reduce scheduler."""
 
     a2a_chunks: int = _f(1, "cut each all-to-all into n micro-ops along the tokens so the experts compute one while "
@@ -266,7 +280,7 @@ class LinaConfig:
 
 
 @dataclass(kw_only=True)
-class InferConfig:
+class InferConfig(Section):
     """Lina's inference placement (`lshmoe infer`)."""
 
     path_len: int = _f(3, "l: previous MoE layers in a token's path", ge=0)
@@ -281,7 +295,7 @@ class InferConfig:
 
 
 @dataclass(kw_only=True)
-class UpcycleConfig:
+class UpcycleConfig(Section):
     """Sparse upcycling of a dense BERT checkpoint (model.hf) into an MoE masked LM (hf/upcycle.py)."""
 
     every: int = _f(2, "every n-th encoder layer's FFN becomes an MoE of moe.num_experts copies of it (1 = all)", ge=1)
@@ -299,7 +313,7 @@ class UpcycleConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Section):
     """Training text and tokenizer."""
 
     path: str | None = _f(None, "UTF-8 text file or directory (hidden entries inside it are skipped), JSONL / "
@@ -318,7 +332,7 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation, evaluation and logging."""
 
     steps: int = _f(200, "optimizer steps", ge=1)
@@ -326,7 +340,10 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step: batch_size / N sequences each, every one with its own "
                          "(compressed) dispatch; the step's data and gradient are those of the whole batch", ge=1,
                          flag="grad-accum")
-    lr: float = _f(3e-3, "peak learning rate", gt=0)
+    lr: float | None = _f(None, "peak learning rate; none = the model's own: 3e-3 for the GPT-MoE trained from "
+                          "scratch, 1e-5 for fine-tuning an --hf MoE checkpoint (full fine-tuning of pretrained "
+                          "weights with AdamW; a from-scratch rate 300x larger wrecks them in a few steps), 3e-4 "
+                          "for upcycling a dense --hf checkpoint (docs/upcycle.md); printed at start", gt=0)
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine floor)", ge=0, le=1)
     warmup_steps: int = _f(20, "linear warmup steps", ge=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", ge=0)
@@ -337,7 +354,9 @@ class TrainConfig:
     eval_every: int = _f(50, "validate every n steps (and at the end); 0 = only at the end", ge=0)
     eval_batches: int = _f(8, "validation batches per rank", ge=1)
     log_every: int = _f(10, "write a metrics line every n steps", ge=1)
-    out_dir: str = _f("runs/latest", "metrics.jsonl and the run summary go here")
+    out_dir: str | None = _f(None, "metrics, checkpoints and the summary go here; none = a new directory per job, "
+                             "runs/<model>-<date>-<time> (printed at start; every rank and every restart of the "
+                             "job use the same one); name a run's directory to continue it")
     dtype: str = _f("float32", "parameter (master weight) and AdamW-state dtype; bfloat16 here with no compute_dtype "
                     "is pure bf16 (no fp32 master weights: small updates round away), prefer compute_dtype",
                     choices=tuple(DTYPES), flag="dtype")
@@ -349,17 +368,19 @@ class TrainConfig:
                  "attention sub-block; never a region with a collective, the router or the LSH hashing",
                  choices=("none", "experts", "blocks"), flag="ac")
     progress: bool = _f(True, "progress bar on rank 0")
-    save_every: int = _f(0, "save a checkpoint every n steps (and at the end); 0 = no checkpoints", ge=0)
+    save_every: int | None = _f(None, "save a checkpoint every n steps and after the last one; 0 = never; none = "
+                                "the model's own: after the last step for --hf runs (a fine-tune is kept, ready for "
+                                "lshmoe export), never for the GPT-MoE", ge=0)
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 = keep all", ge=0)
     ckpt_dir: str | None = _f(None, "checkpoint directory; none = <out_dir>/checkpoints")
     resume: str = _f("auto", "auto = continue from the latest intact checkpoint in ckpt_dir when there is one "
-                     "(falling back to the previous one if it is corrupted), else start afresh; none = start "
-                     "afresh; or a checkpoint directory")
+                     "(falling back to the previous one if it is corrupted) and it is of the same model and data, "
+                     "else start afresh; none = start afresh; or a checkpoint directory (any data)")
     tensorboard: bool = _f(False, "also write the metrics as TensorBoard event files (needs tensorboard)")
 
 
 @dataclass(kw_only=True)
-class DistConfig:
+class DistConfig(Section):
     """Processes and communication."""
 
     nproc: int = _f(1, "ranks to spawn locally (ignored under torchrun)", ge=1)
@@ -395,7 +416,7 @@ class Fault:
 
 
 @dataclass(kw_only=True)
-class FaultConfig:
+class FaultConfig(Section):
     """Faults: what to do on a non-finite step, restarts after a failure, and fault injection for tests."""
 
     nan_policy: str = _f("skip", "on a non-finite loss or gradient: skip the step, or stop (save and exit)",
@@ -451,6 +472,13 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def section_class(name: str) -> type:
+    """The dataclass of section `name` (e.g. `MoEConfig` for "moe")."""
+    return next(f.default_factory for f in dataclasses.fields(Config) if f.name == name)  # type: ignore[return-value]
+
+
 # Sections whose fields get `--<prefix><key>` as their short flag (their names are too generic alone).
 FLAG_PREFIX = {"lsh": "lsh-", "upcycle": "upcycle-"}
 # Keys that moved to a system's own section: the old name keeps working in YAML, --set and flags.

@@ -11,6 +11,15 @@ error, a numerical stop, a requested stop or Ctrl-C is started again, up to N ti
 fresh rendezvous port and with TORCHELASTIC_RESTART_COUNT set as torchrun's agent sets it, so the
 ranks resume from the latest checkpoint.
 
+The rank named in "the job failed: rank N was the first to fail" is the one whose failure came first,
+not the lowest rank that exited: a rank that fails on its own (an exception, a kill) often outlives the
+peers it brings down (it tells them through the watchdog, then exits), and the launcher polls in rank
+order. So each rank notes when and how it failed in a file of the attempt's own directory
+(`note_failure`, FAILURE_DIR_ENV), and the launcher names the earliest failure a rank caused itself
+(a peer's failure, DistError or exit status EXIT_DIST, counts only when no rank failed on its own);
+a rank that left no note (killed by a signal, died before the loop) counts at the time its exit
+was seen.
+
 Stopping: SIGTERM and SIGINT sent to the launcher are forwarded to every rank (SIGTERM: the ranks
 save a checkpoint of the current step when the run saves checkpoints, then exit; train/stop.py); ranks
 still running `stop_grace_s` later are killed. A rank also ends when its launcher dies, whatever killed
@@ -20,19 +29,81 @@ it: the kernel sends it SIGTERM then (PR_SET_PDEATHSIG), so no rank trains on un
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from lshmoe.errors import EXIT_INTERRUPTED, EXIT_NUMERIC, EXIT_STOPPED, EXIT_USER
+from lshmoe.errors import EXIT_DIST, EXIT_INTERRUPTED, EXIT_NUMERIC, EXIT_STOPPED, EXIT_USER, DistError
 
 # A job that ended with one of these is not restarted: a restart would fail the same way, or was not wanted.
 FINAL_STATUSES = (0, EXIT_USER, EXIT_NUMERIC, EXIT_INTERRUPTED, EXIT_STOPPED)
 PR_SET_PDEATHSIG = 1
+FAILURE_DIR_ENV = "LSHMOE_FAILURE_DIR"  # where the ranks of one attempt note their failures
+
+
+def note_failure(exc: BaseException) -> None:
+    """Note, once per rank, when and how this rank failed, for the launcher that started it (nothing
+    outside lshmoe's launcher). A DistError is a peer's failure seen from here."""
+    where, rank = os.environ.get(FAILURE_DIR_ENV), os.environ.get("RANK")
+    if not where or rank is None:
+        return
+    path = Path(where) / f"rank{rank}.json"
+    if path.exists():
+        return
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    note = {"time": time.time(), "peer": isinstance(exc, DistError), "what": f"{type(exc).__name__}: {first}"}
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(note))
+        os.replace(tmp, path)
+    except OSError:  # the note is a diagnosis; a rank never fails for want of it
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One rank's failure as the launcher knows it."""
+
+    rank: int
+    time: float  # wall clock: the rank's own note, else when its exit was seen
+    code: int | None  # exit status (negative: killed by that signal); None: not exited when the job was stopped
+    peer: bool  # caused by another rank's failure
+    what: str = ""
+
+
+def failures(exits: dict[int, tuple[float, int]], notes_dir: Path | None) -> list[Failure]:
+    """Every failed rank: those that exited non-zero (`exits`: rank -> (time seen, status)) and those that
+    noted a failure in `notes_dir`."""
+    notes = {}
+    for f in notes_dir.glob("rank*.json") if notes_dir is not None else ():
+        try:
+            notes[int(f.stem[4:])] = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+    out = []
+    for rank in sorted(set(notes) | {r for r, (_, code) in exits.items() if code != 0}):
+        seen, code = exits.get(rank, (float("inf"), None))
+        note = notes.get(rank)
+        if note is not None:
+            out.append(Failure(rank, float(note["time"]), code, bool(note["peer"]), str(note.get("what", ""))))
+        else:
+            out.append(Failure(rank, seen, code, code == EXIT_DIST))
+    return out
+
+
+def first_failure(found: list[Failure]) -> Failure | None:
+    """The earliest failure a rank caused itself; the earliest of all when every one was a peer's."""
+    own = [f for f in found if not f.peer]
+    return min(own or found, key=lambda f: (f.time, f.rank), default=None)
 
 
 def free_port() -> int:
@@ -138,33 +209,40 @@ def supervise(
     """Start one process per rank (command and extra environment each) and supervise them."""
     procs: list[subprocess.Popen] = []
     forwarder = _Forwarder(procs)
+    notes = Path(tempfile.mkdtemp(prefix="lshmoe-failures-"))
     try:
         for cmd, extra in zip(cmds, envs, strict=True):
             env = dict(os.environ)
             env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's warnings with C++ traces, when a peer goes away
+            env[FAILURE_DIR_ENV] = str(notes)
             env.update(extra)
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent(os.getpid())))
-        return _watch(procs, forwarder, grace_s, stop_grace_s)
+        return _watch(procs, forwarder, grace_s, stop_grace_s, notes)
     except BaseException:
         _stop(procs)
         raise
     finally:
         forwarder.close()
+        shutil.rmtree(notes, ignore_errors=True)
 
 
-def _watch(procs: list[subprocess.Popen], forwarder: _Forwarder, grace_s: float, stop_grace_s: float) -> int:
+def _watch(
+    procs: list[subprocess.Popen], forwarder: _Forwarder, grace_s: float, stop_grace_s: float, notes: Path | None = None
+) -> int:
     """Wait for the ranks; the first failure gives the others `grace_s` to notice, a forwarded stop
-    signal gives them `stop_grace_s`; return the job's exit status."""
-    first_fail: tuple[int, int] | None = None
-    fail_time = 0.0
+    signal gives them `stop_grace_s`; return the job's exit status (the first failed rank's)."""
+    exits: dict[int, tuple[float, int]] = {}  # rank -> (wall time its exit was seen, status)
+    fail_time = None
     while True:
-        codes = [p.poll() for p in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0) and first_fail is None and not forwarder.signal:
-                first_fail, fail_time = (rank, code), time.monotonic()
-        if all(c is not None for c in codes):
+        for rank, p in enumerate(procs):
+            code = p.poll() if rank not in exits else None
+            if code is not None:
+                exits[rank] = (time.time(), code)
+                if code != 0 and fail_time is None and not forwarder.signal:
+                    fail_time = time.monotonic()
+        if len(exits) == len(procs):
             break
-        if first_fail is not None and time.monotonic() - fail_time > grace_s:
+        if fail_time is not None and time.monotonic() - fail_time > grace_s:
             _stop(procs)
             break
         if forwarder.signal and time.monotonic() - forwarder.when > stop_grace_s:
@@ -178,11 +256,16 @@ def _watch(procs: list[subprocess.Popen], forwarder: _Forwarder, grace_s: float,
         return EXIT_INTERRUPTED
     if forwarder.signal:
         return EXIT_STOPPED
-    if first_fail is not None:
-        rank, code = first_fail
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    first = first_failure(failures(exits, notes)) if fail_time is not None else None
+    if first is not None:
+        code = first.code if first.code is not None else next(c for _, c in exits.values() if c != 0)
+        if first.code is None:
+            how = "stopped by the launcher"
+        else:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
         if code != EXIT_USER:  # a user error was already reported in one line by rank 0
-            print(f"lshmoe: the job failed: rank {rank} was the first to stop ({how})", file=sys.stderr)
+            what = f"{first.what}; " if first.what else ""
+            print(f"lshmoe: the job failed: rank {first.rank} was the first to fail ({what}{how})", file=sys.stderr)
         return 128 - code if code < 0 else code
     return 0
 

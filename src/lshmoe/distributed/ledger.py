@@ -5,7 +5,9 @@ group, the phase (forward / backward / optimizer / eval / metrics), the tag of t
 (e.g. `moe1.dispatch`), the bytes sent to and received from each peer, and the wall-clock interval
 from issue to completion. `end_step()` folds the step's records into a `StepComm` summary and clears
 them, so memory stays flat over thousands of steps; an optional bounded timeline keeps the raw
-records for schedulers and invariant checkers that need them.
+records for schedulers and invariant checkers that need them. A caller that never ends a step (a
+library user's own loop) still holds at most `max_open` records: past that, the oldest half is folded
+into a carried partial summary that the next `end_step()` adds in, so its totals stay exact.
 
 On CUDA a record may carry CUDA events instead of host times (`CudaTiming`, see `Comm.timing`):
 `end_step()` waits for them once, at the end of the step, and converts them to the host clock,
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from lshmoe.distributed.tags import MoEOp, Tag
 
 PHASES = ("forward", "backward", "optimizer", "eval", "metrics", "setup")
+MAX_OPEN = 8192  # records of a step kept as records; the oldest half is folded beyond (a step has ~10 per layer)
 A2A_OPS = ("all_to_all",)
 ALLREDUCE_OPS = ("all_reduce",)
 
@@ -154,11 +157,15 @@ class CommLedger:
     `timeline` (when > 0) keeps that many most recent records across steps for later inspection.
     """
 
-    def __init__(self, rank: int = 0, node_of: dict[int, int] | None = None, timeline: int = 0):
+    def __init__(
+        self, rank: int = 0, node_of: dict[int, int] | None = None, timeline: int = 0, max_open: int = MAX_OPEN
+    ):
         self.rank = rank
         self.node_of = node_of or {}
         self.phase = "forward"
         self._records: list[CommRecord] = []
+        self.max_open = max_open
+        self._carry = _Carry()
         self.timeline: collections.deque[CommRecord] = collections.deque(maxlen=timeline or None)
         self._keep_timeline = timeline > 0
 
@@ -202,10 +209,37 @@ class CommLedger:
             start=time.perf_counter(),
             nbytes=nbytes,
         )
+        if len(self._records) >= self.max_open:
+            self._fold()
         self._records.append(rec)
         if self._keep_timeline:
             self.timeline.append(rec)
         return rec
+
+    def _fold(self) -> None:
+        """Summarise the oldest half of the open records (those complete: an exchange still in flight
+        stops the fold) into the carried partial summary, and drop them."""
+        half = len(self._records) // 2
+        k = 0
+        while k < half and _closed(self._records[k]):
+            k += 1
+        if k == 0:
+            return
+        head, self._records = self._records[:k], self._records[k:]
+        pending = [r for r in head if r.cuda is not None]
+        if pending:
+            anchor, anchor_s = pending[0].cuda, pending[0].start
+            for r in pending:
+                r.resolve(anchor, anchor_s)
+        carry = self._carry
+        intervals = self._add(head, carry.comm)
+        if carry.last is not None:
+            intervals.append(carry.last)
+        merged = _merge(intervals)
+        # NOTE: records open in issue order, so every later record starts after the folded ones began:
+        # only the last merged interval can still overlap them
+        carry.union_s += sum(e - s for s, e in merged[:-1])
+        carry.last = merged[-1] if merged else carry.last
 
     @property
     def records(self) -> list[CommRecord]:
@@ -221,11 +255,21 @@ class CommLedger:
                 r.resolve(anchor, anchor_s)
 
     def end_step(self) -> StepComm:
-        """Summarise the current step's records and start a new step."""
+        """Summarise the current step's records (and any folded before) and start a new step."""
         self.resolve()
-        out = StepComm()
+        carry, self._carry = self._carry, _Carry()
+        out = carry.comm
+        intervals = self._add(self._records, out)
+        if carry.last is not None:
+            intervals.append(carry.last)
+        out.comm_time_s = carry.union_s + _union_seconds(intervals)
+        self._records = []
+        return out
+
+    def _add(self, records: list[CommRecord], out: StepComm) -> list[tuple[float, float]]:
+        """Add `records` (host times) into `out`; return the intervals of the ones in the step's time."""
         intervals = []
-        for r in self._records:
+        for r in records:
             seconds = r.seconds
             if r.phase == "eval":
                 out.eval_time_s += seconds
@@ -262,6 +306,29 @@ class CommLedger:
                     out.intra_node_bytes += b
                 else:
                     out.inter_node_bytes += b
-        out.comm_time_s = _union_seconds(intervals)
-        self._records = []
-        return out
+        return intervals
+
+
+@dataclass(slots=True)
+class _Carry:
+    """Records folded out of a step that has not ended: their sums, and their busy time as the union of
+    the intervals that can no longer overlap later records plus the last one, which still can."""
+
+    comm: StepComm = field(default_factory=StepComm)
+    union_s: float = 0.0
+    last: tuple[float, float] | None = None
+
+
+def _closed(r: CommRecord) -> bool:
+    """The record's collective has completed (its end is known, or its end event recorded)."""
+    return r.cuda.end is not None if r.cuda is not None else r.end == r.end
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out

@@ -6,6 +6,11 @@ receives all E) and written in the published per-expert layout, `{block}.experts
 names: sharded safetensors files of at most `max_shard_mb`, `model.safetensors.index.json`, and
 config.json. Tokenizer and generation files of the source directory are copied when given.
 Only rank 0 writes; every rank must call it (the gather is collective).
+
+The output directory must be new or empty: a directory that already holds a checkpoint, sharded
+differently, would keep its old shards and index beside the new files, and transformers and lshmoe
+would then load different weights from it. `overwrite=True` replaces a checkpoint there (its
+`*.safetensors` and `model.safetensors.index.json` are removed first).
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ import torch
 from torch import nn
 
 from lshmoe.distributed.comm import Comm
-from lshmoe.hf.family import Family
+from lshmoe.hf.family import Family, HFError
 from lshmoe.hf.load import block_prefixes, block_tensor_names
 from lshmoe.hf.model import moe_blocks
+
+INDEX = "model.safetensors.index.json"
+# `--dtype` of `lshmoe export` (auto: the source checkpoint's, as its config.json records it)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SIDE_FILES = (
     "tokenizer.json",
@@ -83,6 +92,24 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards + [cur] if cur else shards
 
 
+def check_out_dir(out: Path, overwrite: bool, name: str = "export") -> None:
+    """`out` can take a checkpoint: a new or empty directory, or (`overwrite`) one whose checkpoint may go."""
+    if out.exists() and not out.is_dir():
+        raise HFError(f"{name} {out}: is a file, not a directory; name a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise HFError(
+            f"{name} {out}: the directory is not empty; write to a new directory, or add --overwrite to replace "
+            f"the checkpoint there (its *.safetensors and {INDEX} are removed first)"
+        )
+
+
+def clear_weights(out: Path) -> None:
+    """Remove a checkpoint's weight files (every shard and the index) from `out`."""
+    for f in [*out.glob("*.safetensors"), out / INDEX]:
+        if f.is_file():
+            f.unlink()
+
+
 def export(
     model: nn.Module,
     comm: Comm,
@@ -91,16 +118,20 @@ def export(
     source: str | Path | None = None,
     max_shard_mb: float = 2000,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path | None:
     """Write the checkpoint (rank 0); returns its directory on rank 0, None elsewhere. `dtype`: cast
-    the floating-point tensors on writing (e.g. back to the source checkpoint's dtype)."""
+    the floating-point tensors on writing (e.g. back to the source checkpoint's dtype), and say so in
+    config.json; `overwrite`: see the module docstring."""
     from safetensors.torch import save_file
 
-    tensors = hf_state_dict(model, comm)
+    tensors = hf_state_dict(model, comm)  # NOTE: collective, so before rank 0 may raise
     if comm.rank != 0:
         return None
     out = Path(out_dir)
+    check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    clear_weights(out)
     cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
     shards = _shards({k: v.contiguous().cpu() for k, v in cast.items()}, int(max_shard_mb * 2**20))
     weight_map, total = {}, 0
@@ -114,6 +145,8 @@ def export(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = copy.deepcopy(model.config)
+    if dtype is not None:
+        config.dtype = dtype
     if getattr(model, "hf_output_router_logits", None) is not None:
         config.output_router_logits = model.hf_output_router_logits
     config.save_pretrained(str(out))

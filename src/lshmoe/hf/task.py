@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lshmoe.config import DTYPES, Config, ConfigError, MoEConfig, validate
+from lshmoe.config import DTYPES, Config, ConfigError, MoEConfig, validate, validate_ep
 from lshmoe.data import TokenData, hf_token_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.hf.capture import capture_ffn_inputs
@@ -36,6 +36,7 @@ from lshmoe.hf.model import build_model, materialize_model, moe_blocks
 from lshmoe.hf.packaged import checkpoint_dir
 from lshmoe.hf.read import model_type_of, read_config
 from lshmoe.hf.upcycle import read_bert_config, upcycle_bert
+from lshmoe.hf.weights import check_weight_files
 from lshmoe.train.task import Log, StepOutput, TaskBase, params_line
 
 # Set by an MoE checkpoint: a fine-tuning run cannot change them.
@@ -76,13 +77,24 @@ class HFTask(TaskBase):
     def batches(self, tokens: TokenData) -> Any:
         return tokens
 
-    def setup(self, cfg: Config, comm: Comm, log: Log) -> Any:
-        ep = max(1, cfg.moe.ep_size or comm.world_size)
-        validate(cfg, comm.world_size if cfg.moe.num_experts % ep == 0 else None)  # the checkpoint's E: build()
+    weights_required = True  # the model's weights come from the safetensors files
+
+    def check(self, cfg: Config, world_size: int) -> Any:
+        """What can be checked before any tensor is read (the launching process and every rank): the
+        config for this world (the experts divide by EP once the model is built: the checkpoint sets
+        E), the checkpoint's config.json and whole weight files. Returns its transformers config."""
+        ep = max(1, cfg.moe.ep_size or world_size)
+        validate(cfg, world_size if cfg.moe.num_experts % ep == 0 else None)
+        validate_ep(cfg.moe, world_size)
         if cfg.model.arch != "gpt":
             raise ConfigError(f"model.arch={cfg.model.arch}: with --hf the model is the checkpoint's own (arch gpt)")
+        hf_config = self.read_config(self.src)
+        check_weight_files(self.src, self.weights_required)
+        return hf_config
+
+    def setup(self, cfg: Config, comm: Comm, log: Log) -> Any:
+        self.hf_config = self.check(cfg, comm.world_size)
         self.cfg = cfg
-        self.hf_config = self.read_config(self.src)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None)
         if max_pos is not None and cfg.model.seq_len > max_pos:
             raise ConfigError(f"model.seq_len={cfg.model.seq_len} is out of range; the checkpoint allows <= {max_pos}")
@@ -105,7 +117,7 @@ class HFTask(TaskBase):
         return {"hf.model_type": self.hf_config.model_type, "hf.config": config_digest(self.hf_config)}
 
     def meta(self) -> dict[str, Any]:
-        return {"hf": {"source": str(self.src), "dtype": self.cfg.train.dtype, "task": self.name}}
+        return {"hf": {"source": str(self.src.resolve()), "dtype": self.cfg.train.dtype, "task": self.name}}
 
     def write_side_files(self, directory: Path) -> None:
         """What `lshmoe export` needs besides the weights: the config and the tokenizer files."""
@@ -127,6 +139,10 @@ class FineTune(HFTask):
     """An HF MoE checkpoint's causal LM, made expert-parallel, trained on next-token targets."""
 
     name = "fine-tune"
+    # NOTE: full fine-tuning of pretrained LLM weights with AdamW is run at 1e-5 to 2e-5 in the published
+    # recipes; 3e-3, a from-scratch rate, moves the weights far from what they learnt within a few steps
+    default_lr = 1e-5
+    save_at_end = True  # a fine-tune is kept, ready for `lshmoe export`
 
     def read_config(self, path: Path) -> Any:
         return read_config(path)
@@ -156,6 +172,9 @@ class Upcycle(HFTask):
     """A dense BERT checkpoint whose every n-th FFN becomes an MoE of its copies, as a masked LM."""
 
     name = "upcycle"
+    default_lr = 3e-4  # new routers and a fresh MLM transform over a pretrained backbone (docs/upcycle.md)
+    save_at_end = True
+    weights_required = False  # transformers reads the dense weights (safetensors checked when present)
 
     def read_config(self, path: Path) -> Any:
         return read_bert_config(path)

@@ -25,12 +25,39 @@ def train_hf(cfg: Config) -> TrainResult:
     return run_job(cfg, task_for(cfg.model.hf))
 
 
-def export_checkpoint(checkpoint: str, out: str) -> Path:
-    """`lshmoe export`: a training checkpoint (any EP size) as a transformers checkpoint, in one process."""
-    from lshmoe.hf.export import export
+def _inside(a: Path, b: Path) -> bool:
+    """`a` is `b` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_destination(out: Path, checkpoint: str, path: Path, meta: dict) -> None:
+    """Never write into what the export reads: the checkpoint (or the checkpoints root given), or the
+    checkpoint's source model directory (`hf.source` of meta.json), whatever `--overwrite` says."""
+    dest = out.expanduser().resolve()
+    source = meta.get("hf", {}).get("source")
+    if source and dest == Path(source).expanduser().resolve():
+        raise ckpt.CheckpointError(
+            f"--hf-out {out}: is the source model directory of this checkpoint ({source}); its weights would be "
+            "replaced: write the fine-tune to a new directory"
+        )
+    for inside in (path.resolve(), Path(checkpoint).expanduser().resolve()):
+        if _inside(dest, inside):
+            raise ckpt.CheckpointError(
+                f"--hf-out {out}: lies in the training checkpoint {checkpoint} (export would alter the files its "
+                "manifest verifies); write to a new directory"
+            )
+
+
+def export_checkpoint(checkpoint: str, out: str, *, overwrite: bool = False, dtype: str = "auto") -> Path:
+    """`lshmoe export`: a training checkpoint (any EP size) as a transformers checkpoint, in one process.
+    `dtype` (float32, bfloat16, float16) casts the weights; auto = the source checkpoint's dtype."""
+    from lshmoe.hf.export import DTYPES as EXPORT_DTYPES
+    from lshmoe.hf.export import check_out_dir, export
 
     path = ckpt.find_checkpoint(checkpoint, "--checkpoint")
     meta = ckpt.read_meta(path)
+    check_destination(Path(out), checkpoint, path, meta)
+    check_out_dir(Path(out), overwrite, "--hf-out")
     if "hf" not in meta or not (path / "hf" / "config.json").is_file():
         raise ckpt.CheckpointError(f"--checkpoint {path}: not a train --hf checkpoint (no hf/config.json)")
     if meta["model"].get("hf.model_type") == "bert":
@@ -46,7 +73,9 @@ def export_checkpoint(checkpoint: str, out: str) -> Path:
     model, _ = build_model(config, Comm.local(), dtype=DTYPES[meta["hf"]["dtype"]], overrides=moe_overrides(moe))
     entries = ckpt.state_entries(model, build_optimizer(model, TrainConfig()), 0, {})
     ckpt.load(path, {k: v for k, v in entries.items() if k.startswith("model/")})
-    return export(model, Comm.local(), out, source=path / "hf")
+    name = str(getattr(config, "dtype", None) or "").replace("torch.", "") if dtype == "auto" else dtype
+    cast = EXPORT_DTYPES.get(name) if dtype == "auto" else EXPORT_DTYPES[dtype]
+    return export(model, Comm.local(), out, source=path / "hf", dtype=cast, overwrite=overwrite)
 
 
 __all__ = ["export_checkpoint", "train_hf"]

@@ -128,6 +128,10 @@ class InferenceEngine:
     def from_checkpoint(cls, path: Path, comm: Comm, icfg: InferConfig | None = None) -> InferenceEngine:
         """The model a trainer saved in checkpoint `path` (any expert-parallel layout), with its config."""
         meta = ckpt.read_meta(path)
+        if "hf" in meta:
+            from lshmoe.infer.run import check_servable
+
+            check_servable(path, meta)
         cfg = from_dict(meta["config"])
         engine = cls(cfg, comm, int(meta["model"]["data.vocab_size(actual)"]), icfg)
         engine.load(path)

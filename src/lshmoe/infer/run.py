@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     from lshmoe.train import checkpoint as ckpt
 
     path = ckpt.find_checkpoint(a.checkpoint, "--checkpoint")
+    check_servable(path, ckpt.read_meta(path))
     if under_launcher() or a.nproc == 1:
         run_rank(a, icfg, path)
         return 0
@@ -71,6 +72,17 @@ def main(argv: list[str]) -> int:
     from lshmoe.distributed.launch import launch
 
     return launch(["infer", *argv], a.nproc)
+
+
+def check_servable(path: Path, meta: dict) -> None:
+    """`lshmoe infer` serves lshmoe's GPT-MoE: a `train --hf` checkpoint is one line saying what to do."""
+    if "hf" in meta:
+        kind = meta["model"].get("hf.model_type", "Hugging Face")
+        raise UserError(
+            f"--checkpoint {path}: a train --hf checkpoint ({kind}); lshmoe infer serves GPT-MoE checkpoints. "
+            f"Write it as a Hugging Face checkpoint with lshmoe export --checkpoint {path} --hf-out DIR and load "
+            "that with transformers"
+        )
 
 
 def run_rank(a: argparse.Namespace, icfg: C.InferConfig, path: Path) -> None:

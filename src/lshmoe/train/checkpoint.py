@@ -31,6 +31,14 @@ verifies every file against the manifest (the ranks share the hashing) and, when
 truncated or altered, says so and falls back to the previous complete checkpoint. An explicit path
 that fails verification is an error. A restarted job (torchrun's or lshmoe's `--max-restarts`, seen
 as TORCHELASTIC_RESTART_COUNT > 0) resumes from the latest checkpoint whatever `train.resume` says.
+
+Identity: meta.json records the model signature and the token data (`data.key`, the digest of the token
+store's manifest: the text, the tokenizer and the split). `--resume auto` continues only a run of the same
+model and data; a checkpoint of another is one line naming what differs and the fix (`--resume none`,
+another `--out-dir`). An explicit `--resume DIR` may continue on other data (continued pre-training, a
+fine-tune of a fine-tune), which is printed with the other settings that changed (`config_changes`). A
+checkpoint already at `train.steps` or beyond has nothing to train: one line, unless the job is a restart
+(its last save was the final step), which then ends as the run did.
 """
 
 from __future__ import annotations
@@ -143,6 +151,59 @@ def run_entries(layers: list[nn.Module], rank: int, state: RunState) -> dict[str
         for name, t in (comp.state_dict() if comp is not None else {}).items():
             out[_compressor_prefix(rank, layer) + name] = t
     return out
+
+
+def data_identity(data: Any) -> dict[str, str]:
+    """What meta.json records of the token data (a `Batches`): its key (content) and where it came from."""
+    return {"key": str(data.key), "source": str(data.source)}
+
+
+def _data_text(d: dict[str, str]) -> str:
+    return f"{d.get('source')}, token data {str(d.get('key'))[:12]}"
+
+
+# Fields whose change on resume is not worth a word: where the run writes, how it is watched and launched.
+QUIET_FIELDS = {
+    "train.out_dir",
+    "train.ckpt_dir",
+    "train.resume",
+    "train.progress",
+    "train.tensorboard",
+    "data.cache_dir",
+    "dist.nproc",
+    "dist.threads",
+    "dist.heartbeat_s",
+    "dist.timeout_s",
+    "fault.inject",
+    "fault.max_restarts",
+}
+
+
+def config_changes(meta: dict[str, Any], cfg: Config, data: dict[str, str] | None = None) -> list[str]:
+    """`section.key old -> new` for every setting of this run that differs from the checkpoint's run (LR,
+    batch, compressor, steps, ...), and the token data when it is another."""
+    saved, now = meta.get("config", {}), cfg.to_dict()
+    out = []
+    for section, values in now.items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if dotted not in QUIET_FIELDS and old != value:
+                out.append(f"{dotted} {old} -> {value}")
+    if data is not None and meta.get("data") and meta["data"].get("key") != data["key"]:
+        out.append(f"data {_data_text(meta['data'])} -> {_data_text(data)}")
+    return out
+
+
+def check_not_finished(path: Path, step: int, cfg: Config) -> None:
+    """A checkpoint at or beyond `train.steps` leaves nothing to train: one line (not for a restarted job,
+    whose last save may be its final step)."""
+    steps = cfg.train.steps
+    if step >= steps and restart_count() == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is already at step {step} and train.steps={steps}: nothing to train; give --steps "
+            f"above {step} to continue it, or --resume none (or another --out-dir) to start afresh"
+        )
 
 
 def run_meta(cfg: Config, comm: Comm, signature: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -340,12 +401,22 @@ def find_checkpoint(spec: str, flag: str) -> Path:
     return path
 
 
-def preflight(cfg: Config) -> None:
-    """Check `--resume` before any process starts or data is built (the vocabulary is checked later):
-    the checkpoint it names (or the one `auto` falls back to) is verified and matches the model."""
+def preflight(
+    cfg: Config, signature: dict[str, Any] | None = None, data: Callable[[], Any] | None = None
+) -> Path | None:
+    """Check `--resume` before any process starts: the checkpoint it names (or the one `auto` falls back
+    to) is verified, matches the model (`signature`; default: the GPT-MoE's, its vocabulary checked later)
+    and, found by `auto`, the token data (`data()` builds it, only then), and has steps left to train."""
     path = resolve_resume(cfg)
     if path is not None:
-        check_compatible(path, read_meta(path), model_signature(cfg, None), cfg)
+        meta = read_meta(path)
+        want = model_signature(cfg, None) if signature is None else signature
+        auto = resume_spec(cfg) == "auto"
+        check_compatible(path, meta, want, cfg, auto=auto)
+        if auto and data is not None and meta.get("data"):
+            check_compatible(path, meta, want, cfg, data=data_identity(data()), auto=auto)
+        check_not_finished(path, int(meta.get("step", 0)), cfg)
+    return path
 
 
 def verify_files(path: Path) -> None:
@@ -366,16 +437,34 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(
-    path: Path, meta: dict[str, Any], want: dict[str, Any], cfg: Config, nodes: int | None = None
+    path: Path,
+    meta: dict[str, Any],
+    want: dict[str, Any],
+    cfg: Config,
+    nodes: int | None = None,
+    *,
+    data: dict[str, str] | None = None,
+    auto: bool = False,
 ) -> None:
     """One-line error unless the checkpoint's model signature matches `want` (keys `want` lacks are
-    not known yet and not compared; `nodes` None: not known yet)."""
+    not known yet and not compared; `nodes` None: not known yet) and, when `auto` (the checkpoint was
+    found by `--resume auto`, not named), its token data is `data` (None: not known yet)."""
+    found = f" (found by --resume auto in {path.parent})" if auto else ""
     for k, v in meta["model"].items():
         if k in want and want[k] != v:
-            raise CheckpointError(
-                f"checkpoint {path} was saved with {k}={v}, this run has {k}={want[k]}; "
-                "use the checkpoint's model config"
+            fix = (
+                "it is another run's: start afresh with --resume none or write to another --out-dir"
+                if auto
+                else "use the checkpoint's model config"
             )
+            raise CheckpointError(f"checkpoint {path}{found} was saved with {k}={v}, this run has {k}={want[k]}; {fix}")
+    saved = meta.get("data")
+    if auto and data is not None and saved is not None and saved.get("key") != data["key"]:
+        raise CheckpointError(
+            f"checkpoint {path}{found} was trained on other data ({_data_text(saved)}; this run reads "
+            f"{_data_text(data)}); it is another run's: start afresh with --resume none or write to another "
+            "--out-dir (--resume DIR continues a checkpoint on new data)"
+        )
     if nodes is not None and cfg.locmoe.node_bias and meta.get("nodes") != nodes:
         raise CheckpointError(
             f"checkpoint {path} holds per-node router biases (locmoe.node_bias) for "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lshmoe.config import DTYPES, Config, validate
+from lshmoe.config import DTYPES, SCRATCH_LR, Config, validate
 from lshmoe.data import TokenData, load_data
 from lshmoe.distributed.comm import Comm
 from lshmoe.models.gpt import GPTMoE, MoEFactory
@@ -23,6 +23,8 @@ from lshmoe.train.task import Log, StepOutput, TaskBase, params_line
 
 class GPTTask(TaskBase):
     name = "gpt"
+    default_lr = SCRATCH_LR  # trained from scratch
+    save_at_end = False  # a research run saves when asked (--save-every)
 
     def __init__(self, moe_factory: MoEFactory = MoELayer, data: TokenData | None = None):
         self.moe_factory, self.data = moe_factory, data

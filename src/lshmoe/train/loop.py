@@ -45,6 +45,7 @@ from torch import nn
 
 from lshmoe.config import DTYPES, Config
 from lshmoe.distributed.comm import Comm
+from lshmoe.distributed.launch import note_failure
 from lshmoe.distributed.setup import init_comm, shutdown
 from lshmoe.distributed.syncs import HostSyncCounter
 from lshmoe.errors import DataError, NumericalError, Stopped, UserError
@@ -59,6 +60,7 @@ from lshmoe.train.grad_sync import GradSync
 from lshmoe.train.memory import PeakMemory, grad_bytes, state_bytes
 from lshmoe.train.metrics import IntervalStats, MetricsWriter, Progress, merge_micro_batches
 from lshmoe.train.optim import apply_gradients, build_optimizer, lr_at, set_lr
+from lshmoe.train.run_dir import resolve_out_dir
 from lshmoe.train.stop import StopSignal
 from lshmoe.train.task import Batches, Task
 
@@ -90,7 +92,9 @@ class Trainer:
         self.cfg, self.comm, self.task = cfg, comm, task
         tc = cfg.train
         self.log = lambda m: say(comm.rank, m)
+        self.new_dir = resolve_out_dir(cfg, comm)
         self.data: Batches = task.setup(cfg, comm, self.log)
+        self.lr_default, self.save_every = apply_task_defaults(cfg, task)
         self.data.check_seq_len(cfg.model.seq_len)
         agree_on_data(comm, self.data, cfg)
         self.out_dir = Path(tc.out_dir)
@@ -237,7 +241,7 @@ class Trainer:
         self.state.skipped_steps += 1
         if self.cfg.fault.nan_policy == "stop":
             self.opt.zero_grad(set_to_none=True)
-            path = self.save_checkpoint(step) if self.cfg.train.save_every else None
+            path = self.save_checkpoint(step) if self.save_every else None
             saved = f"; saved {path}" if path else " (no checkpoint: train.save_every=0)"
             raise NumericalError(f"non-finite value in {what} at step {step}; stopping (fault.nan_policy=stop){saved}")
         n = self.state.skipped_steps
@@ -248,7 +252,8 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         self.state.step = step
         t0 = time.perf_counter()
-        meta = ckpt.run_meta(self.cfg, self.comm, self.task.signature(), self.task.meta())
+        extra = {**self.task.meta(), "data": ckpt.data_identity(self.data)}
+        meta = ckpt.run_meta(self.cfg, self.comm, self.task.signature(), extra)
         path = ckpt.save_run(
             self.model,
             self.opt,
@@ -264,13 +269,19 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        meta = ckpt.read_meta(path)
-        ckpt.check_compatible(path, meta, self.task.signature(), self.cfg, nodes=ckpt.num_nodes(self.comm))
+        meta, data = ckpt.read_meta(path), ckpt.data_identity(self.data)
+        auto = ckpt.resume_spec(self.cfg) == "auto"
+        nodes = ckpt.num_nodes(self.comm)
+        ckpt.check_compatible(path, meta, self.task.signature(), self.cfg, nodes=nodes, data=data, auto=auto)
+        ckpt.check_not_finished(path, int(meta.get("step", 0)), self.cfg)
         self.state = ckpt.restore_run(path, self.model, self.opt, self.comm, self.moe)
         self.log(
             f"resumed from {path} at step {self.state.step} "
             f"(saved by {meta['world_size']} ranks, now {self.comm.world_size})"
         )
+        changes = ckpt.config_changes(meta, self.cfg, data)
+        if changes:
+            self.log(f"changed since the checkpoint: {', '.join(changes)}")
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -326,7 +337,7 @@ class Trainer:
 
     def _stop(self, step: int) -> None:
         """SIGTERM: save this step (unless it was just saved, or the run saves nothing) and stop."""
-        every = self.cfg.train.save_every
+        every = self.save_every
         saved = ""
         if every:
             path = ckpt.checkpoint_root(self.cfg) / f"step_{step:08d}"
@@ -351,11 +362,20 @@ class Trainer:
             say(0, msg)
 
     def _announce(self) -> None:
-        comm = self.comm
+        comm, tc = self.comm, self.cfg.train
         self.log(
             f"{self.task.describe(self.model)}; {comm.world_size} rank(s) on {comm.device}, "
             f"{comm.world_size * self.tokens_per_rank_step} tokens/step"
         )
+        lr = f"lr {tc.lr:g}" + (f" ({self.lr_default}; --lr to change)" if self.lr_default else "")
+        every = self.save_every
+        saves = (
+            "no checkpoints"
+            if not every
+            else ("a checkpoint at the end" if every >= tc.steps else f"a checkpoint every {every} steps")
+        )
+        where = " (a new directory for this job; --out-dir names one)" if self.new_dir else ""
+        self.log(f"{tc.steps} steps, {lr}, {saves}; writing to {self.out_dir}{where}")
         self.writer.write(
             {
                 "kind": "config" if self.start_step == 0 else "resume",
@@ -429,7 +449,7 @@ class Trainer:
         return {"val": f"{vals['val_loss']:.3f}"}
 
     def _save_if_due(self, step: int) -> None:
-        save_every = self.cfg.train.save_every
+        save_every = self.save_every
         if save_every and self._is_due(step, save_every):
             self.save_checkpoint(step + 1)
 
@@ -439,7 +459,7 @@ class Trainer:
             vals = self.evaluate()
             result.final_val_loss = vals["val_loss"]
             result.final_val_loss_compressed = vals.get("val_loss_compressed")
-            self.log(f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps}")
+            self.log(f"the checkpoint is already at step {self.start_step} >= train.steps={tc.steps} (a restart)")
         result.skipped_steps = self.state.skipped_steps
         if step_times:
             warm = list(step_times)[min(len(step_times) - 1, 2) :]  # the first steps include one-off warm-up
@@ -496,6 +516,21 @@ def _console_line(rec: dict[str, Any], steps: int) -> str:
     return line
 
 
+def apply_task_defaults(cfg: Config, task: Task) -> tuple[str, int]:
+    """The settings left to the model (none): `train.lr` becomes the task's rate (recorded in the run's
+    config, so a resume compares real rates), and the save interval is resolved here only (an end-only
+    save is an interval of `train.steps`). Returns (what chose the LR, or "" when the run set it; the
+    save interval, 0 = never)."""
+    tc = cfg.train
+    chosen = ""
+    if tc.lr is None:
+        tc.lr, chosen = task.default_lr, f"the {task.name} default"
+    every = tc.save_every
+    if every is None:
+        every = tc.steps if task.save_at_end else 0
+    return chosen, every
+
+
 def agree_on_data(comm: Comm, data: Batches, cfg: Config) -> None:
     """Every rank must train on the same token data: a data file edited while the ranks start would
     give them different caches (and vocabularies) without this check."""
@@ -517,6 +552,7 @@ def run_job(cfg: Config, task: Task) -> TrainResult:
     try:
         return Trainer(cfg, comm, task).run()
     except BaseException as e:
+        note_failure(e)  # for the launcher: which rank failed first
         # user errors, numerical stops, SIGTERM and Ctrl-C are every rank's own verdict
         if not isinstance(e, UserError | NumericalError | Stopped | KeyboardInterrupt):
             comm.report_failure(e)
@@ -527,4 +563,4 @@ def run_job(cfg: Config, task: Task) -> TrainResult:
         shutdown()
 
 
-__all__ = ["TrainResult", "Trainer", "agree_on_data", "run_job", "say"]
+__all__ = ["TrainResult", "Trainer", "agree_on_data", "apply_task_defaults", "run_job", "say"]

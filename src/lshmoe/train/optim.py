@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from lshmoe.config import TrainConfig
+from lshmoe.config import SCRATCH_LR, TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -16,17 +16,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    """`train.lr`; none (the model's own, which the training loop fills in) is the from-scratch rate here."""
+    return cfg.lr if cfg.lr is not None else SCRATCH_LR
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr_ratio * lr` at `steps`."""
+    lr = peak_lr(cfg)
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = lr * cfg.min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

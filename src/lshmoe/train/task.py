@@ -22,6 +22,9 @@ what differs:
                                          checkpoint's config and tokenizer); hashed into the manifest
     describe(model)                      the start-up line
     after_training(trainer)              work after the last step (the upcycled model's FFN capture)
+    default_lr, save_at_end              what a run that leaves train.lr / train.save_every unset gets:
+                                         a from-scratch model and a pretrained one want different rates,
+                                         and a fine-tune is worth keeping
 
 Three tasks exist: GPT-MoE (train/gpt_task.py), HF fine-tuning and HF upcycling (hf/task.py). A new
 model is a new task, never a new loop. `TaskBase` holds the defaults a task rarely changes.
@@ -37,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lshmoe.config import Config
+from lshmoe.config import SCRATCH_LR, Config
 from lshmoe.distributed.comm import Comm
 
 Log = Callable[[str], None]
@@ -99,6 +102,9 @@ class Task(Protocol):
 
     def after_training(self, trainer: Any) -> None: ...
 
+    default_lr: float
+    save_at_end: bool
+
 
 class TaskBase:
     """Defaults: no extra meta, no side files, a plain start-up line, nothing after training."""
@@ -120,6 +126,9 @@ class TaskBase:
 
     def after_training(self, trainer: Any) -> None:
         return None
+
+    default_lr = SCRATCH_LR  # train.lr when the run leaves it unset
+    save_at_end = False  # train.save_every unset: a checkpoint after the last step
 
 
 def params_line(model: nn.Module) -> str:
