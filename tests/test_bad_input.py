@@ -41,13 +41,13 @@ def _train(tmp, *extra, nproc=2):
 def test_empty_data_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     rc, err, _ = _train(tmp_path, "--data", str(tmp_path / "empty.txt"))
-    _one_line(rc, err, "empty.txt", "no text")
+    _one_line(rc, err, "empty.txt", "0 documents (0 characters) is too little")
 
 
 def test_binary_data_file(tmp_path):
     (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 8)
     rc, err, _ = _train(tmp_path, "--data", str(tmp_path / "blob.txt"))
-    _one_line(rc, err, "blob.txt", "not a UTF-8 text file")
+    _one_line(rc, err, "blob.txt", "not a text file (binary content: NUL bytes)")
 
 
 @pytest.fixture(scope="module")

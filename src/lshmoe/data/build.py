@@ -72,12 +72,16 @@ def build_store(
     shown: str,
     log: Callable[[str], None],
     before_finish: Callable[[], None] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write the store of `records` into `out` (with lshmoe's own BPE of `vocab_size` when `tok` is
-    None); `before_finish` may veto (a source file changed meanwhile). Returns its data.json."""
+    None); `before_finish` may veto (a source file changed meanwhile); `started()` is called once the
+    records have split (too little text is an error before it). Returns its data.json."""
     t0 = time.perf_counter()
     changed = before_finish or (lambda: None)
     flags = split_flags(records, fraction, shown)
+    if started is not None:
+        started()
     if tok is None:
         tok = from_bpe(train_tokenizer(_train_texts(records, flags, changed, shown), vocab_size))
     sft = records.kind == "sft"

@@ -90,11 +90,19 @@ def _build_into(src: Source, tok: TextTokenizer | None, dc: DataConfig, root: Pa
     stats = file_stats(src.files) if src.files else None
 
     def build(out: Path) -> None:
-        log(f"building token data from {src.shown} (first use only; cached in {out})")
+        # NOTE: bad input fails before any output: the records are read and split first
         records = src.load(root, log)
         check = (lambda: check_unchanged(src.shown, src.files, stats)) if stats is not None else None
         build_store(
-            records, tok, dc.vocab_size, out, fraction=dc.val_fraction, shown=src.shown, log=log, before_finish=check
+            records,
+            tok,
+            dc.vocab_size,
+            out,
+            fraction=dc.val_fraction,
+            shown=src.shown,
+            log=log,
+            before_finish=check,
+            started=lambda: log(f"building token data from {src.shown} (first use only; cached in {out})"),
         )
 
     return build
