@@ -91,11 +91,12 @@ def test_quality_presets_are_valid_and_report(tmp_path):
     from lshmoe.bench.harness import base_config
     from lshmoe.bench.quality_presets import PAPER, PRESETS
     from lshmoe.bench.variants import apply, parse_variant
+    from lshmoe.config import SCRATCH_LR
 
     base = base_config([])
     for preset in PRESETS.values():
         names = []
-        for spec in preset.variants(base.train.lr):
+        for spec in preset.variants(base.train.lr or SCRATCH_LR):
             name, overrides = parse_variant(spec)
             apply(base, overrides, 4)
             names.append(name)

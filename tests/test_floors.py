@@ -66,6 +66,51 @@ def test_every_import_runs_down_a_floor():
     assert not stale, f"{sorted(stale)} no longer run up: remove them from KNOWN_UPWARD"
 
 
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """lshmoe modules (files) `path` imports anywhere in it; `from pkg import name` counts as pkg.name
+    when that is a module, else as pkg. Package faces (__init__.py) hand names on and are not followed."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lshmoe":
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in modules else node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "lshmoe"}
+    return out
+
+
+def test_no_module_imports_itself_through_others():
+    files = {_module_of(p): p for p in SRC.rglob("*.py")}
+    faces = {m for m, p in files.items() if p.name == "__init__.py"}
+    graph = {
+        m: _imported_modules(p, set(files)) & (set(files) - faces) - {m} for m, p in files.items() if m not in faces
+    }
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+
+    def cycle_from(m: str, stack: list[str]) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n) :] + [n]
+            if n not in state and (found := cycle_from(n, stack)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = cycle_from(m, [])
+            assert found is None, "an import circle: " + " -> ".join(found)
+
+
 def _fresh(code: str) -> str:
     """Run `code` in a fresh interpreter (nothing of lshmoe imported yet); its stdout."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from lshmoe.bench.minilm import MODEL
 from lshmoe.bench.report import md_table, print_table, save_plot, write_section
 from lshmoe.compress.protocol import Positions
 from lshmoe.compress.registry import CompressorContext, build_compressor
@@ -45,7 +46,6 @@ from lshmoe.data.corpus import embedded_corpus
 from lshmoe.distributed.comm import Comm
 from lshmoe.seeding import generator
 
-MODEL = "all-MiniLM-L6-v2"
 LAYERS = (1, 3, 5)  # the FFNs an `--upcycle-every 2` model makes MoE layers
 SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -129,7 +129,7 @@ def _ffn_fn(bert_layer):
 
 @torch.no_grad()
 def random_router(ids_WS: torch.Tensor, a: argparse.Namespace) -> list[Layer]:
-    from lshmoe.bench.lsh_real import load_model, route
+    from lshmoe.bench.minilm import load_model, route
 
     model, _ = load_model()
     grabbed: dict[int, list[torch.Tensor]] = {i: [] for i in LAYERS}
@@ -293,7 +293,7 @@ def expected_rate(curve: list[tuple[int, float]], n: float) -> tuple[float, str]
 
 
 def run(a: argparse.Namespace) -> int:
-    from lshmoe.bench.lsh_real import load_model
+    from lshmoe.bench.minilm import load_model
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()

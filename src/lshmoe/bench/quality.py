@@ -31,6 +31,7 @@ from lshmoe.bench.harness import base_config, bench_parser, cluster_from, record
 from lshmoe.bench.quality_presets import PRESETS
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
+from lshmoe.config import SCRATCH_LR
 from lshmoe.data import load_data
 
 EVALS = ("exact", "compressed")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     world = cluster.world
     base = base_config(a.set)
     base.train.steps, base.train.eval_every, base.train.log_every = a.steps, a.eval_every, a.eval_every
-    specs = a.variants.split(",") if a.variants else preset.variants(base.train.lr) if preset else BASIC
+    specs = a.variants.split(",") if a.variants else preset.variants(base.train.lr or SCRATCH_LR) if preset else BASIC
     variants = dict(parse_variant(v) for v in specs)
     for v in variants.values():  # every variant's config is valid before the first job starts
         apply(base, v, world)

@@ -40,6 +40,8 @@ ORDER = [
     "quality_rate20",
     "lsh_split",
     "quality_4x2",
+    "quality_gradpath",
+    "lsh_ablation",
     "lsh_rate",
     "lsh_accum",
     "quant_dedup",

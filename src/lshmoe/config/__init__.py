@@ -12,7 +12,7 @@ The config is the bottom floor of the package: it imports no other lshmoe packag
 """
 
 from lshmoe.config.fields import Registered, _f, coerce, leaf_types
-from lshmoe.config.io import apply_sets, from_dict, leaf_fields, load_yaml, resolve, set_value
+from lshmoe.config.io import apply_sets, from_dict, load_yaml, resolve, set_value
 from lshmoe.config.schema import (
     ALIASES,
     AUTO_CHOICES,
@@ -39,6 +39,7 @@ from lshmoe.config.schema import (
     Section,
     TrainConfig,
     UpcycleConfig,
+    leaf_fields,
     section_class,
 )
 from lshmoe.config.validate import validate, validate_ep, validate_inference

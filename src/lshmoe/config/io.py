@@ -8,7 +8,6 @@ wrong types fail with one line naming the field. A key that moved to a system's 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +94,3 @@ def apply_sets(cfg: Config, items: list[str]) -> Config:
         key, value = item.split("=", 1)
         set_value(cfg, key.strip(), value)
     return cfg
-
-
-def leaf_fields() -> list[tuple[str, dataclasses.Field, Any]]:
-    """Every (dotted name, field, type) of the config tree, in declaration order."""
-    out = []
-    for section in dataclasses.fields(Config):
-        cls = section.default_factory  # type: ignore[misc]
-        hints = leaf_types(cls)
-        for f in dataclasses.fields(cls):
-            out.append((f"{section.name}.{f.name}", f, hints[f.name]))
-    return out

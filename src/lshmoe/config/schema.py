@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from lshmoe.config.fields import Registered, _f
+from lshmoe.config.fields import Registered, _f, leaf_types
+from lshmoe.config.section_rules import check_section
 from lshmoe.errors import ConfigError
 
 # The seams' registries own their names; the config reads them on first use (fields.py says why).
@@ -40,8 +41,6 @@ class Section:
     world size are `validate()`'s, which checks everything again (validate.py)."""
 
     def __post_init__(self) -> None:
-        from lshmoe.config.validate import check_section  # NOTE: validate.py imports this module
-
         check_section(self)
 
 
@@ -492,3 +491,14 @@ ALIASES = {
     "dist.fault": "fault.inject",
     "lsh.split": "moe.split",  # an analysis of any lossy compressor, not of LSH alone
 }
+
+
+def leaf_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every (dotted name, field, type) of the config tree, in declaration order."""
+    out = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        hints = leaf_types(cls)
+        for f in dataclasses.fields(cls):
+            out.append((f"{section.name}.{f.name}", f, hints[f.name]))
+    return out

@@ -35,6 +35,7 @@ from lshmoe.infer.dispatch import ReplicaDispatcher
 from lshmoe.infer.metrics import BatchMetrics
 from lshmoe.infer.profile import PathProfile, build_profile
 from lshmoe.infer.scheduler import TwoPhaseScheduler
+from lshmoe.infer.servable import check_servable
 from lshmoe.models.gpt import GPTMoE, LMOutput
 from lshmoe.moe.layer import MoELayer, MoEOutput
 from lshmoe.train import checkpoint as ckpt
@@ -129,8 +130,6 @@ class InferenceEngine:
         """The model a trainer saved in checkpoint `path` (any expert-parallel layout), with its config."""
         meta = ckpt.read_meta(path)
         if "hf" in meta:
-            from lshmoe.infer.run import check_servable
-
             check_servable(path, meta)
         cfg = from_dict(meta["config"])
         engine = cls(cfg, comm, int(meta["model"]["data.vocab_size(actual)"]), icfg)

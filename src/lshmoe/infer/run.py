@@ -27,6 +27,7 @@ import torch
 from lshmoe import config as C
 from lshmoe.cliutil import Parser, add_config_flags, apply_flags, under_launcher
 from lshmoe.errors import UserError
+from lshmoe.infer.servable import check_servable
 
 # run-only flags and their least value (the placement's options are the `infer` config section's flags)
 MINIMA = {"nproc": 1, "profile_batches": 1, "batches": 1, "batch_size": 1, "threads": 1}
@@ -72,17 +73,6 @@ def main(argv: list[str]) -> int:
     from lshmoe.distributed.launch import launch
 
     return launch(["infer", *argv], a.nproc)
-
-
-def check_servable(path: Path, meta: dict) -> None:
-    """`lshmoe infer` serves lshmoe's GPT-MoE: a `train --hf` checkpoint is one line saying what to do."""
-    if "hf" in meta:
-        kind = meta["model"].get("hf.model_type", "Hugging Face")
-        raise UserError(
-            f"--checkpoint {path}: a train --hf checkpoint ({kind}); lshmoe infer serves GPT-MoE checkpoints. "
-            f"Write it as a Hugging Face checkpoint with lshmoe export --checkpoint {path} --hf-out DIR and load "
-            "that with transformers"
-        )
 
 
 def run_rank(a: argparse.Namespace, icfg: C.InferConfig, path: Path) -> None:
