@@ -115,6 +115,11 @@ def test_quality_presets_are_valid_and_report(tmp_path):
     assert PAPER in md and (tmp_path / "lsh_ablation_ablation.png").exists()
     lrs = [parse_variant(v)[1].get("train.lr") for v in PRESETS["grad-path"].variants(0.004)]
     assert {"0.002", "0.008"} <= set(lrs)
+    from lshmoe.bench.quality import variant_specs  # a preset's variants picked by name, others kept as given
+
+    picked = variant_specs("baseline,exact-gp1,fp8", PRESETS["grad-path"], 0.004)
+    assert picked == ["baseline", "exact-gp1:moe.compress=identity;moe.grad_path=1", "fp8"]
+    assert variant_specs(None, None, 0.004) == ["baseline", "lsh", "lsh-comp"]
 
 
 def test_report_sections_and_index(tmp_path):

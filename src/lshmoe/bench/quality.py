@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from lshmoe.bench.harness import base_config, bench_parser, cluster_from, recorded_args, run_training
-from lshmoe.bench.quality_presets import PRESETS
+from lshmoe.bench.quality_presets import PRESETS, Preset
 from lshmoe.bench.report import md_table, median, save_plot, write_section
 from lshmoe.bench.variants import apply, parse_variant
 from lshmoe.config import SCRATCH_LR
@@ -145,7 +145,14 @@ def _plot(runs: dict[str, dict[int, list[dict]]], out: Path, name: str, mode: st
 
 def parser() -> argparse.ArgumentParser:
     p = bench_parser("lshmoe bench quality", __doc__, name="quality", link="1gbit")
-    p.add_argument("--variants", default=None, help="comma list (bench/variants.py) [default: baseline,lsh,lsh-comp]")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=(
+            "comma list (bench/variants.py), or names of the preset's variants "
+            "[default: baseline,lsh,lsh-comp, or the preset's]"
+        ),
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named study: its variants, steps and report")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=None, help="[default: the preset's, else 300]")
@@ -167,6 +174,15 @@ def _run_or_reuse(cfg, cluster, run_dir: Path) -> list[dict]:
     return run_training(cfg, cluster, run_dir)
 
 
+def variant_specs(arg: str | None, preset: Preset | None, lr: float) -> list[str]:
+    """The variant specs to run: `--variants` (where a name of the preset's variants stands for its
+    spec, so `--preset grad-path --variants baseline,exact-gp1` runs part of a study), else the
+    preset's, else the basic three."""
+    named = preset.variants(lr) if preset else BASIC
+    by_name = {v.split(":", 1)[0]: v for v in named}
+    return [by_name.get(v, v) for v in arg.split(",")] if arg else list(named)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     preset = PRESETS.get(a.preset)
@@ -177,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     world = cluster.world
     base = base_config(a.set)
     base.train.steps, base.train.eval_every, base.train.log_every = a.steps, a.eval_every, a.eval_every
-    specs = a.variants.split(",") if a.variants else preset.variants(base.train.lr or SCRATCH_LR) if preset else BASIC
+    specs = variant_specs(a.variants, preset, base.train.lr or SCRATCH_LR)
     variants = dict(parse_variant(v) for v in specs)
     for v in variants.values():  # every variant's config is valid before the first job starts
         apply(base, v, world)
