@@ -52,3 +52,8 @@ def test_grad_path_is_refused_with_dedup():
     cfg = Config(moe=MoEConfig(grad_path=1.0, a2a="dedup"))
     with pytest.raises(ConfigError, match=r"moe.grad_path=1.0 needs moe.a2a=flat or hierarchical"):
         build_compressor("identity", CompressorContext(E, D, 0, settings=cfg))
+
+
+def test_grad_path_is_refused_with_another_compressor():  # it would otherwise be silently ignored
+    with pytest.raises(ConfigError, match=r"moe.grad_path=1.0 needs moe.compress=identity \(got lsh\)"):
+        MoEConfig(grad_path=1.0, compress="lsh")

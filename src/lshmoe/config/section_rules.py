@@ -50,6 +50,11 @@ def _moe_rules(e: Any) -> None:  # MoEConfig
         raise ConfigError(f"moe.expert_bias=true needs moe.activation gelu or swiglu (got {e.activation})")
     if e.top_k > e.num_experts:
         raise ConfigError(f"moe.top_k={e.top_k} is out of range; must be in [1, moe.num_experts={e.num_experts}]")
+    if e.grad_path and e.compress != "identity":  # only the identity compressor builds the path
+        raise ConfigError(
+            f"moe.grad_path={e.grad_path} needs moe.compress=identity (got {e.compress}); "
+            "with lsh the same path is lsh.grad_compensation"
+        )
 
 
 def _lsh_rules(h: Any) -> None:  # LSHConfig
