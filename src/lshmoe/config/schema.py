@@ -93,7 +93,7 @@ class MoEConfig(Section):
                        "measurement); its options are the section of its name", choices=COMPRESSORS)
     grad_path: float = _f(0.0, "exact rows get a gradient-only identity path: y = E(x) + b (x - stopgrad x), the "
                           "forward exact, each row's input gradient + b g (what lsh.grad_compensation gives a "
-                          "compressed model); 0 = off", ge=0, le=1, flag="grad-path")
+                          "compressed model); identity compressor only; 0 = off", ge=0, le=1, flag="grad-path")
     ep_size: int = _f(0, "expert-parallel group size; 0 = world size", ge=0)
     router: str = _f("topk", "gate: topk = learnable linear softmax top-k; locmoe = LocMoE's GrAP gate (fixed "
                      "orthogonal slice means + learnable bias)", choices=("topk", "locmoe"))
