@@ -165,6 +165,25 @@ def parser() -> argparse.ArgumentParser:
 CAUSAL = (("off", False, "earliest"), ("split", True, "split"), ("earliest", True, "earliest"))
 
 
+def causal_plot(rows: list[dict], out: Path) -> str:
+    """Rate against output error (no compensation) for b = 4, L = 2..10, one line per causal mode: the
+    price of causal safety read as a frontier (lower-left is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for name, _, _ in CAUSAL:
+        pts = sorted((r["L"], r["rate"], r["err_nocomp"]) for r in rows if r["b"] == 4 and r["causal"] == name)
+        ax.plot([100 * p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"causal {name}")
+        for L, rate, err in pts:
+            ax.annotate(f"L={L}", (100 * rate, err), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="rows sent (%)", ylabel="output error |E(x) - E(c)| / |E(x)|", title="cross-polytope, b = 4")
+    ax.legend(fontsize=8)
+    return save_plot(fig, out, "lsh_causal")
+
+
 def causal_cost(a, cfg: Config, layers: dict[int, MoELayer], acts: dict[int, list[torch.Tensor]]) -> list[dict]:
     """Rate and errors of cross-polytope settings with `lsh.causal` off, split and earliest."""
     rows = []
@@ -204,7 +223,7 @@ def causal_cost(a, cfg: Config, layers: dict[int, MoELayer], acts: dict[int, lis
         "sequence (the occurrence split); `earliest`: the same buckets as `off`, each sent as the mean of its "
         "rows at its earliest position. Errors are relative, root of summed squares over all rows, mean over "
         "the MoE layers: `none` = |E(x) - E(c)|, `identity` = with the paper's E(c) + x - c.\n\n"
-        f"{table}\n"
+        f"{table}\n\n![rate against error by causal mode]({causal_plot(rows, a.out)})\n"
     )
     write_section(
         a.out,
