@@ -307,3 +307,15 @@ def test_lsh_real_scale_reads_the_rate_off_the_curve():
     assert len(rows) == len(GPU_SETTINGS) and len(cols) == len(rows[0])
     mixtral = next(r for r in rows if r[1] == 8192 and r[3] == 8)
     assert mixtral[5] == "2,048" and mixtral[6] == "88%"  # 8192 x 2 / 8 rows per group; 7/8 leave the rank
+
+
+def test_causal_cost_plot_draws_every_mode_from_the_recorded_rows(tmp_path):
+    import json
+    from pathlib import Path
+
+    from lshmoe.bench.lsh_analysis import CAUSAL, causal_plot
+
+    rows = json.loads((Path(__file__).parent.parent / "docs/bench/lsh_causal.json").read_text())["rows"]
+    assert {r["causal"] for r in rows} == {name for name, _, _ in CAUSAL}
+    assert causal_plot(rows, tmp_path) == "lsh_causal.png"
+    assert (tmp_path / "lsh_causal.png").stat().st_size > 10_000
