@@ -179,7 +179,7 @@ def variant_specs(arg: str | None, preset: Preset | None, lr: float) -> list[str
     spec, so `--preset grad-path --variants baseline,exact-gp1` runs part of a study), else the
     preset's, else the basic three."""
     named = preset.variants(lr) if preset else BASIC
-    by_name = {v.split(":", 1)[0]: v for v in named}
+    by_name = {parse_variant(v)[0]: v for v in named}
     return [by_name.get(v, v) for v in arg.split(",")] if arg else list(named)
 
 

@@ -14,7 +14,6 @@ import torch
 
 from lshmoe.compress.ops import grad_path
 from lshmoe.compress.protocol import CompressorBase, Positions, Stat
-from lshmoe.errors import ConfigError
 
 
 class IdentityCompressor(CompressorBase):
@@ -43,13 +42,5 @@ IDENTITY = IdentityCompressor()
 
 
 def build(ctx) -> IdentityCompressor:
-    moe = ctx.config().moe
-    if not moe.grad_path:
-        return IDENTITY
-    if moe.a2a == "dedup":
-        # NOTE: dedup weights rows on the experts' side and combines with unit weights: the path would
-        # skip the gate weight that LSH's residual gets
-        raise ConfigError(
-            f"moe.grad_path={moe.grad_path} needs moe.a2a=flat or hierarchical (dedup weights the rows remotely)"
-        )
-    return IdentityCompressor(moe.grad_path)
+    b = ctx.config().moe.grad_path  # its rules (identity only, not with dedup) are the moe section's
+    return IdentityCompressor(b) if b else IDENTITY

@@ -55,6 +55,12 @@ def _moe_rules(e: Any) -> None:  # MoEConfig
             f"moe.grad_path={e.grad_path} needs moe.compress=identity (got {e.compress}); "
             "with lsh the same path is lsh.grad_compensation"
         )
+    if e.grad_path and e.a2a == "dedup":
+        # NOTE: dedup weights rows on the experts' side and combines with unit weights: the path would
+        # skip the gate weight that LSH's residual gets
+        raise ConfigError(
+            f"moe.grad_path={e.grad_path} needs moe.a2a=flat or hierarchical (dedup weights the rows remotely)"
+        )
 
 
 def _lsh_rules(h: Any) -> None:  # LSHConfig
